@@ -1,0 +1,16 @@
+"""graphprune: automatic structured pruning for PyTorch models.
+
+    slim = graphprune.prune(model, example_inputs, target_flops=0.5)
+"""
+
+from __future__ import annotations
+
+from .api import count_flops, plan, prune
+from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError
+from .plan import PruningPlan
+from .serialization import load, save
+
+__version__ = "0.1.0"
+
+__all__ = ["prune", "plan", "count_flops", "save", "load", "PruningPlan", "GraphPruneError", "TraceError",
+           "UnsupportedModelError", "BudgetError", "BackendError", "__version__"]

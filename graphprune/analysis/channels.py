@@ -1,0 +1,286 @@
+"""Channel analysis: which channels must be removed together, and which may not be removed at all.
+
+Every axis of every tensor in the graph gets a range of element ids, one per index along that axis.
+Op rules (analysis/rules/) tie elements that must go together (a conv's output channel c with row c
+of its weight, both operands of an add, a concat's segments, ...), pin elements that must stay (graph
+inputs and outputs, anything an op without a rule touches) and record, per element, what the tensor
+holds there once the channel's producer parameters are zeroed: exactly ZERO, a constant (INDEP) or
+something input-dependent (DEP). Consumers (conv/linear inputs, sums, attention) require ZERO, which is
+what makes removing a channel exact. Ties become connected components (vectorised, near-linear): each
+prunable component is one zero-invariant group, a "channel" in the user's sense.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ..ir.graph import ACT, BUFFER, CONST, INPUT, PARAM, Graph, Node, Value
+
+log = logging.getLogger(__name__)
+
+ZERO, INDEP, DEP = 0, 1, 2
+
+
+@dataclass
+class CostTerm:
+    """cost = coef * prod(kept width of each factor space); one per FLOP-bearing op or parameter."""
+
+    coef: float
+    spaces: list[int]
+    label: str
+
+
+@dataclass
+class Analysis:
+    """Result of the channel analysis; everything later stages need, with no reference to the model."""
+
+    graph: Graph
+    n_elements: int
+    space_offset: np.ndarray  # per space: first element id
+    space_size: np.ndarray  # per space: number of elements
+    space_key: list[tuple[int, int]]  # per space: (value id, axis)
+    component: np.ndarray  # per element: component id
+    prunable: np.ndarray  # per component: bool
+    zeroed: np.ndarray  # per element: True where mask() zeroes a parameter element (producer role)
+    flop_terms: list[CostTerm]
+    param_terms: list[CostTerm]
+    pin_reasons: dict[int, str]  # component -> first reason it was pinned
+    lossy: np.ndarray  # per component: bool, removing it changes outputs (allowed lossy rule)
+    has_producer: np.ndarray  # per component: bool, owns parameter elements mask() can zero
+    families: list[np.ndarray] = field(default_factory=list)  # prunable components grouped by spaces
+    family_label: list[str] = field(default_factory=list)
+    space_index: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def elements(self, value: Value, axis: int) -> np.ndarray | None:
+        s = self.space_index.get((value.id, axis))
+        if s is None:
+            return None
+        return np.arange(self.space_offset[s], self.space_offset[s] + self.space_size[s])
+
+
+class Context:
+    """What a rule sees: ties, pins, states, consumer marks and cost terms, all over element ids."""
+
+    def __init__(self, graph: Graph, allow_lossy: bool = False):
+        self.graph = graph
+        self.allow_lossy = allow_lossy
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.keys: list[tuple[int, int]] = []
+        self.index: dict[tuple[int, int], int] = {}
+        self.n = 0
+        self.edge_a: list[np.ndarray] = []
+        self.edge_b: list[np.ndarray] = []
+        self.pinned: list[np.ndarray] = []
+        self.pin_why: list[str] = []
+        self.lossy_ids: list[np.ndarray] = []
+        self.consumer_ids: list[np.ndarray] = []
+        self.states: dict[tuple[int, int], np.ndarray] = {}
+        self.flop_terms: list[CostTerm] = []
+        self.node: Node | None = None
+        self.handled: set[tuple[int, int]] = set()
+
+    # ----- element ids -------------------------------------------------------------------------
+    def space(self, v: Value, axis: int) -> int:
+        axis = axis % max(v.ndim, 1)
+        key = (v.id, axis)
+        s = self.index.get(key)
+        if s is None:
+            s = len(self.offsets)
+            self.index[key] = s
+            self.offsets.append(self.n)
+            self.sizes.append(v.shape[axis])
+            self.keys.append(key)
+            self.n += v.shape[axis]
+        return s
+
+    def ids(self, v: Value, axis: int, idx=None) -> np.ndarray:
+        s = self.space(v, axis)
+        base = self.offsets[s]
+        if idx is None:
+            return np.arange(base, base + self.sizes[s], dtype=np.int64)
+        return base + np.asarray(idx, dtype=np.int64)
+
+    # ----- ties and pins ---------------------------------------------------------------------
+    def tie(self, v1: Value, a1: int, v2: Value, a2: int, i1=None, i2=None) -> None:
+        """Tie element i1[k] of (v1, a1) to i2[k] of (v2, a2); identity when both are None."""
+        a = self.ids(v1, a1, i1)
+        b = self.ids(v2, a2, i2)
+        if a.shape != b.shape:
+            raise ValueError(f"tie of unequal lengths {a.shape} vs {b.shape} at {self.node.where()}")
+        self.edge_a.append(a)
+        self.edge_b.append(b)
+        self.handled.add((v1.id, a1 % max(v1.ndim, 1)))
+        self.handled.add((v2.id, a2 % max(v2.ndim, 1)))
+
+    def pin(self, v: Value, axis: int | None = None, idx=None, reason: str = "") -> None:
+        axes = range(v.ndim) if axis is None else [axis]
+        where = self.node.where() if self.node is not None else "graph boundary"
+        for a in axes:
+            if v.shape[a] <= 1 and idx is None:
+                self.handled.add((v.id, a % v.ndim))
+                continue
+            self.pinned.append(self.ids(v, a, idx))
+            self.pin_why.append(f"{reason} [{where}]")
+            self.handled.add((v.id, a % v.ndim))
+
+    def mark_lossy(self, v: Value, axis: int) -> None:
+        self.lossy_ids.append(self.ids(v, axis))
+
+    def mark_consumer(self, v: Value, axis: int) -> None:
+        """Record that a parameter (or a view of one) is read along `axis` as a consumer (columns)."""
+        axis = axis % v.ndim
+        self.handled.add((v.id, axis))
+        if v.kind in (PARAM, BUFFER):
+            self.consumer_ids.append(self.ids(v, axis))
+        elif v.param_view is not None:
+            root, axes, offs = v.param_view
+            if axes[axis] is not None:
+                self.consumer_ids.append(self.ids(root, axes[axis], offs[axis] + np.arange(v.shape[axis])))
+
+    def is_param_like(self, v: Value) -> bool:
+        return v.kind in (PARAM, BUFFER) or v.param_view is not None
+
+    # ----- states --------------------------------------------------------------------------------
+    def whole(self, v) -> int:
+        """State of a value broadcast along an axis it lacks: it is not masked with the channel."""
+        if not isinstance(v, Value):
+            return INDEP
+        return DEP if v.depends_on_input else INDEP
+
+    def state(self, v: Value, axis: int) -> np.ndarray:
+        axis = axis % v.ndim
+        st = self.states.get((v.id, axis))
+        if st is None:
+            fill = {PARAM: ZERO, BUFFER: INDEP, CONST: INDEP, INPUT: DEP}.get(v.kind, DEP)
+            st = np.full(v.shape[axis], fill, dtype=np.int8)
+        return st
+
+    def set_state(self, v: Value, axis: int, st) -> None:
+        arr = np.broadcast_to(np.asarray(st, dtype=np.int8), (v.shape[axis],)).copy()
+        self.states[(v.id, axis % v.ndim)] = arr
+
+    def require_zero(self, v: Value, axis: int, reason: str, ok: np.ndarray | None = None) -> None:
+        """Pin elements of (v, axis) that would not be exactly zero once their channel is masked."""
+        st = self.state(v, axis)
+        bad = st != ZERO
+        if ok is not None:
+            bad &= ~ok
+        self.handled.add((v.id, axis % v.ndim))
+        if bad.any():
+            self.pinned.append(self.ids(v, axis, np.nonzero(bad)[0]))
+            self.pin_why.append(f"{reason}: a removed channel would not be zero there [{self.node.where()}]")
+
+    # ----- cost ----------------------------------------------------------------------------------
+    def add_flops(self, coef: float, factors: list[tuple[Value, int]]) -> None:
+        self.flop_terms.append(CostTerm(float(coef), [self.space(v, a) for v, a in factors],
+                                        self.node.scope or self.node.op))
+
+
+def analyze(graph: Graph, allow_lossy: bool = False) -> Analysis:
+    """Run every op's rule over the recorded graph and group channels into components."""
+    from .rules import lookup  # the registry imports this module
+
+    ctx = Context(graph, allow_lossy)
+    for v in graph.inputs:
+        ctx.node = None
+        ctx.pin(v, reason="graph input")
+    for node in graph.nodes:
+        ctx.node = node
+        ctx.handled = set()
+        rule = lookup(node.op)
+        if rule is None:
+            pin_all(ctx, node, f"no rule for op {node.op}")
+        else:
+            rule(ctx, node)
+            for v in node.tensor_inputs():
+                for a in range(v.ndim):
+                    if (v.id, a) not in ctx.handled and v.shape[a] > 1:
+                        ctx.pin(v, a, reason=f"{node.op} reads axis {a} in a way no rule describes")
+    ctx.node = None
+    for v in graph.outputs:
+        ctx.pin(v, reason="graph output")
+    return _finish(ctx, graph)
+
+
+def pin_all(ctx: Context, node: Node, reason: str) -> None:
+    for v in node.tensor_inputs() + node.outputs:
+        ctx.pin(v, reason=reason)
+
+
+def _finish(ctx: Context, graph: Graph) -> Analysis:
+    # every parameter and buffer gets its spaces, even if unused, so backends can look them up
+    for v in graph.params.values():
+        for a in range(v.ndim):
+            ctx.space(v, a)
+    n = ctx.n
+    if ctx.edge_a:
+        a = np.concatenate(ctx.edge_a)
+        b = np.concatenate(ctx.edge_b)
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    n_comp, comp = connected_components(adj, directed=False)
+    offsets = np.asarray(ctx.offsets, dtype=np.int64)
+    sizes = np.asarray(ctx.sizes, dtype=np.int64)
+
+    pinned = np.zeros(n_comp, dtype=bool)
+    reasons: dict[int, str] = {}
+    for ids, why in zip(ctx.pinned, ctx.pin_why):
+        cs = np.unique(comp[ids])
+        for c in cs[~pinned[cs]]:
+            reasons[int(c)] = why
+        pinned[cs] = True
+
+    is_param = np.zeros(n, dtype=bool)
+    for v in graph.params.values():
+        if v.kind == PARAM:
+            for ax in range(v.ndim):
+                is_param[ctx.ids(v, ax)] = True
+    consumer = np.zeros(n, dtype=bool)
+    for ids in ctx.consumer_ids:
+        consumer[ids] = True
+    zeroed = is_param & ~consumer
+    has_producer = np.zeros(n_comp, dtype=bool)
+    has_producer[comp[zeroed]] = True
+    prunable = has_producer & ~pinned
+    lossy = np.zeros(n_comp, dtype=bool)
+    for ids in ctx.lossy_ids:
+        lossy[comp[ids]] = True
+
+    param_terms = [CostTerm(1.0, [ctx.index[(v.id, ax)] for ax in range(v.ndim)], v.name)
+                   for v in graph.params.values() if v.kind == PARAM]
+    result = Analysis(graph, n, offsets, sizes, list(ctx.keys), comp, prunable, zeroed, ctx.flop_terms,
+                      param_terms, reasons, lossy, has_producer, space_index=dict(ctx.index))
+    _group_families(result)
+    return result
+
+
+def _group_families(an: Analysis) -> None:
+    """Prunable components that live in the same set of tensor axes form one family (a layer's channels)."""
+    space_of = np.repeat(np.arange(len(an.space_size)), an.space_size)
+    comp = an.component
+    mask = an.prunable[comp]
+    pairs = np.unique(np.stack([comp[mask], space_of[mask]], axis=1), axis=0) if mask.any() else np.zeros(
+        (0, 2), dtype=np.int64)
+    families: dict[tuple, list[int]] = {}
+    if len(pairs):
+        splits = np.nonzero(np.diff(pairs[:, 0]))[0] + 1
+        for chunk in np.split(pairs, splits):
+            families.setdefault(tuple(chunk[:, 1].tolist()), []).append(int(chunk[0, 0]))
+    graph = an.graph
+    by_id = {v.id: v for v in graph.params.values()}
+    for key, comps in families.items():
+        an.families.append(np.asarray(comps, dtype=np.int64))
+        names = []
+        for s in key:
+            vid, axis = an.space_key[s]
+            v = by_id.get(vid)
+            if v is not None and v.kind == PARAM:
+                names.append(f"{v.name}[{axis}]")
+        an.family_label.append(", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else ""))

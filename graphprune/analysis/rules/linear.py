@@ -1,0 +1,148 @@
+"""Ops with weights: convolution (1d/2d/3d, grouped, depthwise, transposed), mm / addmm / bmm /
+baddbmm, and embedding. They own an output space (weight rows: producers) and consume an input space
+(weight columns: consumers, which need a removed channel to be exactly zero)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...ir.graph import Value
+from ..channels import DEP, ZERO, pin_all
+from . import rule
+from .common import arg, combine_add, combine_mul
+
+
+@rule("aten.convolution", "aten._convolution", "aten.conv2d", "aten.conv1d", "aten.conv3d")
+def convolution(ctx, node):
+    x, w = node.args[0], node.args[1]
+    bias = arg(node, 2, "bias")
+    out = node.outputs[0]
+    if node.op.split(".")[1] in ("conv1d", "conv2d", "conv3d"):
+        transposed, groups = False, arg(node, 6, "groups", 1)
+    else:
+        transposed, groups = bool(arg(node, 6, "transposed")), arg(node, 8, "groups", 1)
+    if not isinstance(w, Value) or w.ndim != x.ndim:
+        pin_all(ctx, node, "convolution with an unbatched input")
+        return
+    ci, co = x.shape[1], out.shape[1]
+    # batch axis passes through
+    ctx.tie(x, 0, out, 0)
+    ctx.set_state(out, 0, DEP)
+    w_out_axis, w_in_axis = (1, 0) if transposed else (0, 1)
+    if groups == 1:
+        ctx.tie(x, 1, w, w_in_axis)
+        ctx.mark_consumer(w, w_in_axis)
+        ctx.require_zero(x, 1, "convolution input")
+        ctx.tie(w, w_out_axis, out, 1)
+    else:
+        # whole groups are removed together: input block g, weight rows of block g, output block g
+        ci_g, co_g = ci // groups, co // groups
+        xi = np.arange(ci)
+        oi = np.arange(co)
+        blocks_in, blocks_out = xi // ci_g, oi // co_g
+        first_out_of_block = np.arange(groups) * co_g
+        ctx.tie(x, 1, out, 1, xi, first_out_of_block[blocks_in])
+        ctx.tie(out, 1, out, 1, oi, first_out_of_block[blocks_out])
+        # a removed group's inputs feed only that group's outputs, whose weights are zeroed by mask()
+        if transposed:  # weight [Ci, Co/g, ...]: rows follow the input channels
+            ctx.tie(x, 1, w, 0)
+            ctx.pin(w, 1, reason="transposed grouped convolution keeps its per-group width")
+        else:
+            ctx.tie(w, 0, out, 1)
+            ctx.handled.add((w.id, 1))  # per-group input width is kept whole
+    st = np.full(co, ZERO, dtype=np.int8)
+    if isinstance(bias, Value):
+        ctx.tie(bias, 0, out, 1)
+    ctx.set_state(out, 1, st)
+    for a in range(2, out.ndim):
+        ctx.set_state(out, a, DEP)
+    for a in range(2, x.ndim):
+        ctx.handled.add((x.id, a))  # spatial axes are never channels
+    for a in range(2, w.ndim):
+        ctx.handled.add((w.id, a))
+    if transposed:
+        ctx.add_flops(2 * math.prod(x.shape[2:]) * math.prod(w.shape[2:]),
+                      [(x, 0), (w, 0), (w, 1)])
+    else:
+        ctx.add_flops(2 * math.prod(out.shape[2:]) * math.prod(w.shape[2:]),
+                      [(out, 0), (w, 0), (w, 1)])
+
+
+def _contract(ctx, node, a: Value, ka: int, b: Value, kb: int) -> None:
+    """Tie the contracted axes of a @ b and demand exact zeros on the side that is not a weight."""
+    ctx.tie(a, ka, b, kb)
+    a_w, b_w = ctx.is_param_like(a), ctx.is_param_like(b)
+    if b_w and not a_w:
+        ctx.mark_consumer(b, kb)
+        ctx.require_zero(a, ka, "matmul input")
+    elif a_w and not b_w:
+        ctx.mark_consumer(a, ka)
+        ctx.require_zero(b, kb, "matmul input")
+    else:
+        ctx.require_zero(a, ka, "product of two activations", ok=ctx.state(b, kb) == ZERO)
+
+
+def _matmul_2d(ctx, node, a: Value, b: Value, out: Value, bias=None, batch: bool = False):
+    lead = 1 if batch else 0
+    if batch:
+        ctx.tie(a, 0, out, 0)
+        ctx.tie(b, 0, out, 0)
+        ctx.set_state(out, 0, combine_mul([ctx.state(a, 0), ctx.state(b, 0)]))
+    _contract(ctx, node, a, lead + 1, b, lead)
+    ctx.tie(a, lead, out, lead)
+    ctx.tie(b, lead + 1, out, lead + 1)
+    rows, cols = ctx.state(a, lead), ctx.state(b, lead + 1)
+    if isinstance(bias, Value):  # bias broadcasts against the output: tie the axes that line up
+        for j in (lead, lead + 1):
+            ax = bias.ndim - (out.ndim - j)
+            if ax >= 0 and bias.shape[ax] == out.shape[j]:
+                ctx.tie(bias, ax, out, j)
+                extra = ctx.state(bias, ax)
+            else:
+                if ax >= 0:
+                    ctx.handled.add((bias.id, ax))
+                extra = np.int8(ctx.whole(bias))
+            if j == lead:
+                rows = combine_add([rows, extra])
+            else:
+                cols = combine_add([cols, extra])
+    ctx.set_state(out, lead, rows)
+    ctx.set_state(out, lead + 1, cols)
+    factors = [(a, lead), (a, lead + 1), (b, lead + 1)]
+    if batch:
+        factors.insert(0, (a, 0))
+    ctx.add_flops(2, factors)
+
+
+@rule("aten.mm")
+def mm(ctx, node):
+    _matmul_2d(ctx, node, node.args[0], node.args[1], node.outputs[0])
+
+
+@rule("aten.addmm")
+def addmm(ctx, node):
+    _matmul_2d(ctx, node, node.args[1], node.args[2], node.outputs[0], bias=node.args[0])
+
+
+@rule("aten.bmm")
+def bmm(ctx, node):
+    _matmul_2d(ctx, node, node.args[0], node.args[1], node.outputs[0], batch=True)
+
+
+@rule("aten.baddbmm")
+def baddbmm(ctx, node):
+    _matmul_2d(ctx, node, node.args[1], node.args[2], node.outputs[0], bias=node.args[0], batch=True)
+
+
+@rule("aten.embedding")
+def embedding(ctx, node):
+    """embedding(weight, indices): the embedding columns are the output's last axis."""
+    w, idx, out = node.args[0], node.args[1], node.outputs[0]
+    ctx.tie(w, 1, out, out.ndim - 1)
+    ctx.set_state(out, out.ndim - 1, np.full(w.shape[1], ZERO, dtype=np.int8))
+    ctx.pin(w, 0, reason="embedding rows are chosen by the input ids")
+    for a in range(idx.ndim):
+        ctx.tie(idx, a, out, a)
+        ctx.set_state(out, a, DEP)

@@ -1,0 +1,186 @@
+"""prune() and plan(): trace -> channel analysis -> importance -> budgeted selection -> PruningPlan."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .analysis.channels import Analysis, analyze
+from .analysis.cost import CostModel
+from .errors import BackendError, GraphPruneError
+from .ir.from_torch import normalize_inputs, trace
+from .passes.importance import get_importance
+from .passes.select import select
+from .plan import PruningPlan, _named_tensors, indices_by_axis
+
+log = logging.getLogger(__name__)
+
+
+def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
+    """FLOPs of one forward pass (2 x MACs of conv / linear / matmul / attention)."""
+    graph, _ = trace(model, example_inputs)
+    an = analyze(graph)
+    return int(round(CostModel(an, an.flop_terms).total()))
+
+
+def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None = None, *,
+         target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
+         round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False) -> PruningPlan:
+    """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
+
+    Args:
+        model: the model; it is not modified.
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+        target_flops: fraction of the original FLOPs to keep, in (0, 1].
+        target_params: fraction of the original parameter count to keep, instead of target_flops.
+        importance: "l2" (default), "l1", "random", or a callable (analysis, tensors) -> scores.
+        ignore: modules or parameter names whose parameters are kept whole.
+        round_to: keep each layer's width a multiple of this.
+        max_ratio: the largest fraction of any one layer's channels that may go.
+        allow_lossy: also prune axes normalized by LayerNorm (changes outputs; flagged in the summary).
+    """
+    started = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise GraphPruneError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    kind, ratio = _budget(target_flops, target_params)
+    if not 0 < max_ratio <= 1:
+        raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    scorer = get_importance(importance)
+    ignored = _resolve_ignore(model, ignore)
+    graph, _ = trace(model, example_inputs)
+    an = analyze(graph, allow_lossy=allow_lossy)
+    flops_model = CostModel(an, an.flop_terms)
+    params_model = CostModel(an, an.param_terms)
+    keep = _ignored_components(an, ignored)
+    tensors = _named_tensors(model)
+    scores = np.asarray(scorer(an, tensors), dtype=np.float64)
+    budget = flops_model if kind == "flops" else params_model
+    removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
+                     budget_name="FLOPs" if kind == "flops" else "parameters")
+    result = _build_plan(an, removed, flops_model, params_model, tensors, {"kind": kind, "ratio": ratio})
+    result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
+    return result
+
+
+def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | None = None, *,
+          inplace: bool = False, verify: bool = True, **options: Any) -> torch.nn.Module:
+    """Plan and apply in one step; returns the slimmed model (a copy unless inplace=True).
+
+    With verify=True the slim model is run on example_inputs and must return the same output shapes.
+    """
+    the_plan = plan(model, example_inputs, target_flops, **options)
+    reference = _output_shapes(model, example_inputs) if verify else None
+    slim = the_plan.apply(model, inplace=inplace)
+    if verify:
+        try:
+            got = _output_shapes(slim, example_inputs)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(
+                f"the slimmed model no longer runs ({type(exc).__name__}: {exc}). Its forward code probably "
+                "holds a channel count as a constant; keep that part whole with ignore=[...]") from exc
+        if got != reference:
+            raise BackendError(f"the slimmed model returns shapes {got} instead of {reference}; keep the "
+                               "layers that produce the outputs whole with ignore=[...]")
+    slim.graphprune_plan = the_plan  # lets save() store the plan beside the weights
+    return slim
+
+
+def _output_shapes(model, example_inputs):
+    from torch.utils._pytree import tree_flatten
+
+    from .ir.from_torch import eval_mode
+    args, kwargs = normalize_inputs(example_inputs)
+    with eval_mode(model), torch.no_grad():
+        out = model(*args, **kwargs)
+    return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _budget(target_flops, target_params) -> tuple[str, float]:
+    if (target_flops is None) == (target_params is None):
+        raise ValueError("give exactly one budget: target_flops=R or target_params=R, with R in (0, 1] the "
+                         "fraction of the original cost to keep")
+    kind, ratio = ("flops", target_flops) if target_flops is not None else ("params", target_params)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"target_{kind} must be a number in (0, 1] (the fraction of {kind} to keep), got "
+                         f"{ratio!r}")
+    return kind, float(ratio)
+
+
+def _resolve_ignore(model: torch.nn.Module, ignore) -> set[str]:
+    """Parameter/buffer names to keep whole, from modules, module names or parameter names."""
+    if ignore is None:
+        return set()
+    if isinstance(ignore, (str, torch.nn.Module)):
+        ignore = [ignore]
+    tensors = _named_tensors(model)
+    modules = dict(model.named_modules())
+    by_id = {id(m): n for n, m in modules.items()}
+    names: set[str] = set()
+    for item in ignore:
+        if isinstance(item, torch.nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(f"ignore: module {type(item).__name__} is not part of this model")
+            prefix = by_id[id(item)]
+        elif isinstance(item, str):
+            prefix = item
+        else:
+            raise ValueError(f"ignore entries must be modules or names, got {type(item).__name__}")
+        hits = [n for n in tensors if n == prefix or n.startswith(prefix + ".") or not prefix]
+        if not hits:
+            raise ValueError(f"ignore: '{prefix}' names no module or parameter of this model; module names "
+                             f"look like {list(modules)[1:4]}")
+        names.update(hits)
+    return names
+
+
+def _ignored_components(an: Analysis, names: set[str]) -> np.ndarray | None:
+    if not names:
+        return None
+    keep = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    for name in names:
+        v = an.graph.params.get(name)
+        if v is None:
+            continue
+        for axis in range(v.ndim):
+            keep[an.component[an.elements(v, axis)]] = True
+    return keep
+
+
+def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: CostModel,
+                tensors: dict[str, torch.Tensor], target: dict[str, Any]) -> PruningPlan:
+    from .report import family_rows, layer_rows, pinned_rows
+
+    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    gone[removed] = True
+    removed_idx: dict[str, dict[int, list[int]]] = {}
+    zeroed_idx: dict[str, dict[int, list[int]]] = {}
+    for name, v in an.graph.params.items():
+        rem, zer = {}, {}
+        for axis in range(v.ndim):
+            ids = an.elements(v, axis)
+            hit = gone[an.component[ids]]
+            rem[axis] = hit
+            zer[axis] = hit & an.zeroed[ids]
+        if any(m.any() for m in rem.values()):
+            removed_idx[name] = indices_by_axis(rem)
+            z = indices_by_axis(zer)
+            if z:
+                zeroed_idx[name] = z
+    result = PruningPlan(
+        removed=removed_idx, zeroed=zeroed_idx,
+        fingerprint={n: list(t.shape) for n, t in tensors.items()},
+        target=target,
+        flops={"before": flops.total(), "after": flops.total(removed)},
+        params={"before": params.total(), "after": params.total(removed)},
+        lossy=bool(an.lossy[removed].any()) if len(removed) else False,
+    )
+    result.layers = layer_rows(flops, params, removed)
+    result.groups = family_rows(an, gone)
+    result.pinned = pinned_rows(an)
+    return result

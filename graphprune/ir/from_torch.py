@@ -1,0 +1,192 @@
+"""Record a PyTorch model into the graph IR by watching one real forward pass at the ATen level.
+
+A TorchDispatchMode sees every ATen op after autograd's decompositions, follows any Python control
+flow, and costs about one eager forward; torch.export costs several seconds more on large models.
+Parameters and buffers are recognised by tensor identity. The user's model is left as it was: the
+training flags we switch to eval are restored, and nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..errors import TraceError
+from .graph import ACT, BUFFER, CONST, INPUT, PARAM, Graph, Node, Value
+
+log = logging.getLogger(__name__)
+
+_INPLACE_SAFE = {"add_", "sub_", "mul_", "div_", "relu_", "hardtanh_", "silu_", "hardswish_", "sigmoid_",
+                 "gelu_", "leaky_relu_", "clamp_", "clamp_min_", "tanh_", "elu_", "hardsigmoid_", "mish_",
+                 "neg_", "abs_"}
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Split user inputs into (args, kwargs): a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if len(example_inputs) == 2 and isinstance(example_inputs[1], dict) and isinstance(
+                example_inputs[0], (tuple, list)):
+            return tuple(example_inputs[0]), dict(example_inputs[1])
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run in eval mode and restore every submodule's own training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph: Graph, known: dict[int, Value]):
+        super().__init__()
+        self.graph = graph
+        self.known = known  # id(tensor) -> Value
+        self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive so ids stay unique
+        self.viewed_storages: set[int] = set()
+        self.scope: list[str] = []
+
+    def value_of(self, t: torch.Tensor) -> Value:
+        v = self.known.get(id(t))
+        if v is None:  # a tensor created outside the ops we saw: a constant
+            v = self.graph.new_value(t.shape, t.dtype, CONST)
+            self.known[id(t)] = v
+            self.keep.append(t)
+        return v
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "prim" or func is torch.ops.aten.sym_size.int:
+            return out
+        name = func.overloadpacket.__name__
+        arg_vals = _map_tensors(args, self.value_of)
+        kwarg_vals = _map_tensors(kwargs, self.value_of)
+        mutated = _mutated_args(func, args, kwargs)
+        op = str(func)
+        if mutated and (name not in _INPLACE_SAFE or any(self._aliased(t) for t in mutated)):
+            op = "graphprune.mutation"  # in-place write into shared storage: analysis pins it
+        flat_out, _ = tree_flatten(out)
+        outs = []
+        inputs = [v for v in tree_flatten((arg_vals, kwarg_vals))[0] if isinstance(v, Value)]
+        dep = any(v.depends_on_input for v in inputs)
+        node_id = len(self.graph.nodes)
+        node = Node(node_id, op, arg_vals, kwarg_vals, outs, self.scope[-1] if self.scope else "")
+        for t in flat_out:
+            if isinstance(t, torch.Tensor):
+                v = self.graph.new_value(t.shape, t.dtype, ACT, producer=node, depends_on_input=dep)
+                self.known[id(t)] = v
+                self.keep.append(t)
+                outs.append(v)
+                if func._schema.returns and func._schema.returns[0].alias_info is not None and not mutated:
+                    self.viewed_storages.add(_storage_key(t))
+        self.graph.nodes.append(node)
+        return out
+
+    def _aliased(self, t: torch.Tensor) -> bool:
+        return t._is_view() or _storage_key(t) in self.viewed_storages
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - tensors without storage cannot alias
+        return -1
+
+
+def _mutated_args(func, args, kwargs) -> list[torch.Tensor]:
+    found = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            t = args[i] if i < len(args) else kwargs.get(a.name)
+            if isinstance(t, torch.Tensor):
+                found.append(t)
+    return found
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj) if not hasattr(obj, "_fields") else tuple(
+            _map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return str(obj)
+    return obj
+
+
+def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
+    """Record `model(*example_inputs)` into a Graph; returns the graph and the model's real output."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object "
+                         "itself (an .onnx file goes through `graphprune prune FILE.onnx`)")
+    args, kwargs = normalize_inputs(example_inputs)
+    graph = Graph()
+    known: dict[int, Value] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        v = graph.new_value(p.shape, p.dtype, PARAM, name)
+        known[id(p)] = v
+        graph.params[name] = v
+    for name, b in model.named_buffers(remove_duplicate=True):
+        if id(b) in known:
+            continue
+        v = graph.new_value(b.shape, b.dtype, BUFFER, name)
+        known[id(b)] = v
+        graph.params[name] = v
+    flat_in, _ = tree_flatten((args, kwargs))
+    for t in flat_in:
+        if isinstance(t, torch.Tensor) and id(t) not in known:
+            v = graph.new_value(t.shape, t.dtype, INPUT, depends_on_input=True)
+            known[id(t)] = v
+            graph.inputs.append(v)
+    if not graph.inputs:
+        raise TraceError("example_inputs holds no tensor; pass a tensor or a tuple of tensors the model "
+                         "accepts, e.g. torch.randn(1, 3, 224, 224)")
+    names = {id(m): n for n, m in model.named_modules()}
+    recorder = _Recorder(graph, known)
+
+    def pre_hook(module, _args):
+        recorder.scope.append(names.get(id(module), type(module).__name__))
+
+    def post_hook(module, _args, _out):
+        if recorder.scope:
+            recorder.scope.pop()
+
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    h2 = torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
+    try:
+        with eval_mode(model), torch.enable_grad(), recorder:
+            out = model(*args, **kwargs)
+    except TraceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported as such
+        where = f" in module '{recorder.scope[-1]}'" if recorder.scope else ""
+        raise TraceError(f"the model failed on the example inputs{where}: {type(exc).__name__}: {exc}. "
+                         "Check that example_inputs match what model.forward expects (shapes, dtypes, "
+                         "a tuple for several arguments, a dict for keyword arguments).") from exc
+    finally:
+        h1.remove()
+        h2.remove()
+    flat_out, _ = tree_flatten(out)
+    for t in flat_out:
+        if isinstance(t, torch.Tensor):
+            graph.outputs.append(recorder.value_of(t))
+    if not graph.outputs:
+        raise TraceError("the model returned no tensor, so nothing ties its layers to an output")
+    log.debug("recorded %d ops, %d values", len(graph.nodes), len(graph.values))
+    return graph, out

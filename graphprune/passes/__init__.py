@@ -1,0 +1,1 @@
+"""Passes over an Analysis: importance criteria and budgeted selection. Passes read tensors, never modify a model."""

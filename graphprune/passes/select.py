@@ -1,0 +1,102 @@
+"""Global selection under a budget: remove the components with the least importance per unit of cost
+saved until the cost (FLOPs or parameters) reaches the target.
+
+Within a family (one layer's channels) candidates are taken least-important first, in units of
+`round_to` when set, never more than `max_ratio` of the family and never all of it. Units from all
+families are ranked together; the exact cost of each prefix of that ranking is monotone, so a binary
+search finds the shortest prefix that meets the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ..analysis.channels import Analysis
+from ..analysis.cost import CostModel
+from ..errors import BudgetError
+
+log = logging.getLogger(__name__)
+
+
+def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
+           max_ratio: float = 1.0, round_to: int | None = None, keep: np.ndarray | None = None,
+           budget_name: str = "FLOPs") -> np.ndarray:
+    """Return the ids of the components to remove."""
+    base = cost.total()
+    if base <= 0:
+        raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
+                          "cannot be met; use the other budget")
+    saving = cost.first_order_saving()
+    units: list[tuple[float, int, int, np.ndarray]] = []  # (score, family, rank in family, components)
+    for f, fam in enumerate(an.families):
+        if keep is not None:
+            fam = fam[~keep[fam]]
+        n_all = len(an.families[f])
+        if len(fam) == 0:
+            continue
+        imp = importance[fam].astype(np.float64)
+        mean = imp.mean()
+        norm = imp / mean if mean > 0 else np.ones_like(imp)
+        order = np.argsort(norm, kind="stable")
+        limit = min(len(fam), n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
+        chunks = _chunks(n_all, len(fam), limit, round_to)
+        best = 0.0
+        start = 0
+        for rank, size in enumerate(chunks):
+            members = fam[order[start:start + size]]
+            start += size
+            s = saving[members].sum()
+            score = norm[order[start - size:start]].sum() / s if s > 0 else math.inf
+            best = max(best, score)  # keep the family's own order
+            if math.isfinite(best):
+                units.append((best, f, rank, members))
+    units.sort(key=lambda u: (u[0], u[1], u[2]))
+    target = target_ratio * base
+    if not units:
+        raise BudgetError(f"nothing in this model can be pruned to save {budget_name} (every channel is "
+                          "pinned; see plan.explain()); the smallest reachable ratio is 1.0", reachable=1.0)
+    comps = np.concatenate([u[3] for u in units])
+    ends = np.cumsum([len(u[3]) for u in units])
+    floor_cost = cost.total(comps)
+    if floor_cost > target * (1 + 1e-9):
+        reachable = floor_cost / base
+        raise BudgetError(f"target {budget_name} ratio {target_ratio:.3f} is out of reach: removing every "
+                          f"prunable channel (within max_ratio={max_ratio}) leaves {reachable:.3f} of the "
+                          f"{budget_name}; ask for at least {math.ceil(reachable * 1000) / 1000:.3f}, raise "
+                          "max_ratio, or drop `ignore` entries", reachable=reachable)
+    lo, hi = 0, len(units)  # smallest k with cost(prefix k) <= target; cost(prefix len) <= target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost.total(comps[:ends[mid - 1]] if mid > 0 else comps[:0]) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = comps[:ends[lo - 1]] if lo > 0 else comps[:0]
+    log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
+    return chosen
+
+
+def _chunks(n_all: int, n_free: int, limit: int, round_to: int | None) -> list[int]:
+    """Sizes of successive removal units for a family of n_all components (n_free removable)."""
+    if not round_to or round_to <= 1:
+        return [1] * limit
+    sizes = []
+    removed = 0
+    first = n_all % round_to
+    if first:
+        sizes.append(first)
+        removed = first
+    while removed + round_to <= limit and n_all - removed - round_to >= round_to:
+        sizes.append(round_to)
+        removed += round_to
+    total = 0
+    out = []
+    for s in sizes:
+        if total + s > min(limit, n_free):
+            break
+        out.append(s)
+        total += s
+    return out

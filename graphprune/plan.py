@@ -1,0 +1,140 @@
+"""PruningPlan: what to remove, as data. It names parameters and buffers and, per axis, the indices to
+drop, so it replays onto any fresh instance of the same architecture and saves as plain JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import GraphPruneError
+
+FORMAT = "graphprune-plan/1"
+
+
+@dataclass
+class PruningPlan:
+    removed: dict[str, dict[int, list[int]]]  # tensor name -> axis -> indices removed
+    zeroed: dict[str, dict[int, list[int]]]  # parameter name -> axis -> indices mask() zeroes
+    fingerprint: dict[str, list[int]]  # every parameter and buffer name -> original shape
+    target: dict[str, Any]
+    flops: dict[str, float]  # before / after
+    params: dict[str, float]
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per-module summary rows
+    groups: list[dict[str, Any]] = field(default_factory=list)  # per-family widths
+    pinned: list[dict[str, Any]] = field(default_factory=list)  # why channels were kept whole
+    lossy: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    # ----- results -------------------------------------------------------------------------------
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops["after"] / self.flops["before"] if self.flops["before"] else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params["after"] / self.params["before"] if self.params["before"] else 1.0
+
+    def kept(self, name: str, axis: int) -> list[int] | None:
+        """Indices kept along `axis` of tensor `name`, or None if that axis is untouched."""
+        gone = self.removed.get(name, {}).get(axis)
+        if not gone:
+            return None
+        return sorted(set(range(self.fingerprint[name][axis])) - set(gone))
+
+    # ----- backends --------------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+        """A physically slimmed model of the same classes; `model` is untouched unless inplace=True."""
+        from .backends.torch import apply_plan
+
+        return apply_plan(self, model, inplace=inplace)
+
+    def mask(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `model` with the same shapes and every removed channel's producer parameters zeroed."""
+        from .backends.torch import mask_plan
+
+        return mask_plan(self, model)
+
+    # ----- reports ---------------------------------------------------------------------------------
+    def summary(self) -> str:
+        from .report import summary
+
+        return summary(self)
+
+    def explain(self) -> str:
+        from .report import explain
+
+        return explain(self)
+
+    # ----- persistence -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = FORMAT
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruningPlan:
+        if d.get("format") != FORMAT:
+            raise GraphPruneError(f"not a graphprune plan (format {d.get('format')!r}, expected {FORMAT!r})")
+        d = {k: v for k, v in d.items() if k != "format"}
+        for key in ("removed", "zeroed"):
+            d[key] = {name: {int(a): list(ix) for a, ix in axes.items()} for name, axes in d[key].items()}
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write(path, json.dumps(self.to_dict(), indent=1).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PruningPlan:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except FileNotFoundError as exc:
+            raise GraphPruneError(f"no plan file at {path}") from exc
+        except json.JSONDecodeError as exc:
+            raise GraphPruneError(f"{path} is not a JSON plan file: {exc}") from exc
+        return cls.from_dict(data)
+
+    def check_fits(self, model: torch.nn.Module) -> None:
+        """Refuse a model whose parameters do not match the one the plan was made for."""
+        have = {n: list(t.shape) for n, t in _named_tensors(model).items()}
+        missing = [n for n in self.fingerprint if n not in have]
+        wrong = [n for n in self.fingerprint if n in have and have[n] != self.fingerprint[n]]
+        if missing or wrong:
+            detail = (f"missing {missing[:3]}" if missing else "") + (
+                f" shape differs for {wrong[:3]}" if wrong else "")
+            raise GraphPruneError(f"this plan was made for a different model ({detail.strip()}); build the "
+                                  "model with the same architecture and configuration the plan came from")
+
+
+def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters(remove_duplicate=True))
+    for n, b in model.named_buffers(remove_duplicate=True):
+        out.setdefault(n, b)
+    return out
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise GraphPruneError(f"cannot write {path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".graphprune-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def indices_by_axis(mask_by_axis: dict[int, np.ndarray]) -> dict[int, list[int]]:
+    return {a: np.nonzero(m)[0].tolist() for a, m in mask_by_axis.items() if m.any()}

@@ -1,0 +1,93 @@
+"""Human-readable reports of a plan: per-layer table, totals, and why channels were kept whole."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .analysis.channels import Analysis
+    from .analysis.cost import CostModel
+    from .plan import PruningPlan
+
+
+def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    for label, before, after in zip(flops.labels, flops.per_term(), flops.per_term(removed)):
+        row = rows.setdefault(label, {"layer": label, "flops_before": 0.0, "flops_after": 0.0,
+                                      "params_before": 0.0, "params_after": 0.0, "shape_before": None,
+                                      "shape_after": None})
+        row["flops_before"] += before
+        row["flops_after"] += after
+    kept_full, kept_now = params.kept_widths(None), params.kept_widths(removed)
+    for i, (label, before, after) in enumerate(zip(params.labels, params.per_term(), params.per_term(removed))):
+        module, _, leaf = label.rpartition(".")
+        row = rows.setdefault(module, {"layer": module, "flops_before": 0.0, "flops_after": 0.0,
+                                       "params_before": 0.0, "params_after": 0.0, "shape_before": None,
+                                       "shape_after": None})
+        row["params_before"] += before
+        row["params_after"] += after
+        if leaf == "weight":
+            spaces = [s for s in params.factors[i] if s != params.sentinel]
+            row["shape_before"] = [int(kept_full[s]) for s in spaces]
+            row["shape_after"] = [int(kept_now[s]) for s in spaces]
+    return [r for r in rows.values() if r["params_before"] or r["flops_before"]]
+
+
+def family_rows(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:
+    return [{"group": label, "before": int(len(fam)), "after": int((~gone[fam]).sum())}
+            for fam, label in zip(an.families, an.family_label)]
+
+
+def pinned_rows(an: Analysis) -> list[dict[str, Any]]:
+    """Channels that own weights but must stay, grouped by reason."""
+    counts: dict[str, int] = defaultdict(int)
+    for comp, reason in an.pin_reasons.items():
+        if an.has_producer[comp]:
+            counts[reason] += 1
+    return [{"reason": r, "channels": n} for r, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def _num(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def summary(plan: PruningPlan) -> str:
+    lines = [f"{'layer':<40} {'shape before':>22} {'shape after':>22} {'FLOPs':>17} {'params':>17}"]
+    for r in plan.layers:
+        if r["shape_before"] == r["shape_after"] and r["flops_before"] == r["flops_after"]:
+            continue
+        shape_b = "x".join(map(str, r["shape_before"] or [])) or "-"
+        shape_a = "x".join(map(str, r["shape_after"] or [])) or "-"
+        lines.append(f"{r['layer'][:40]:<40} {shape_b:>22} {shape_a:>22} "
+                     f"{_num(r['flops_before']) + ' > ' + _num(r['flops_after']):>17} "
+                     f"{_num(r['params_before']) + ' > ' + _num(r['params_after']):>17}")
+    unchanged = sum(1 for r in plan.layers if r["shape_before"] == r["shape_after"]
+                    and r["flops_before"] == r["flops_after"])
+    lines.append(f"({unchanged} layers unchanged)")
+    lines.append(f"FLOPs:  {_num(plan.flops['before'])} -> {_num(plan.flops['after'])} "
+                 f"({plan.flops_ratio:.3f} of original; target {plan.target['kind']} {plan.target['ratio']})")
+    lines.append(f"params: {_num(plan.params['before'])} -> {_num(plan.params['after'])} "
+                 f"({plan.params_ratio:.3f} of original)")
+    pruned = sum(1 for g in plan.groups if g["after"] < g["before"])
+    lines.append(f"groups: {len(plan.groups)} prunable, {pruned} pruned; "
+                 f"{sum(p['channels'] for p in plan.pinned)} weighted channels pinned (plan.explain() says why)")
+    if plan.lossy:
+        lines.append("LOSSY: some removed channels were normalized by LayerNorm; outputs change beyond the removed "
+                     "channels' contribution")
+    lines.extend(plan.notes)
+    return "\n".join(lines)
+
+
+def explain(plan: PruningPlan) -> str:
+    if not plan.pinned:
+        return "no weighted channels were pinned"
+    lines = ["weighted channels kept whole, by reason:"]
+    for row in plan.pinned:
+        lines.append(f"  {row['channels']:>6}  {row['reason']}")
+    return "\n".join(lines)
