@@ -238,9 +238,11 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
         pinned[cs] = True
 
     is_param = np.zeros(n, dtype=bool)
+    is_stored = np.zeros(n, dtype=bool)  # parameters and buffers
     for v in graph.params.values():
-        if v.kind == PARAM:
-            for ax in range(v.ndim):
+        for ax in range(v.ndim):
+            is_stored[ctx.ids(v, ax)] = True
+            if v.kind == PARAM:
                 is_param[ctx.ids(v, ax)] = True
     consumer = np.zeros(n, dtype=bool)
     for ids in ctx.consumer_ids:
@@ -248,6 +250,11 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     zeroed = is_param & ~consumer
     has_producer = np.zeros(n_comp, dtype=bool)
     has_producer[comp[zeroed]] = True
+    # a channel is something that flows: a parameter axis tied to no tensor (a grouped conv's per-group
+    # width, a kernel axis) is not one
+    has_flow = np.zeros(n_comp, dtype=bool)
+    has_flow[comp[~is_stored]] = True
+    has_producer &= has_flow
     prunable = has_producer & ~pinned
     lossy = np.zeros(n_comp, dtype=bool)
     for ids in ctx.lossy_ids:
