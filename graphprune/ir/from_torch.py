@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -58,6 +59,7 @@ class _Recorder(TorchDispatchMode):
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive so ids stay unique
         self.viewed_storages: set[int] = set()
         self.scope: list[str] = []
+        self.paused = 0
 
     def value_of(self, t: torch.Tensor) -> Value:
         v = self.known.get(id(t))
@@ -70,7 +72,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.namespace == "prim" or func is torch.ops.aten.sym_size.int:
+        if self.paused or func.namespace == "prim" or func is torch.ops.aten.sym_size.int:
             return out
         name = func.overloadpacket.__name__
         arg_vals = _map_tensors(args, self.value_of)
@@ -79,6 +81,11 @@ class _Recorder(TorchDispatchMode):
         op = str(func)
         if mutated and (name not in _INPLACE_SAFE or any(self._aliased(t) for t in mutated)):
             op = "graphprune.mutation"  # in-place write into shared storage: analysis pins it
+        is_view = bool(func._schema.returns and func._schema.returns[0].alias_info is not None and not mutated)
+        self.record(op, arg_vals, kwarg_vals, out, is_view)
+        return out
+
+    def record(self, op: str, arg_vals, kwarg_vals, out, is_view: bool = False) -> None:
         flat_out, _ = tree_flatten(out)
         outs = []
         inputs = [v for v in tree_flatten((arg_vals, kwarg_vals))[0] if isinstance(v, Value)]
@@ -91,13 +98,40 @@ class _Recorder(TorchDispatchMode):
                 self.known[id(t)] = v
                 self.keep.append(t)
                 outs.append(v)
-                if func._schema.returns and func._schema.returns[0].alias_info is not None and not mutated:
+                if is_view:
                     self.viewed_storages.add(_storage_key(t))
         self.graph.nodes.append(node)
-        return out
 
     def _aliased(self, t: torch.Tensor) -> bool:
         return t._is_view() or _storage_key(t) in self.viewed_storages
+
+
+_SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class _WholeOps(TorchFunctionMode):
+    """Records some functions as one node instead of their decomposition: scaled_dot_product_attention
+    may run as a math path whose 1/sqrt(head_dim) scale would otherwise look like a plain constant."""
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention or self.recorder.paused:
+            return func(*args, **kwargs)
+        self.recorder.paused += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.recorder.paused -= 1
+        named = dict(zip(_SDPA_PARAMS, args[3:]))
+        named.update(kwargs)
+        value_of = self.recorder.value_of
+        self.recorder.record("aten.scaled_dot_product_attention.default",
+                             _map_tensors(tuple(args[:3]), value_of), _map_tensors(named, value_of), out)
+        return out
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -170,7 +204,7 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
     try:
-        with eval_mode(model), torch.enable_grad(), recorder:
+        with eval_mode(model), torch.enable_grad(), recorder, _WholeOps(recorder):
             out = model(*args, **kwargs)
     except TraceError:
         raise

@@ -55,6 +55,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
                 units.append((best, f, rank, members))
     units.sort(key=lambda u: (u[0], u[1], u[2]))
     target = target_ratio * base
+    if base <= target:
+        return np.zeros(0, dtype=np.int64)
     if not units:
         raise BudgetError(f"nothing in this model can be pruned to save {budget_name} (every channel is "
                           "pinned; see plan.explain()); the smallest reachable ratio is 1.0", reachable=1.0)

@@ -53,8 +53,11 @@ def stack(ctx, node):
 @rule("aten.split.Tensor", "aten.split_with_sizes", "aten.unsafe_split", "aten.unsafe_split_with_sizes",
       "aten.split.sizes", "aten.chunk", "aten.tensor_split")
 def split(ctx, node):
+    """Segments map to their source ranges, but the cut axis is pinned: forward code usually holds split
+    sizes as constants (x.split(64), w[:E]), which a slimmed module would not follow."""
     src = node.args[0]
     dim = arg(node, 2, "dim", 0) % src.ndim
+    ctx.pin(src, dim, reason=_CONSTANT_CUT)
     offset = 0
     for out in node.outputs:
         n = out.shape[dim]
@@ -64,11 +67,10 @@ def split(ctx, node):
         offsets = [offset if k == dim else 0 for k in range(out.ndim)]
         copy_param_view(src, out, list(range(out.ndim)), offsets)
         offset += n
-    sizes = {out.shape[dim] for out in node.outputs}
-    if len(sizes) == 1 and len(node.outputs) > 1:  # chunk(n): keep the parts equal, index by index
-        first = node.outputs[0]
-        for out in node.outputs[1:]:
-            ctx.tie(first, dim, out, dim)
+
+
+_CONSTANT_CUT = ("split/slice of this axis: forward code usually holds the sizes as constants, which a "
+                 "slimmed module would not follow")
 
 
 @rule("aten.unbind")
@@ -97,6 +99,8 @@ def slice_(ctx, node):
     ctx.tie(src, dim, out, dim, idx, None)
     ctx.set_state(out, dim, ctx.state(src, dim)[idx])
     _same_other_axes(ctx, src, out, dim, dim)
+    if len(idx) != src.shape[dim]:
+        ctx.pin(src, dim, reason=_CONSTANT_CUT)
     if step == 1 and len(idx):
         copy_param_view(src, out, list(range(out.ndim)), [int(idx[0]) if k == dim else 0 for k in range(out.ndim)])
 

@@ -1,9 +1,9 @@
 """Shape ops: view / reshape / flatten, permute / transpose, squeeze / unsqueeze, expand, repeat, flip, roll.
 
-A reshape is split into groups of axes whose sizes multiply to the same number. Within a group only the
-outermost axis of each side is tracked (flatten (C,H,W) -> C*H*W keeps C; a split C -> (heads, head_dim)
-keeps heads, so heads are removed whole); the other axes of the group are pinned, since their elements
-are smeared across the merged axis.
+A reshape is split into groups of axes whose sizes multiply to the same number. A merge (flatten
+(C,H,W) -> C*H*W) keeps the outermost axis: channel c owns a block of the merged axis, and the other
+merged axes are pinned, since their elements are smeared across it. A split of one axis into several
+(C -> heads x head_dim) is pinned whole: forward code usually holds one of the new sizes as a constant.
 """
 
 from __future__ import annotations
@@ -68,6 +68,15 @@ def reshape(ctx, node):
             continue
         plain = False
         ii, jj = gi[0], gj[0]
+        if len(gj) > 1 and any(out.shape[k] > 1 for k in gj[1:]) and any(src.shape[k] > 1 for k in gi):
+            # C -> (heads, head_dim): forward code often holds the head count as a constant
+            # (x.view(b, t, self.heads, -1)); a slimmed module would silently regroup, so keep it whole
+            for k in gi:
+                ctx.pin(src, k, reason="reshape splits this axis into several (e.g. heads); forward code may "
+                                       "hold those sizes as constants")
+            for k in gj:
+                ctx.pin(out, k, reason="reshape splits this axis into several")
+            continue
         inner_in = math.prod(src.shape[k] for k in gi[1:])
         inner_out = math.prod(out.shape[k] for k in gj[1:])
         n_in, n_out = src.shape[ii], out.shape[jj]
