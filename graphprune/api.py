@@ -87,7 +87,6 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
         if got != reference:
             raise BackendError(f"the slimmed model returns shapes {got} instead of {reference}; keep the "
                                "layers that produce the outputs whole with ignore=[...]")
-    slim.graphprune_plan = the_plan  # lets save() store the plan beside the weights
     return slim
 
 

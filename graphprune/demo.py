@@ -49,11 +49,12 @@ class DigitsNet(nn.Module):
         self.conv4 = nn.Conv2d(width, width, 1, bias=False)  # ... then 1x1 back to the trunk width
         self.bn4 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.pool2(self.relu(self.bn1(self.conv1(x))))  # 8x8 -> 4x4
         x = self.relu(self.bn2(self.conv2(x)))
         y = self.relu(self.bn3(self.conv3(x)))
         x = self.relu(self.bn4(self.conv4(y)) + x)
@@ -175,27 +176,32 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(target_flops: float = 0.5, epochs: int = 15, finetune_epochs: int = 3, seed: int = 0, *,
-        latency_runs: int = 200, file: TextIO | None = None) -> dict[str, Any]:
+def run(target_flops: float = 0.5, epochs: int = 8, finetune_epochs: int = 3, seed: int = 0, *,
+        latency_runs: int = 200, threads: int = 1, file: TextIO | None = None) -> dict[str, Any]:
     """Train, prune to `target_flops` of the original FLOPs, fine-tune, and report.
 
-    Prints the plan summary and a before/after table to `file` (standard output by default) and returns
-    the numbers as a dict: accuracy (original / pruned / finetuned), flops and params (before / after),
-    flops_ratio, params_ratio, latency_ms ({"original"|"pruned": {batch: ms}}), widths, summary, seconds.
+    Training runs on `threads` CPU threads (one is fastest for a model this small) and latency is always
+    timed on one; torch's thread setting is restored afterwards. Prints the plan summary and a
+    before/after table to `file` (standard output by default) and returns the numbers as a dict:
+    accuracy (original / pruned / finetuned), flops and params (before / after), flops_ratio,
+    params_ratio, latency_ms ({"original"|"pruned": {batch: ms}}), widths, summary, roundtrip_ok, seconds,
+    and the trained `model` and fine-tuned `pruned_model` themselves.
     """
     if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)) \
             or not 0 < target_flops <= 1:
         raise ValueError(f"target_flops must be a number in (0, 1] (the fraction of FLOPs to keep), got "
                          f"{target_flops!r}")
-    for name, value in (("epochs", epochs), ("finetune_epochs", finetune_epochs)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if epochs < 1:
-        raise ValueError("epochs must be at least 1")
-    if not isinstance(latency_runs, int) or latency_runs < 1:
-        raise ValueError(f"latency_runs must be a positive integer, got {latency_runs!r}")
-    out = file if file is not None else sys.stdout
+    for name, value, least in (("epochs", epochs, 1), ("finetune_epochs", finetune_epochs, 0),
+                               ("latency_runs", latency_runs, 1), ("threads", threads, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    with _torch_threads(threads):
+        return _run(float(target_flops), epochs, finetune_epochs, seed, latency_runs,
+                    file if file is not None else sys.stdout)
 
+
+def _run(target_flops: float, epochs: int, finetune_epochs: int, seed: int, latency_runs: int,
+         out: TextIO) -> dict[str, Any]:
     def say(*parts: Any) -> None:
         print(*parts, file=out, flush=True)
 
@@ -221,7 +227,7 @@ def run(target_flops: float = 0.5, epochs: int = 15, finetune_epochs: int = 3, s
     if finetune_epochs:
         _train(slim, train, finetune_epochs, lr=2e-3, seed=seed + 1)
     acc_finetuned = _accuracy(slim, test)
-    say(f"\nfine-tuned {finetune_epochs} epochs in {time.perf_counter() - t0:.1f} s")
+    say(f"\nfine-tuned the pruned model {finetune_epochs} epochs in {time.perf_counter() - t0:.1f} s")
 
     latency: dict[str, dict[int, float]] = {"original": {}, "pruned": {}}
     with _torch_threads(1):
@@ -237,11 +243,11 @@ def run(target_flops: float = 0.5, epochs: int = 15, finetune_epochs: int = 3, s
         with torch.no_grad():
             same = torch.equal(slim(test[0]), loaded(test[0]))
     if not same:
-        raise GraphPruneError("save/load round-trip changed the model's outputs")
+        raise GraphPruneError("save/load round-trip changed the pruned model's outputs")
     say("save/load round-trip: OK")
 
     result: dict[str, Any] = {
-        "target_flops": float(target_flops),
+        "target_flops": target_flops,
         "accuracy": {"original": acc_original, "pruned": acc_pruned, "finetuned": acc_finetuned},
         "flops": dict(plan.flops),
         "params": dict(plan.params),
@@ -251,6 +257,8 @@ def run(target_flops: float = 0.5, epochs: int = 15, finetune_epochs: int = 3, s
         "widths": {"original": _widths(model), "pruned": _widths(slim)},
         "summary": plan.summary(),
         "roundtrip_ok": same,
+        "model": model,
+        "pruned_model": slim,
     }
     say("")
     say(_table(result))

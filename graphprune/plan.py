@@ -104,11 +104,12 @@ class PruningPlan:
         """Refuse a model whose parameters do not match the one the plan was made for."""
         have = {n: list(t.shape) for n, t in _named_tensors(model).items()}
         missing = [n for n in self.fingerprint if n not in have]
+        extra = [n for n in have if n not in self.fingerprint]
         wrong = [n for n in self.fingerprint if n in have and have[n] != self.fingerprint[n]]
-        if missing or wrong:
-            detail = (f"missing {missing[:3]}" if missing else "") + (
-                f" shape differs for {wrong[:3]}" if wrong else "")
-            raise GraphPruneError(f"this plan was made for a different model ({detail.strip()}); build the "
+        if missing or extra or wrong:
+            detail = "; ".join(f"{what} {names[:3]}" for what, names in
+                               (("missing", missing), ("unexpected", extra), ("shape differs for", wrong)) if names)
+            raise GraphPruneError(f"this plan was made for a different model ({detail}); build the "
                                   "model with the same architecture and configuration the plan came from")
 
 

@@ -45,6 +45,7 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
                 module._buffers[leaf] = new
     for module, shapes in old_shapes.items():
         _update_attributes(module, shapes)
+    slim.graphprune_plan = plan  # lets graphprune.save() store the plan beside the weights
     return slim
 
 

@@ -1,10 +1,15 @@
 """Global selection under a budget: remove the components with the least importance per unit of cost
 saved until the cost (FLOPs or parameters) reaches the target.
 
-Within a family (one layer's channels) candidates are taken least-important first, in units of
-`round_to` when set, never more than `max_ratio` of the family and never all of it. Units from all
-families are ranked together; the exact cost of each prefix of that ranking is monotone, so a binary
-search finds the shortest prefix that meets the budget.
+Importance is normalized by its family's mean (one layer's channels), so layers compare. A layer gets
+more precious as it thins: the j-th of n channels taken from a family counts n / (n - j) times its own
+importance. Without that, the layer whose channels each save the most FLOPs would be stripped to
+max_ratio before any other is touched, since trained magnitudes within a layer differ by only ~20%.
+
+Within a family candidates are taken least-important first, in units of `round_to` when set, never more
+than `max_ratio` of the family and never all of it. Units from all families are ranked together; the exact
+cost of each prefix of that ranking is monotone, so a binary search finds the shortest prefix that meets
+the budget, and a last unit is then chosen among the next ones to land as close under the target as can be.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from ..analysis.cost import CostModel
 from ..errors import BudgetError
 
 log = logging.getLogger(__name__)
+
+_FILL_WINDOW = 64  # units examined for the last pick
 
 
 def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
@@ -47,9 +54,10 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         start = 0
         for rank, size in enumerate(chunks):
             members = fam[order[start:start + size]]
+            thinning = n_all / max(n_all - start - size / 2, 1)
             start += size
             s = saving[members].sum()
-            score = norm[order[start - size:start]].sum() / s if s > 0 else math.inf
+            score = thinning * norm[order[start - size:start]].sum() / s if s > 0 else math.inf
             best = max(best, score)  # keep the family's own order
             if math.isfinite(best):
                 units.append((best, f, rank, members))
@@ -69,14 +77,25 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
                           f"prunable channel (within max_ratio={max_ratio}) leaves {reachable:.3f} of the "
                           f"{budget_name}; ask for at least {math.ceil(reachable * 1000) / 1000:.3f}, raise "
                           "max_ratio, or drop `ignore` entries", reachable=reachable)
+    def prefix(k: int) -> np.ndarray:
+        return comps[:ends[k - 1]] if k > 0 else comps[:0]
+
     lo, hi = 0, len(units)  # smallest k with cost(prefix k) <= target; cost(prefix len) <= target
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost.total(comps[:ends[mid - 1]] if mid > 0 else comps[:0]) <= target:
+        if cost.total(prefix(mid)) <= target:
             hi = mid
         else:
             lo = mid + 1
-    chosen = comps[:ends[lo - 1]] if lo > 0 else comps[:0]
+    chosen = prefix(lo)
+    if lo > 0:  # the lo-th unit may overshoot; a cheaper unit ranked soon after may land closer
+        base_set = prefix(lo - 1)
+        best_cost = cost.total(chosen)
+        for u in units[lo - 1:lo - 1 + _FILL_WINDOW]:
+            trial = np.concatenate([base_set, u[3]])
+            c = cost.total(trial)
+            if best_cost < c <= target:
+                chosen, best_cost = trial, c
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 

@@ -1,0 +1,163 @@
+"""Public API on real torchvision models: plan / apply / mask / summary / save / load, FLOP counting,
+budgets, options, and bad input (clear errors, user's model unchanged)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import graphprune
+
+from .conftest import oracle_error, run, same_state, state_copy
+
+X = torch.randn(1, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def test_prune_meets_target_and_leaves_model_alone(resnet):
+    before = state_copy(resnet)
+    slim = graphprune.prune(resnet, X, target_flops=0.5)
+    assert same_state(before, state_copy(resnet))
+    assert abs(graphprune.count_flops(slim, X) / graphprune.count_flops(resnet, X) - 0.5) <= 0.01
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in resnet.parameters())
+    assert type(slim) is type(resnet) and run(slim, X).shape == (1, 1000)
+
+
+def test_plan_summary_explain_and_oracle(resnet):
+    plan = graphprune.plan(resnet, X, target_flops=0.6, importance="l1")
+    text = plan.summary()
+    assert "layer1.0.conv1" in text and "FLOPs:" in text and "params:" in text
+    assert abs(plan.flops_ratio - 0.6) <= 0.01
+    assert "graph output" in plan.explain()  # fc rows stay: the classifier output is never pruned
+    assert oracle_error(plan, resnet, X) <= 1e-5
+
+
+def test_plan_json_round_trip(tmp_path, resnet):
+    plan = graphprune.plan(resnet, X, target_flops=0.5)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    again = graphprune.PruningPlan.load(path)
+    assert again.removed == plan.removed and again.flops == plan.flops
+    assert json.loads(path.read_text())["format"] == "graphprune-plan/1"
+    a, b = run(plan.apply(resnet), X), run(again.apply(resnet), X)
+    assert torch.equal(a, b)
+
+
+def test_save_load_without_pickled_code(tmp_path, resnet):
+    slim = graphprune.prune(resnet, X, target_flops=0.5)
+    with torch.no_grad():
+        for p in slim.parameters():  # pretend it was fine-tuned
+            p.add_(0.01)
+    graphprune.save(slim, tmp_path / "slim.pt")
+    loaded = graphprune.load(tmp_path / "slim.pt", torchvision.models.resnet18)
+    assert torch.allclose(run(loaded, X), run(slim, X), atol=1e-6)
+    with pytest.raises(graphprune.GraphPruneError, match="different model"):
+        graphprune.load(tmp_path / "slim.pt", torchvision.models.resnet34)
+
+
+def test_inplace_prunes_the_given_object():
+    model = torchvision.models.resnet18().eval()
+    slim = graphprune.prune(model, X, target_flops=0.7, inplace=True)
+    assert slim is model and model.conv1.out_channels < 64
+
+
+def test_target_params_budget(resnet):
+    plan = graphprune.plan(resnet, X, target_params=0.5)
+    assert abs(plan.params_ratio - 0.5) <= 0.01
+
+
+def test_ignore_keeps_layers_whole(resnet):
+    plan = graphprune.plan(resnet, X, target_flops=0.6, ignore=[resnet.layer1, "conv1"])
+    assert not any(n.startswith(("layer1.", "conv1.")) for n in plan.removed)
+
+
+def test_custom_importance_object(resnet):
+    calls = []
+
+    def by_index(an, tensors):
+        calls.append(len(tensors))
+        import numpy as np
+        return np.arange(an.component.max() + 1, dtype=float)
+
+    plan = graphprune.plan(resnet, X, target_flops=0.7, importance=by_index)
+    assert calls and abs(plan.flops_ratio - 0.7) <= 0.01
+
+
+def test_unreachable_target_names_the_smallest_ratio(resnet):
+    with pytest.raises(graphprune.BudgetError) as err:
+        graphprune.plan(resnet, X, target_flops=0.01, max_ratio=0.5)
+    assert err.value.reachable is not None and 0.01 < err.value.reachable < 1
+    assert f"{err.value.reachable:.3f}" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "half", True])
+def test_bad_target(resnet, bad):
+    before = state_copy(resnet)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        graphprune.plan(resnet, X, target_flops=bad)
+    assert same_state(before, state_copy(resnet))
+
+
+def test_bad_inputs_give_clear_errors_and_leave_the_model_alone(resnet):
+    before = state_copy(resnet)
+    training = resnet.training
+    with pytest.raises(graphprune.TraceError, match="example_inputs"):
+        graphprune.plan(resnet, torch.randn(1, 5, 64, 64), target_flops=0.5)  # wrong channel count
+    with pytest.raises(graphprune.TraceError, match="no tensor"):
+        graphprune.plan(resnet, "not a tensor", target_flops=0.5)
+    with pytest.raises(graphprune.GraphPruneError, match="torch.nn.Module"):
+        graphprune.plan(lambda x: x, X, target_flops=0.5)
+    with pytest.raises(ValueError, match="names no module"):
+        graphprune.plan(resnet, X, target_flops=0.5, ignore=["layer9"])
+    with pytest.raises(ValueError, match="unknown importance"):
+        graphprune.plan(resnet, X, target_flops=0.5, importance="hessian-magic")
+    with pytest.raises(ValueError, match="exactly one budget"):
+        graphprune.plan(resnet, X)
+    assert same_state(before, state_copy(resnet)) and resnet.training == training
+
+
+def test_training_model_is_traced_in_eval_and_restored():
+    model = torchvision.models.resnet18().train()
+    before = state_copy(model)  # BN running stats must not move
+    graphprune.plan(model, X, target_flops=0.5)
+    assert model.training and model.layer1[0].bn1.training
+    assert same_state(before, state_copy(model))
+
+
+def _reference_flops(model, x) -> int:
+    """FlopCounterMode, with formulas it lacks on the CPU registered (SDPA for CPU, native MHA)."""
+
+    def cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def native_mha(q, k, v, embed_dim, num_heads, *args, out_shape=None, **kwargs):
+        b, lq, e = q
+        lk = k[1]
+        proj = 2 * b * lq * e * e + 2 * 2 * b * lk * e * e + 2 * b * lq * e * e
+        return proj + 2 * 2 * b * lq * lk * e
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa,
+               torch.ops.aten._native_multi_head_attention: native_mha}
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name,size", [("resnet50", 64), ("densenet121", 64), ("mobilenet_v3_small", 64),
+                                       ("regnet_y_400mf", 64), ("convnext_tiny", 64), ("vit_b_32", 224),
+                                       ("swin_t", 224), ("maxvit_t", 224)])
+def test_count_flops_matches_flop_counter_mode(name, size):
+    model = torchvision.models.get_model(name)
+    x = torch.randn(1, 3, size, size)
+    ours, ref = graphprune.count_flops(model, x), _reference_flops(model, x)
+    assert abs(ours - ref) / ref <= 0.01, (ours, ref)
