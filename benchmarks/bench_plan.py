@@ -117,6 +117,27 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def width_summary(original, pruned, name: str) -> str:
+    """What was cut: conv widths kept (CNNs) or heads / MLP / hidden widths (LLaMA)."""
+    import torch
+
+    if name in CNNS:
+        before = {n: m.weight.shape[0] for n, m in original.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        after = {n: m.weight.shape[0] for n, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        kept = sorted(after[n] / before[n] for n in before)
+        return (f"conv out-channels kept: min {kept[0]:.0%}, median {statistics.median(kept):.0%}, "
+                f"max {kept[-1]:.0%}; {sum(k == 1 for k in kept)}/{len(kept)} convs untouched")
+    cfg = original.config
+    layers = pruned.model.layers
+    head_dim = layers[0].self_attn.head_dim
+    q = statistics.mean(layer.self_attn.q_proj.weight.shape[0] / head_dim for layer in layers)
+    kv = statistics.mean(layer.self_attn.k_proj.weight.shape[0] / head_dim for layer in layers)
+    mlp = statistics.mean(layer.mlp.gate_proj.weight.shape[0] for layer in layers)
+    hidden = pruned.model.embed_tokens.weight.shape[1]
+    return (f"q/kv heads {q:.1f}/{kv:.1f} of {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
+            f"MLP {mlp:.0f} of {cfg.intermediate_size}, hidden {hidden} of {cfg.hidden_size} (layer means)")
+
+
 def timed_repeats(fn: Callable[[], Any], repeats: int, budget_s: float = 60.0) -> tuple[Any, float, int]:
     """Run fn up to `repeats` times (stop early once `budget_s` is spent); return (last result, min s, n)."""
     times, result = [], None
@@ -155,6 +176,7 @@ def measure_graphprune(name: str, repeats: int, result: dict) -> None:
     result["stage"] = "check"
     result["flops_after"] = count_flops(slim, inputs)
     result["ratio"] = result["flops_after"] / result["flops_before"]
+    result["widths"] = width_summary(model, slim, name)
     diff = (run_model(slim, inputs) - run_model(plan.mask(model), inputs)).abs().max().item()
     result.update(mask_diff=diff, lossy=plan.lossy, stage="done")
 
@@ -268,6 +290,7 @@ def measure_torch_pruning(name: str, repeats: int, result: dict, ratio: float | 
     result.update(best, runs=len(runs), stage="check")
     result["flops_after"] = count_flops(pruned, inputs)
     result["ratio"] = result["flops_after"] / result["flops_before"]
+    result["widths"] = width_summary(model, pruned, name)
     result["stage"] = "done"
 
 
@@ -425,7 +448,7 @@ def _short(error: str, limit: int = 110) -> str:
 def comparison_table(rows: list[tuple[str, dict, dict]]) -> str:
     head = ["model", "params / GFLOPs", "graphprune plan [s]", "TP build + select [s]", "TP / graphprune",
             "graphprune apply [s]", "TP prune [s]", "graphprune FLOPs ratio (own estimate)",
-            "TP FLOPs ratio (pruning_ratio)", "notes"]
+            "TP FLOPs ratio (pruning_ratio)", "what was cut (graphprune / TP)", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, gp, tp in rows:
         base = gp.get("flops_before") or tp.get("flops_before")
@@ -459,8 +482,9 @@ def comparison_table(rows: list[tuple[str, dict, dict]]) -> str:
             notes.append("TP: LLM-example recipe (local, heads + widths)")
         runs = f"min of {gp.get('plan_runs', '?')} / {tp.get('runs', '?')} runs"
         notes.append(runs)
+        cut = f"graphprune: {gp.get('widths', '-')}<br>TP: {tp.get('widths', '-')}"
         cells = [name, size, gp_plan, tp_plan, factor, _s(gp.get("apply_s")), _s(tp.get("prune_s")), gp_ratio,
-                 tp_ratio, "; ".join(notes)]
+                 tp_ratio, cut, "; ".join(notes)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -494,6 +518,24 @@ def environment_line() -> str:
             f"load average at start {load[0]:.2f}")
 
 
+def source_state() -> tuple[str, str]:
+    """(git commit with a -dirty mark, hash of the graphprune sources) of the code being measured."""
+    import hashlib
+
+    root = os.path.dirname(HERE)
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    digest = hashlib.sha1()
+    for folder, _, files in sorted(os.walk(os.path.join(root, "graphprune"))):
+        for file in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(folder, file), "rb") as fh:
+                digest.update(file.encode() + fh.read())
+    return commit, digest.hexdigest()[:12]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="resnet50 only (skip densenet121 and LLaMA)")
@@ -514,6 +556,7 @@ def main() -> None:
         return
 
     env = environment_line()
+    commit, sources = source_state()
     started = time.time()
     cases = QUICK_CASES if args.quick else ALL_CASES
     rows = []
@@ -530,7 +573,7 @@ def main() -> None:
     parts = [
         "# graphprune vs torch-pruning: planning time and achieved FLOPs (target: keep 50 % of FLOPs)",
         f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {time.time() - started:.0f} s in all",
-        env,
+        f"{env}; graphprune at git {commit}, sources {sources}",
         comparison_table(rows),
         "Times are wall-clock seconds (minimum over the timed runs, each case in a fresh process after an untimed "
         "warm-up). graphprune plan = `graphprune.plan(...)`; TP build + select = `BasePruner(...)` construction "
@@ -541,6 +584,9 @@ def main() -> None:
     ]
     if onnx is not None:
         parts.append(onnx_table(onnx))
+    if source_state()[1] != sources:
+        parts.insert(3, "**Warning: the graphprune sources changed while this ran; rows may come from different "
+                        "code. Rerun on a quiet tree.**")
     markdown = "\n\n".join(parts) + "\n"
     print("\n" + markdown)
     with open(args.out, "w") as fh:

@@ -42,12 +42,16 @@ def family_rows(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:
 
 
 def pinned_rows(an: Analysis) -> list[dict[str, Any]]:
-    """Channels that own weights but must stay, grouped by reason."""
+    """Channels that own weights but must stay, grouped by reason, with a few places where it happened."""
     counts: dict[str, int] = defaultdict(int)
-    for comp, reason in an.pin_reasons.items():
+    where: dict[str, list[str]] = defaultdict(list)
+    for comp, (reason, place) in an.pin_reasons.items():
         if an.has_producer[comp]:
             counts[reason] += 1
-    return [{"reason": r, "channels": n} for r, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+            if place not in where[reason]:
+                where[reason].append(place)
+    return [{"reason": r, "channels": n, "sites": len(where[r]), "examples": where[r][:3]}
+            for r, n in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 def _num(x: float) -> str:
@@ -90,4 +94,6 @@ def explain(plan: PruningPlan) -> str:
     lines = ["weighted channels kept whole, by reason:"]
     for row in plan.pinned:
         lines.append(f"  {row['channels']:>6}  {row['reason']}")
+        more = f" (+{row['sites'] - len(row['examples'])} more)" if row["sites"] > len(row["examples"]) else ""
+        lines.append(f"          at {'; '.join(row['examples'])}{more}")
     return "\n".join(lines)

@@ -82,7 +82,6 @@ def test_demo_latency_numbers(result):
         assert set(lat[which]) == {1, 64}
         for ms in lat[which].values():
             assert ms > 0 and math.isfinite(ms)
-    assert lat["original"][64] > lat["original"][1]
 
 
 def test_demo_prints_summary_table_and_roundtrip(result):

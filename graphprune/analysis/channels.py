@@ -49,7 +49,7 @@ class Analysis:
     zeroed: np.ndarray  # per element: True where mask() zeroes a parameter element (producer role)
     flop_terms: list[CostTerm]
     param_terms: list[CostTerm]
-    pin_reasons: dict[int, str]  # component -> first reason it was pinned
+    pin_reasons: dict[int, tuple[str, str]]  # component -> (first reason it was pinned, where)
     lossy: np.ndarray  # per component: bool, removing it changes outputs (allowed lossy rule)
     has_producer: np.ndarray  # per component: bool, owns parameter elements mask() can zero
     families: list[np.ndarray] = field(default_factory=list)  # prunable components grouped by spaces
@@ -77,7 +77,7 @@ class Context:
         self.edge_a: list[np.ndarray] = []
         self.edge_b: list[np.ndarray] = []
         self.pinned: list[np.ndarray] = []
-        self.pin_why: list[str] = []
+        self.pin_why: list[tuple[str, str]] = []
         self.lossy_ids: list[np.ndarray] = []
         self.consumer_ids: list[np.ndarray] = []
         self.states: dict[tuple[int, int], np.ndarray] = {}
@@ -120,14 +120,14 @@ class Context:
 
     def pin(self, v: Value, axis: int | None = None, idx=None, reason: str = "") -> None:
         axes = range(v.ndim) if axis is None else [axis]
-        where = self.node.where() if self.node is not None else "graph boundary"
         for a in axes:
-            if v.shape[a] <= 1 and idx is None:
-                self.handled.add((v.id, a % v.ndim))
-                continue
-            self.pinned.append(self.ids(v, a, idx))
-            self.pin_why.append(f"{reason} [{where}]")
             self.handled.add((v.id, a % v.ndim))
+            if v.shape[a] > 1 or idx is not None:
+                self.pin_ids(self.ids(v, a, idx), reason)
+
+    def pin_ids(self, ids: np.ndarray, reason: str) -> None:
+        self.pinned.append(ids)
+        self.pin_why.append((reason, self.node.where() if self.node is not None else "graph boundary"))
 
     def mark_lossy(self, v: Value, axis: int) -> None:
         self.lossy_ids.append(self.ids(v, axis))
@@ -173,8 +173,7 @@ class Context:
             bad &= ~ok
         self.handled.add((v.id, axis % v.ndim))
         if bad.any():
-            self.pinned.append(self.ids(v, axis, np.nonzero(bad)[0]))
-            self.pin_why.append(f"{reason}: a removed channel would not be zero there [{self.node.where()}]")
+            self.pin_ids(self.ids(v, axis, np.nonzero(bad)[0]), f"{reason}: a removed channel would not be zero there")
 
     # ----- cost ----------------------------------------------------------------------------------
     def add_flops(self, coef: float, factors: list[tuple[Value, int]]) -> None:

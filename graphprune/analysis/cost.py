@@ -46,13 +46,15 @@ class CostModel:
         """Cost removed by taking out each component alone, at full width (per component id)."""
         an = self.an
         n_comp = int(an.component.max()) + 1 if an.n_elements else 0
-        saving = np.zeros(n_comp)
         full = self.per_term()
         sizes = an.space_size
+        comp_parts, value_parts = [], []
         for t in range(len(self.coef)):
             for s in self.factors[t]:
                 if s == self.sentinel or sizes[s] == 0:
                     continue
-                ids = np.arange(an.space_offset[s], an.space_offset[s] + sizes[s])
-                np.add.at(saving, an.component[ids], full[t] / sizes[s])
-        return saving
+                comp_parts.append(an.component[an.space_offset[s]:an.space_offset[s] + sizes[s]])
+                value_parts.append(np.full(sizes[s], full[t] / sizes[s]))
+        if not comp_parts:
+            return np.zeros(n_comp)
+        return np.bincount(np.concatenate(comp_parts), weights=np.concatenate(value_parts), minlength=n_comp)

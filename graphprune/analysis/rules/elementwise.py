@@ -40,8 +40,8 @@ def _unary(f0_zero: bool, blows_up: bool = False):
             for a in range(src.ndim):
                 st = ctx.state(src, a)
                 if (st == ZERO).any():
-                    ctx.pinned.append(ctx.ids(src, a, np.nonzero(st == ZERO)[0]))
-                    ctx.pin_why.append(f"{node.op} of a removed (zero) channel is not finite [{node.where()}]")
+                    ctx.pin_ids(ctx.ids(src, a, np.nonzero(st == ZERO)[0]),
+                                f"{node.op} of a removed (zero) channel is not finite")
         if node.op.split(".")[1] in VIEW_LIKE:
             copy_param_view(src, out, list(range(out.ndim)))
     return apply
@@ -97,8 +97,8 @@ def _binary(kind: str):
                     if b.shape[ax] == out.shape[j]:
                         st = ctx.state(b, ax)
                         if (st == ZERO).any():
-                            ctx.pinned.append(ctx.ids(b, ax, np.nonzero(st == ZERO)[0]))
-                            ctx.pin_why.append(f"division by a removed (zero) channel [{node.where()}]")
+                            ctx.pin_ids(ctx.ids(b, ax, np.nonzero(st == ZERO)[0]),
+                                        "division by a removed (zero) channel")
             broadcast(ctx, operands, out, lambda sts: _div_state(sts))
         else:  # comparisons and the like: zero maps to something else
             broadcast(ctx, operands, out, lambda sts: np.where(combine_add(sts) == ZERO, INDEP,

@@ -14,7 +14,7 @@ class MagnitudeImportance:
 
     def __call__(self, an: Analysis, tensors: dict[str, torch.Tensor]) -> np.ndarray:
         n_comp = int(an.component.max()) + 1
-        score = np.zeros(n_comp)
+        comp_parts, value_parts = [], []
         for name, v in an.graph.params.items():
             if v.kind != "param" or name not in tensors or v.ndim == 0:
                 continue
@@ -26,6 +26,9 @@ class MagnitudeImportance:
                 if not an.prunable[comps].any():
                     continue
                 other = [a for a in range(v.ndim) if a != axis]
-                per = (t.sum(dim=other) if other else t).numpy()
-                np.add.at(score, comps, per)
+                comp_parts.append(comps)
+                value_parts.append((t.sum(dim=other) if other else t).numpy().astype(np.float64))
+        if not comp_parts:
+            return np.zeros(n_comp)
+        score = np.bincount(np.concatenate(comp_parts), weights=np.concatenate(value_parts), minlength=n_comp)
         return np.sqrt(score) if self.p == 2 else score
