@@ -360,29 +360,35 @@ def measure_onnx(runs: int, tp_ratio: float | None, result: dict) -> None:
 
 # ----- subprocess workers -----------------------------------------------------------------------------
 
+class LiveResult(dict):
+    """A dict that rewrites its JSON file on every change, so a worker killed on timeout still shows how far it
+    got."""
+
+    def __init__(self, path: str):
+        super().__init__(stage="start")
+        self.path = path
+        self.save()
+
+    def save(self) -> None:
+        with open(self.path, "w") as fh:
+            json.dump(self, fh)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.save()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self.save()
+
+
 def worker(args) -> None:
     """Entry point of a child process: run one measurement, keep `args.result` (JSON) up to date."""
     import torch
 
     torch.set_num_threads(THREADS)
     torch.set_num_interop_threads(THREADS)
-    result: dict[str, Any] = {"stage": "start"}
-
-    def save() -> None:
-        with open(args.result, "w") as fh:
-            json.dump(result, fh)
-
-    # Save after every stage change, so a timeout still shows how far the worker got.
-    class Live(dict):
-        def __setitem__(self, key, value):
-            super().__setitem__(key, value)
-            save()
-
-        def update(self, *a, **k):
-            super().update(*a, **k)
-            save()
-
-    result = Live(result)
+    result = LiveResult(args.result)
     try:
         if args.worker == "graphprune":
             measure_graphprune(args.model, args.repeats, result)
@@ -395,7 +401,6 @@ def worker(args) -> None:
         reachable = getattr(exc, "reachable", None)
         if reachable is not None:
             result["reachable"] = reachable
-    save()
 
 
 def run_worker(kind: str, model: str, timeout_s: float, args, tp_ratio: float | None = None) -> dict:
@@ -416,7 +421,7 @@ def run_worker(kind: str, model: str, timeout_s: float, args, tp_ratio: float | 
             result["traceback"] = proc.stderr[-4000:]
     except subprocess.TimeoutExpired:
         result = _read_json(path)
-        result["error"] = f"did not finish in {timeout_s / 60:g} min (stage: {result.get('stage', '?')})"
+        result["error"] = f"did not finish in {_duration(timeout_s)} (stage: {result.get('stage', '?')})"
         result["timed_out"] = True
     finally:
         os.unlink(path)
@@ -424,6 +429,10 @@ def run_worker(kind: str, model: str, timeout_s: float, args, tp_ratio: float | 
     status = result.get("error", "ok")
     print(f"[{time.strftime('%H:%M:%S')}] {kind:14s} {model}: {status} ({result['wall_s']:.0f} s)", flush=True)
     return result
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.3g} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 def _read_json(path: str) -> dict:
@@ -446,7 +455,7 @@ def _short(error: str, limit: int = 110) -> str:
 
 
 def comparison_table(rows: list[tuple[str, dict, dict]]) -> str:
-    head = ["model", "params / GFLOPs", "graphprune plan [s]", "TP build + select [s]", "TP / graphprune",
+    head = ["model", "params / GFLOPs", "graphprune plan [s]", "TP build + select [s]", "TP time / graphprune time",
             "graphprune apply [s]", "TP prune [s]", "graphprune FLOPs ratio (own estimate)",
             "TP FLOPs ratio (pruning_ratio)", "what was cut (graphprune / TP)", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -480,8 +489,8 @@ def comparison_table(rows: list[tuple[str, dict, dict]]) -> str:
             notes.append(f"TP ratio calibrated in {len(tp['calibration'])} trials ({tp['calibration_s']:.0f} s)")
         elif "pruning_ratio" in tp:
             notes.append("TP: LLM-example recipe (local, heads + widths)")
-        runs = f"min of {gp.get('plan_runs', '?')} / {tp.get('runs', '?')} runs"
-        notes.append(runs)
+        if "plan_runs" in gp or "runs" in tp:
+            notes.append(f"min of {gp.get('plan_runs', '-')} / {tp.get('runs', '-')} runs")
         cut = f"graphprune: {gp.get('widths', '-')}<br>TP: {tp.get('widths', '-')}"
         cells = [name, size, gp_plan, tp_plan, factor, _s(gp.get("apply_s")), _s(tp.get("prune_s")), gp_ratio,
                  tp_ratio, cut, "; ".join(notes)]
@@ -573,7 +582,8 @@ def main() -> None:
     parts = [
         "# graphprune vs torch-pruning: planning time and achieved FLOPs (target: keep 50 % of FLOPs)",
         f"`{command}` — {time.strftime('%Y-%m-%d %H:%M')}, {time.time() - started:.0f} s in all",
-        f"{env}; graphprune at git {commit}, sources {sources}",
+        f"{env}, at end {os.getloadavg()[0]:.2f} (other processes on the machine inflate the times); "
+        f"graphprune at git {commit}, sources {sources}",
         comparison_table(rows),
         "Times are wall-clock seconds (minimum over the timed runs, each case in a fresh process after an untimed "
         "warm-up). graphprune plan = `graphprune.plan(...)`; TP build + select = `BasePruner(...)` construction "

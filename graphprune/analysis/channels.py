@@ -229,12 +229,13 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     sizes = np.asarray(ctx.sizes, dtype=np.int64)
 
     pinned = np.zeros(n_comp, dtype=bool)
-    reasons: dict[int, str] = {}
-    for ids, why in zip(ctx.pinned, ctx.pin_why):
-        cs = np.unique(comp[ids])
-        for c in cs[~pinned[cs]]:
-            reasons[int(c)] = why
-        pinned[cs] = True
+    reasons: dict[int, tuple[str, str]] = {}
+    if ctx.pinned:
+        pin_comps = comp[np.concatenate(ctx.pinned)]
+        which = np.repeat(np.arange(len(ctx.pinned)), [len(ids) for ids in ctx.pinned])
+        first, at = np.unique(pin_comps, return_index=True)  # first pin of each component wins
+        pinned[first] = True
+        reasons = {int(c): ctx.pin_why[w] for c, w in zip(first, which[at])}
 
     is_param = np.zeros(n, dtype=bool)
     is_stored = np.zeros(n, dtype=bool)  # parameters and buffers
@@ -269,16 +270,18 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
 
 def _group_families(an: Analysis) -> None:
     """Prunable components that live in the same set of tensor axes form one family (a layer's channels)."""
-    space_of = np.repeat(np.arange(len(an.space_size)), an.space_size)
+    n_spaces = len(an.space_size)
+    space_of = np.repeat(np.arange(n_spaces), an.space_size)
     comp = an.component
     mask = an.prunable[comp]
-    pairs = np.unique(np.stack([comp[mask], space_of[mask]], axis=1), axis=0) if mask.any() else np.zeros(
-        (0, 2), dtype=np.int64)
+    codes = np.unique(comp[mask].astype(np.int64) * n_spaces + space_of[mask])  # (component, space) pairs
+    pair_comp, pair_space = codes // n_spaces, codes % n_spaces
     families: dict[tuple, list[int]] = {}
-    if len(pairs):
-        splits = np.nonzero(np.diff(pairs[:, 0]))[0] + 1
-        for chunk in np.split(pairs, splits):
-            families.setdefault(tuple(chunk[:, 1].tolist()), []).append(int(chunk[0, 0]))
+    if len(codes):
+        starts = np.concatenate([[0], np.nonzero(np.diff(pair_comp))[0] + 1, [len(codes)]])
+        spaces = pair_space.tolist()
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            families.setdefault(tuple(spaces[lo:hi]), []).append(int(pair_comp[lo]))
     graph = an.graph
     by_id = {v.id: v for v in graph.params.values()}
     for key, comps in families.items():

@@ -4,6 +4,7 @@ torch.utils.flop_counter.FlopCounterMode) and parameter counts, as functions of 
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import csr_matrix
 
 from .channels import Analysis, CostTerm
 
@@ -20,17 +21,17 @@ class CostModel:
             self.factors[i, :len(t.spaces)] = t.spaces
         self.coef = np.array([t.coef for t in terms], dtype=np.float64)
         self.labels = [t.label for t in terms]
+        n_comp = int(an.component.max()) + 1 if an.n_elements else 0
+        space_of = np.repeat(np.arange(len(an.space_size)), an.space_size)
+        # how many elements of each space every component owns: removing a set of components is one row sum
+        self.members = csr_matrix((np.ones(an.n_elements), (an.component, space_of)),
+                                  shape=(n_comp, len(an.space_size)))
 
     def kept_widths(self, removed_components: np.ndarray | None) -> np.ndarray:
-        an = self.an
-        sizes = an.space_size.astype(np.float64)
+        sizes = self.an.space_size.astype(np.float64)
         if removed_components is None or len(removed_components) == 0:
             return np.append(sizes, 1.0)
-        gone = np.zeros(an.component.max() + 1, dtype=bool)
-        gone[removed_components] = True
-        removed = gone[an.component].astype(np.int64)
-        csum = np.concatenate([[0], np.cumsum(removed)])
-        lost = csum[an.space_offset + an.space_size] - csum[an.space_offset]
+        lost = np.asarray(self.members[np.asarray(removed_components)].sum(axis=0)).ravel()
         return np.append(sizes - lost, 1.0)
 
     def per_term(self, removed_components=None) -> np.ndarray:
