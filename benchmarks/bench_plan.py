@@ -33,7 +33,7 @@ crashes is reported as such instead of stopping the benchmark.
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/bench_plan.py              # everything (about 10-30 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_plan.py              # everything (about 3 min on an idle 2-core machine)
     .venv/bin/python benchmarks/bench_plan.py --quick      # resnet50 only, plus the ONNX latency check
 
 The table is printed and written as markdown to ``--out`` (default benchmarks/results.md).
