@@ -229,14 +229,8 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     sizes = np.asarray(ctx.sizes, dtype=np.int64)
 
     pinned = np.zeros(n_comp, dtype=bool)
-    reasons: dict[int, tuple[str, str]] = {}
-    if ctx.pinned:
-        pin_comps = comp[np.concatenate(ctx.pinned)]
-        which = np.repeat(np.arange(len(ctx.pinned)), [len(ids) for ids in ctx.pinned])
-        first, at = np.unique(pin_comps, return_index=True)  # first pin of each component wins
-        pinned[first] = True
-        reasons = {int(c): ctx.pin_why[w] for c, w in zip(first, which[at])}
-
+    pin_comps = comp[np.concatenate(ctx.pinned)] if ctx.pinned else np.zeros(0, dtype=np.int64)
+    pinned[pin_comps] = True
     is_param = np.zeros(n, dtype=bool)
     is_stored = np.zeros(n, dtype=bool)  # parameters and buffers
     for v in graph.params.values():
@@ -256,6 +250,11 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     has_flow[comp[~is_stored]] = True
     has_producer &= has_flow
     prunable = has_producer & ~pinned
+    # the first reason each weighted component was pinned, for plan.explain()
+    which = np.repeat(np.arange(len(ctx.pinned)), [len(ids) for ids in ctx.pinned])
+    keep = has_producer[pin_comps]
+    first, at = np.unique(pin_comps[keep], return_index=True)
+    reasons = {int(c): ctx.pin_why[w] for c, w in zip(first, which[keep][at])}
     lossy = np.zeros(n_comp, dtype=bool)
     for ids in ctx.lossy_ids:
         lossy[comp[ids]] = True

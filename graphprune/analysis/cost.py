@@ -34,14 +34,20 @@ class CostModel:
         lost = np.asarray(self.members[np.asarray(removed_components)].sum(axis=0)).ravel()
         return np.append(sizes - lost, 1.0)
 
-    def per_term(self, removed_components=None) -> np.ndarray:
-        kept = self.kept_widths(removed_components)
+    def per_term(self, removed_components=None, kept: np.ndarray | None = None) -> np.ndarray:
+        if kept is None:
+            kept = self.kept_widths(removed_components)
         if self.factors.size == 0:
             return np.zeros(0)
         return self.coef * np.prod(kept[self.factors], axis=1)
 
     def total(self, removed_components=None) -> float:
         return float(self.per_term(removed_components).sum())
+
+    def total_after(self, kept: np.ndarray, more_components: np.ndarray) -> float:
+        """Cost once `more_components` go too, from widths already reduced by an earlier removal."""
+        lost = np.asarray(self.members[np.asarray(more_components)].sum(axis=0)).ravel()
+        return float(self.per_term(kept=kept - np.append(lost, 0.0)).sum())
 
     def first_order_saving(self) -> np.ndarray:
         """Cost removed by taking out each component alone, at full width (per component id)."""

@@ -72,27 +72,33 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.paused or func.namespace == "prim" or func is torch.ops.aten.sym_size.int:
+        if self.paused:
             return out
-        name = func.overloadpacket.__name__
+        info = _OP_INFO.get(func)
+        if info is None:
+            info = _OP_INFO[func] = _op_info(func)
+        op, safe_inplace, writes, returns_view = info
+        if op is None:
+            return out
         arg_vals = _map_tensors(args, self.value_of)
-        kwarg_vals = _map_tensors(kwargs, self.value_of)
-        mutated = _mutated_args(func, args, kwargs)
-        op = str(func)
-        if mutated and (name not in _INPLACE_SAFE or any(self._aliased(t) for t in mutated)):
-            op = "graphprune.mutation"  # in-place write into shared storage: analysis pins it
-        is_view = bool(func._schema.returns and func._schema.returns[0].alias_info is not None and not mutated)
-        self.record(op, arg_vals, kwarg_vals, out, is_view)
+        kwarg_vals = _map_tensors(kwargs, self.value_of) if kwargs else {}
+        if writes:
+            mutated = [t for t in (args[i] if i < len(args) else kwargs.get(n) for i, n in writes)
+                       if isinstance(t, torch.Tensor)]
+            if not safe_inplace or any(self._aliased(t) for t in mutated):
+                op = "graphprune.mutation"  # in-place write into shared storage: analysis pins it
+        self.record(op, arg_vals, kwarg_vals, out, returns_view and not writes)
         return out
 
     def record(self, op: str, arg_vals, kwarg_vals, out, is_view: bool = False) -> None:
-        flat_out, _ = tree_flatten(out)
-        outs = []
-        inputs = [v for v in tree_flatten((arg_vals, kwarg_vals))[0] if isinstance(v, Value)]
+        inputs: list[Value] = []
+        _collect_values(arg_vals, inputs)
+        if kwarg_vals:
+            _collect_values(tuple(kwarg_vals.values()), inputs)
         dep = any(v.depends_on_input for v in inputs)
-        node_id = len(self.graph.nodes)
-        node = Node(node_id, op, arg_vals, kwarg_vals, outs, self.scope[-1] if self.scope else "")
-        for t in flat_out:
+        outs: list[Value] = []
+        node = Node(len(self.graph.nodes), op, arg_vals, kwarg_vals, outs, self.scope[-1] if self.scope else "")
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 v = self.graph.new_value(t.shape, t.dtype, ACT, producer=node, depends_on_input=dep)
                 self.known[id(t)] = v
@@ -141,22 +147,34 @@ def _storage_key(t: torch.Tensor) -> int:
         return -1
 
 
-def _mutated_args(func, args, kwargs) -> list[torch.Tensor]:
-    found = []
-    for i, a in enumerate(func._schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            t = args[i] if i < len(args) else kwargs.get(a.name)
-            if isinstance(t, torch.Tensor):
-                found.append(t)
-    return found
+_OP_INFO: dict = {}
+
+
+def _op_info(func):
+    """Per-op facts from its schema, computed once: (name or None to skip, safe in-place, written args, view)."""
+    if func.namespace == "prim" or func is torch.ops.aten.sym_size.int:
+        return None, False, (), False
+    schema = func._schema
+    writes = tuple((i, a.name) for i, a in enumerate(schema.arguments)
+                   if a.alias_info is not None and a.alias_info.is_write)
+    returns_view = bool(schema.returns and schema.returns[0].alias_info is not None)
+    return str(func), func.overloadpacket.__name__ in _INPLACE_SAFE, writes, returns_view
+
+
+def _collect_values(obj, found: list[Value]) -> None:
+    for item in obj:
+        if isinstance(item, Value):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            _collect_values(item, found)
 
 
 def _map_tensors(obj, fn):
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(o, fn) for o in obj) if not hasattr(obj, "_fields") else tuple(
-            _map_tensors(o, fn) for o in obj)
+        return tuple(_map_tensors(o, fn) for o in obj) if type(obj) is not list else [
+            _map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
         return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (torch.dtype, torch.device, torch.memory_format, torch.layout)):

@@ -37,11 +37,11 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
                           "cannot be met; use the other budget")
     saving = cost.first_order_saving()
-    units: list[tuple[float, int, int, np.ndarray]] = []  # (score, family, rank in family, components)
+    scores, family_of, rank_of, members, sizes = [], [], [], [], []
     for f, fam in enumerate(an.families):
+        n_all = len(fam)
         if keep is not None:
             fam = fam[~keep[fam]]
-        n_all = len(an.families[f])
         if len(fam) == 0:
             continue
         imp = importance[fam].astype(np.float64)
@@ -49,27 +49,36 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         norm = imp / mean if mean > 0 else np.ones_like(imp)
         order = np.argsort(norm, kind="stable")
         limit = min(len(fam), n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
-        chunks = _chunks(n_all, len(fam), limit, round_to)
-        best = 0.0
-        start = 0
-        for rank, size in enumerate(chunks):
-            members = fam[order[start:start + size]]
-            thinning = n_all / max(n_all - start - size / 2, 1)
-            start += size
-            s = saving[members].sum()
-            score = thinning * norm[order[start - size:start]].sum() / s if s > 0 else math.inf
-            best = max(best, score)  # keep the family's own order
-            if math.isfinite(best):
-                units.append((best, f, rank, members))
-    units.sort(key=lambda u: (u[0], u[1], u[2]))
+        chunk = np.asarray(_chunks(n_all, len(fam), limit, round_to), dtype=np.int64)
+        if len(chunk) == 0:
+            continue
+        starts = np.concatenate([[0], np.cumsum(chunk)[:-1]])
+        taken = fam[order[:chunk.sum()]]
+        chunk_saving = np.add.reduceat(saving[taken], starts)
+        chunk_norm = np.add.reduceat(norm[order[:chunk.sum()]], starts)
+        thinning = n_all / np.maximum(n_all - starts - chunk / 2, 1)
+        with np.errstate(divide="ignore"):
+            score = np.where(chunk_saving > 0, thinning * chunk_norm / np.maximum(chunk_saving, 1e-300), np.inf)
+        score = np.maximum.accumulate(score)  # keep the family's own order
+        finite = np.isfinite(score)
+        scores.append(score[finite])
+        family_of.append(np.full(finite.sum(), f))
+        rank_of.append(np.arange(len(chunk))[finite])
+        sizes.append(chunk[finite])
+        members.append(taken[:chunk[finite].sum()])
     target = target_ratio * base
     if base <= target:
         return np.zeros(0, dtype=np.int64)
-    if not units:
+    if not scores or not sum(len(x) for x in scores):
         raise BudgetError(f"nothing in this model can be pruned to save {budget_name} (every channel is "
                           "pinned; see plan.explain()); the smallest reachable ratio is 1.0", reachable=1.0)
-    comps = np.concatenate([u[3] for u in units])
-    ends = np.cumsum([len(u[3]) for u in units])
+    score, family, rank, size = (np.concatenate(x) for x in (scores, family_of, rank_of, sizes))
+    flat = np.concatenate(members)
+    unit_start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    ranking = np.lexsort((rank, family, score))
+    units = [flat[unit_start[u]:unit_start[u] + size[u]] for u in ranking]
+    comps = np.concatenate(units)
+    ends = np.cumsum(size[ranking])
     floor_cost = cost.total(comps)
     if floor_cost > target * (1 + 1e-9):
         reachable = floor_cost / base
@@ -77,6 +86,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
                           f"prunable channel (within max_ratio={max_ratio}) leaves {reachable:.3f} of the "
                           f"{budget_name}; ask for at least {math.ceil(reachable * 1000) / 1000:.3f}, raise "
                           "max_ratio, or drop `ignore` entries", reachable=reachable)
+
     def prefix(k: int) -> np.ndarray:
         return comps[:ends[k - 1]] if k > 0 else comps[:0]
 
@@ -90,12 +100,14 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     chosen = prefix(lo)
     if lo > 0:  # the lo-th unit may overshoot; a cheaper unit ranked soon after may land closer
         base_set = prefix(lo - 1)
-        best_cost = cost.total(chosen)
-        for u in units[lo - 1:lo - 1 + _FILL_WINDOW]:
-            trial = np.concatenate([base_set, u[3]])
-            c = cost.total(trial)
+        kept = cost.kept_widths(base_set)
+        best_cost, best_unit = cost.total(chosen), None
+        for unit in units[lo - 1:lo - 1 + _FILL_WINDOW]:
+            c = cost.total_after(kept, unit)
             if best_cost < c <= target:
-                chosen, best_cost = trial, c
+                best_cost, best_unit = c, unit
+        if best_unit is not None:
+            chosen = np.concatenate([base_set, best_unit])
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
