@@ -24,6 +24,7 @@ from ..ir.graph import ACT, BUFFER, CONST, INPUT, PARAM, Graph, Node, Value
 log = logging.getLogger(__name__)
 
 ZERO, INDEP, DEP = 0, 1, 2
+_DEFAULT_STATE = {PARAM: ZERO, BUFFER: INDEP, CONST: INDEP, INPUT: DEP}  # parameters are zeroed by mask()
 
 
 @dataclass
@@ -157,12 +158,15 @@ class Context:
         axis = axis % v.ndim
         st = self.states.get((v.id, axis))
         if st is None:
-            fill = {PARAM: ZERO, BUFFER: INDEP, CONST: INDEP, INPUT: DEP}.get(v.kind, DEP)
-            st = np.full(v.shape[axis], fill, dtype=np.int8)
+            st = np.full(v.shape[axis], _DEFAULT_STATE.get(v.kind, DEP), dtype=np.int8)
         return st
 
     def set_state(self, v: Value, axis: int, st) -> None:
-        arr = np.broadcast_to(np.asarray(st, dtype=np.int8), (v.shape[axis],)).copy()
+        n = v.shape[axis]
+        if isinstance(st, np.ndarray) and st.shape == (n,) and st.dtype == np.int8:
+            arr = st  # states are never written in place, so sharing is safe
+        else:
+            arr = np.broadcast_to(np.asarray(st, dtype=np.int8), (n,)).copy()
         self.states[(v.id, axis % v.ndim)] = arr
 
     def require_zero(self, v: Value, axis: int, reason: str, ok: np.ndarray | None = None) -> None:
@@ -253,7 +257,7 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     # the first reason each weighted component was pinned, for plan.explain()
     which = np.repeat(np.arange(len(ctx.pinned)), [len(ids) for ids in ctx.pinned])
     keep = has_producer[pin_comps]
-    first, at = np.unique(pin_comps[keep], return_index=True)
+    first, at = _first_occurrences(pin_comps[keep])
     reasons = {int(c): ctx.pin_why[w] for c, w in zip(first, which[keep][at])}
     lossy = np.zeros(n_comp, dtype=bool)
     for ids in ctx.lossy_ids:
@@ -267,13 +271,22 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     return result
 
 
+def _first_occurrences(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values of x and the index of each one's first occurrence (a sort, not a hash)."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    new = np.ones(len(xs), dtype=bool)
+    new[1:] = xs[1:] != xs[:-1]
+    return xs[new], order[new]
+
+
 def _group_families(an: Analysis) -> None:
     """Prunable components that live in the same set of tensor axes form one family (a layer's channels)."""
     n_spaces = len(an.space_size)
     space_of = np.repeat(np.arange(n_spaces), an.space_size)
     comp = an.component
     mask = an.prunable[comp]
-    codes = np.unique(comp[mask].astype(np.int64) * n_spaces + space_of[mask])  # (component, space) pairs
+    codes, _ = _first_occurrences(comp[mask].astype(np.int64) * n_spaces + space_of[mask])  # (comp, space)
     pair_comp, pair_space = codes // n_spaces, codes % n_spaces
     families: dict[tuple, list[int]] = {}
     if len(codes):
