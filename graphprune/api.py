@@ -72,32 +72,62 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
           inplace: bool = False, verify: bool = True, **options: Any) -> torch.nn.Module:
     """Plan and apply in one step; returns the slimmed model (a copy unless inplace=True).
 
-    With verify=True the slim model is run on example_inputs and must return the same output shapes.
+    With verify=True the slim model is run on example_inputs and compared with plan.mask(model). If the
+    module's own forward code cannot follow the new widths (a width held as a constant), the recorded
+    graph is regenerated as a torch.fx GraphModule with rewritten shapes instead, and the plan's notes
+    say so.
     """
     the_plan = plan(model, example_inputs, target_flops, **options)
-    reference = _output_shapes(model, example_inputs) if verify else None
+    if not verify:
+        return the_plan.apply(model, inplace=inplace)
+    expected = _outputs(the_plan.mask(model), example_inputs)
     slim = the_plan.apply(model, inplace=inplace)
-    if verify:
-        try:
-            got = _output_shapes(slim, example_inputs)
-        except Exception as exc:  # noqa: BLE001
-            raise BackendError(
-                f"the slimmed model no longer runs ({type(exc).__name__}: {exc}). Its forward code probably "
-                "holds a channel count as a constant; keep that part whole with ignore=[...]") from exc
-        if got != reference:
-            raise BackendError(f"the slimmed model returns shapes {got} instead of {reference}; keep the "
-                               "layers that produce the outputs whole with ignore=[...]")
-    return slim
+    problem = _compare(slim, example_inputs, expected, the_plan.lossy)
+    if problem is None:
+        return slim
+    from .backends.graph_module import regenerate
+
+    log.warning("the slimmed module does not match the plan (%s); regenerating the recorded graph", problem)
+    try:
+        graph_module = regenerate(the_plan, model)
+    except Exception as exc:  # noqa: BLE001 - any failure here is reported with the first problem
+        raise BackendError(f"the slimmed model is wrong ({problem}) and the recorded graph could not be "
+                           f"regenerated ({exc}); keep the offending layers whole with ignore=[...]") from exc
+    second = _compare(graph_module, example_inputs, expected, the_plan.lossy)
+    if second is not None:
+        raise BackendError(f"the slimmed model is wrong ({problem}), and so is the regenerated graph ({second}); "
+                           "keep the offending layers whole with ignore=[...]")
+    the_plan.notes.append(f"regenerated as a torch.fx GraphModule: the module's forward code could not follow the "
+                          f"new widths ({problem}); it replays the recorded path for inputs shaped like the "
+                          "example inputs")
+    graph_module.graphprune_plan = the_plan
+    return graph_module
 
 
-def _output_shapes(model, example_inputs):
+def _outputs(model, example_inputs) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_flatten
 
     from .ir.from_torch import eval_mode
     args, kwargs = normalize_inputs(example_inputs)
     with eval_mode(model), torch.no_grad():
         out = model(*args, **kwargs)
-    return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def _compare(model, example_inputs, expected: list[torch.Tensor], lossy: bool) -> str | None:
+    """None if `model` reproduces `expected` (the masked model's outputs), else what went wrong."""
+    try:
+        got = _outputs(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    if [t.shape for t in got] != [t.shape for t in expected]:
+        return f"output shapes {[tuple(t.shape) for t in got]} instead of {[tuple(t.shape) for t in expected]}"
+    if lossy:
+        return None
+    for a, b in zip(got, expected):
+        if a.is_floating_point() and (a - b).abs().max() > 1e-4 * b.abs().max().clamp_min(1e-6):
+            return f"outputs differ from the masked model by {float((a - b).abs().max()):.2e}"
+    return None
 
 
 def _budget(target_flops, target_params) -> tuple[str, float]:
@@ -179,6 +209,7 @@ def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: Cos
         params={"before": params.total(), "after": params.total(removed)},
         lossy=bool(an.lossy[removed].any()) if len(removed) else False,
     )
+    result._analysis, result._gone = an, gone  # kept in memory only, for the regenerated-graph fallback
     result.layers = layer_rows(flops, params, removed)
     result.groups = family_rows(an, gone)
     result.pinned = pinned_rows(an)

@@ -161,3 +161,32 @@ def test_count_flops_matches_flop_counter_mode(name, size):
     x = torch.randn(1, 3, size, size)
     ours, ref = graphprune.count_flops(model, x), _reference_flops(model, x)
     assert abs(ours - ref) / ref <= 0.01, (ours, ref)
+
+
+class LeNet(torch.nn.Module):
+    """Forward code holds the flattened width as a constant, as older model code often does."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 6, 5), torch.nn.Conv2d(6, 16, 5)
+        self.f1, self.f2 = torch.nn.Linear(16 * 5 * 5, 120), torch.nn.Linear(120, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.f2(torch.relu(self.f1(x.view(x.size(0), 16 * 5 * 5))))
+
+
+def test_constant_widths_in_forward_code_fall_back_to_a_regenerated_graph():
+    model = LeNet().eval()
+    x = torch.randn(2, 1, 32, 32)
+    plan = graphprune.plan(model, x, target_flops=0.3)
+    assert "c2.weight" in plan.removed  # the flattened conv is pruned...
+    with pytest.raises(RuntimeError):
+        run(plan.apply(model), x)  # ...which the module's own view(…, 400) cannot follow
+    slim = graphprune.prune(model, x, target_flops=0.3)
+    assert isinstance(slim, torch.fx.GraphModule)
+    assert "regenerated as a torch.fx GraphModule" in slim.graphprune_plan.summary()
+    ref = slim.graphprune_plan.mask(model)
+    assert torch.allclose(run(slim, x), run(ref, x), atol=1e-6)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())

@@ -30,15 +30,11 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
     slim = model if inplace else _copy(model)
     old_shapes: dict[nn.Module, dict[str, tuple[int, ...]]] = {}
     with torch.no_grad():
-        for name, axes in plan.removed.items():
+        for name in plan.removed:
             module, leaf = _owner(slim, name)
             tensor = getattr(module, leaf)
             old_shapes.setdefault(module, {})[leaf] = tuple(tensor.shape)
-            new = tensor
-            for axis in sorted(axes):
-                keep = plan.kept(name, axis)
-                new = new.index_select(axis, torch.tensor(keep, dtype=torch.long, device=new.device))
-            new = new.contiguous()
+            new = sliced(plan, name, tensor)
             if isinstance(tensor, nn.Parameter):
                 module._parameters[leaf] = nn.Parameter(new, requires_grad=tensor.requires_grad)
             else:
@@ -47,6 +43,15 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
         _update_attributes(module, shapes)
     slim.graphprune_plan = plan  # lets graphprune.save() store the plan beside the weights
     return slim
+
+
+def sliced(plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (parameter or buffer `name`) with the plan's removed indices dropped along every axis."""
+    new = tensor
+    for axis in sorted(plan.removed.get(name, {})):
+        keep = torch.tensor(plan.kept(name, axis), dtype=torch.long, device=new.device)
+        new = new.index_select(axis, keep)
+    return new.detach().contiguous()
 
 
 def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:

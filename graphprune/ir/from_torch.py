@@ -65,6 +65,7 @@ class _Recorder(TorchDispatchMode):
         v = self.known.get(id(t))
         if v is None:  # a tensor created outside the ops we saw: a constant
             v = self.graph.new_value(t.shape, t.dtype, CONST)
+            v.data = t.detach()
             self.known[id(t)] = v
             self.keep.append(t)
         return v
@@ -87,17 +88,18 @@ class _Recorder(TorchDispatchMode):
                        if isinstance(t, torch.Tensor)]
             if not safe_inplace or any(self._aliased(t) for t in mutated):
                 op = "graphprune.mutation"  # in-place write into shared storage: analysis pins it
-        self.record(op, arg_vals, kwarg_vals, out, returns_view and not writes)
+        self.record(op, arg_vals, kwarg_vals, out, returns_view and not writes, target=func)
         return out
 
-    def record(self, op: str, arg_vals, kwarg_vals, out, is_view: bool = False) -> None:
+    def record(self, op: str, arg_vals, kwarg_vals, out, is_view: bool = False, target=None) -> None:
         inputs: list[Value] = []
         _collect_values(arg_vals, inputs)
         if kwarg_vals:
             _collect_values(tuple(kwarg_vals.values()), inputs)
         dep = any(v.depends_on_input for v in inputs)
         outs: list[Value] = []
-        node = Node(len(self.graph.nodes), op, arg_vals, kwarg_vals, outs, self.scope[-1] if self.scope else "")
+        node = Node(len(self.graph.nodes), op, arg_vals, kwarg_vals, outs, self.scope[-1] if self.scope else "",
+                    target)
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 v = self.graph.new_value(t.shape, t.dtype, ACT, producer=node, depends_on_input=dep)
@@ -136,7 +138,8 @@ class _WholeOps(TorchFunctionMode):
         named.update(kwargs)
         value_of = self.recorder.value_of
         self.recorder.record("aten.scaled_dot_product_attention.default",
-                             _map_tensors(tuple(args[:3]), value_of), _map_tensors(named, value_of), out)
+                             _map_tensors(tuple(args[:3]), value_of), _map_tensors(named, value_of), out,
+                             target=torch.ops.aten.scaled_dot_product_attention.default)
         return out
 
 
@@ -177,8 +180,6 @@ def _map_tensors(obj, fn):
             _map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
         return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
-        return str(obj)
     return obj
 
 
@@ -235,6 +236,7 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
         h1.remove()
         h2.remove()
     flat_out, _ = tree_flatten(out)
+    graph.output_is_tensor = isinstance(out, torch.Tensor)
     for t in flat_out:
         if isinstance(t, torch.Tensor):
             graph.outputs.append(recorder.value_of(t))

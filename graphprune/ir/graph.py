@@ -26,6 +26,7 @@ class Value:
     # For tensors that are pure views of a parameter (t(), transpose, split, ...):
     # (param value, per-axis param axis or None, per-axis offset into that param axis).
     param_view: tuple[Value, tuple[int | None, ...], tuple[int, ...]] | None = None
+    data: Any = None  # the tensor itself, for constants the graph cannot recompute
 
     @property
     def ndim(self) -> int:
@@ -46,6 +47,7 @@ class Node:
     kwargs: dict[str, Any]
     outputs: list[Value]
     scope: str = ""  # qualified name of the innermost module running when the op was called
+    target: Any = None  # the callable that ran (an ATen OpOverload for torch), for regenerating code
 
     def where(self) -> str:
         return f"{self.op} (node {self.id}" + (f", in module '{self.scope}')" if self.scope else ")")
@@ -74,6 +76,7 @@ class Graph:
     inputs: list[Value] = field(default_factory=list)
     outputs: list[Value] = field(default_factory=list)
     params: dict[str, Value] = field(default_factory=dict)  # parameters and buffers by name
+    output_is_tensor: bool = True  # the model returned one tensor (not a tuple, dict or model output)
 
     def new_value(self, shape, dtype, kind=ACT, name=None, producer=None, depends_on_input=False) -> Value:
         value = Value(len(self.values), tuple(int(s) for s in shape), str(dtype), kind, name, producer,
