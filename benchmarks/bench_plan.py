@@ -53,7 +53,8 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 THREADS = 2
 TARGET = 0.5
@@ -518,11 +519,10 @@ def onnx_table(result: dict) -> str:
 
 
 def environment_line() -> str:
+    import onnxruntime
     import torch
     import torch_pruning
     import transformers
-
-    import onnxruntime
     load = os.getloadavg()
     return (f"torch {torch.__version__}, torch-pruning {torch_pruning.__version__}, transformers "
             f"{transformers.__version__}, onnxruntime {onnxruntime.__version__}; {THREADS} torch threads; "

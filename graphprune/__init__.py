@@ -12,5 +12,17 @@ from .serialization import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["prune", "plan", "count_flops", "save", "load", "PruningPlan", "GraphPruneError", "TraceError",
-           "UnsupportedModelError", "BudgetError", "BackendError", "__version__"]
+__all__ = [
+           "BackendError",
+           "BudgetError",
+           "GraphPruneError",
+           "PruningPlan",
+           "TraceError",
+           "UnsupportedModelError",
+           "__version__",
+           "count_flops",
+           "load",
+           "plan",
+           "prune",
+           "save",
+]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
 
 def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None = None, *,
          target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
-         round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False) -> PruningPlan:
+         round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False,
+         tracer: str = "dispatch") -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
 
     Args:
@@ -42,6 +44,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         round_to: keep each layer's width a multiple of this.
         max_ratio: the largest fraction of any one layer's channels that may go.
         allow_lossy: also prune axes normalized by LayerNorm (changes outputs; flagged in the summary).
+        tracer: "dispatch" (default: records one eager forward at the ATen level, fast, follows any Python
+            control flow) or "export" (torch.export, then core ATen; slower, needs an exportable model).
     """
     started = time.perf_counter()
     if not isinstance(model, torch.nn.Module):
@@ -53,7 +57,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     scorer = get_importance(importance)
     ignored = _resolve_ignore(model, ignore)
-    graph, _ = trace(model, example_inputs)
+    graph, _ = _tracer(tracer)(model, example_inputs)
     an = analyze(graph, allow_lossy=allow_lossy)
     flops_model = CostModel(an, an.flop_terms)
     params_model = CostModel(an, an.param_terms)
@@ -90,7 +94,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
     log.warning("the slimmed module does not match the plan (%s); regenerating the recorded graph", problem)
     try:
         graph_module = regenerate(the_plan, model)
-    except Exception as exc:  # noqa: BLE001 - any failure here is reported with the first problem
+    except Exception as exc:  # any failure here is reported together with the first problem
         raise BackendError(f"the slimmed model is wrong ({problem}) and the recorded graph could not be "
                            f"regenerated ({exc}); keep the offending layers whole with ignore=[...]") from exc
     second = _compare(graph_module, example_inputs, expected, the_plan.lossy)
@@ -128,6 +132,15 @@ def _compare(model, example_inputs, expected: list[torch.Tensor], lossy: bool) -
         if a.is_floating_point() and (a - b).abs().max() > 1e-4 * b.abs().max().clamp_min(1e-6):
             return f"outputs differ from the masked model by {float((a - b).abs().max()):.2e}"
     return None
+
+
+def _tracer(name: str):
+    if name == "dispatch":
+        return trace
+    if name == "export":
+        from .ir.from_export import trace_export
+        return trace_export
+    raise ValueError(f"unknown tracer {name!r}; choose 'dispatch' (default) or 'export'")
 
 
 def _budget(target_flops, target_params) -> tuple[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("graphprune: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI reports every failure as one line
+    except Exception as exc:
         if args.debug:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__

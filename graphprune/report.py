@@ -37,7 +37,7 @@ def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray) -> list
 
 
 def family_rows(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:
-    return [{"group": label, "before": int(len(fam)), "after": int((~gone[fam]).sum())}
+    return [{"group": label, "before": len(fam), "after": int((~gone[fam]).sum())}
             for fam, label in zip(an.families, an.family_label)]
 
 

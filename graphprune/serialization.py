@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ def load(path: str | os.PathLike, model_factory: Callable[[], torch.nn.Module]) 
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise GraphPruneError(f"no saved model at {path}") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise GraphPruneError(f"{path} is not a graphprune save file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or "graphprune_plan" not in data:
         raise GraphPruneError(f"{path} is not a graphprune save file (no plan inside)")

@@ -190,3 +190,15 @@ def test_constant_widths_in_forward_code_fall_back_to_a_regenerated_graph():
     ref = slim.graphprune_plan.mask(model)
     assert torch.allclose(run(slim, x), run(ref, x), atol=1e-6)
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_export_tracer_gives_the_same_plan(name):
+    model = torchvision.models.get_model(name).eval()
+    by_dispatch = graphprune.plan(model, X, target_flops=0.5)
+    by_export = graphprune.plan(model, X, target_flops=0.5, tracer="export")
+    assert by_export.flops["before"] == by_dispatch.flops["before"]
+    assert by_export.removed == by_dispatch.removed
+    assert oracle_error(by_export, model, X) <= 1e-5
+    with pytest.raises(ValueError, match="unknown tracer"):
+        graphprune.plan(model, X, target_flops=0.5, tracer="fx")

@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 pytest.importorskip("sklearn")
 
-import graphprune  # noqa: E402
-from graphprune import demo  # noqa: E402
-from graphprune.cli import main  # noqa: E402
+import graphprune
+from graphprune import demo
+from graphprune.cli import main
 
 TARGET = 0.5
 

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from ..ir.graph import ACT, BUFFER, CONST, INPUT, PARAM, Graph, Node, Value
+from ..ir.graph import BUFFER, CONST, INPUT, PARAM, Graph, Node, Value
 
 log = logging.getLogger(__name__)
 

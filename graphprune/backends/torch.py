@@ -20,7 +20,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _copy(model: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise BackendError(f"could not copy the model ({type(exc).__name__}: {exc}); pass inplace=True to "
                            "prune the model object itself") from exc
 

@@ -227,7 +227,7 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
             out = model(*args, **kwargs)
     except TraceError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported as such
+    except Exception as exc:
         where = f" in module '{recorder.scope[-1]}'" if recorder.scope else ""
         raise TraceError(f"the model failed on the example inputs{where}: {type(exc).__name__}: {exc}. "
                          "Check that example_inputs match what model.forward expects (shapes, dtypes, "

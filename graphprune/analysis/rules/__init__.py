@@ -7,7 +7,7 @@ with no rule pins every axis it touches: graphprune never guesses an op's semant
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 RULES: dict[str, Callable] = {}
 
@@ -30,4 +30,4 @@ def lookup(op: str):
     return fn
 
 
-from . import attention, elementwise, indexing, linear, norm, pool, shape  # noqa: E402,F401  (registers)
+from . import attention, elementwise, indexing, linear, norm, pool, shape  # noqa: F401  (registers)

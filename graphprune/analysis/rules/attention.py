@@ -7,7 +7,6 @@ by the softmax and pinned.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ...ir.graph import Value

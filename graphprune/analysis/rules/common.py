@@ -96,5 +96,15 @@ def copy_param_view(src: Value, out: Value, axis_map: list[int | None], offsets:
     out.param_view = (root, tuple(axes), tuple(offs))
 
 
-__all__ = ["arg", "norm_dims", "combine_add", "combine_mul", "broadcast", "identity", "copy_param_view",
-           "ZERO", "INDEP", "DEP"]
+__all__ = [
+    "DEP",
+    "INDEP",
+    "ZERO",
+    "arg",
+    "broadcast",
+    "combine_add",
+    "combine_mul",
+    "copy_param_view",
+    "identity",
+    "norm_dims",
+]

@@ -17,10 +17,10 @@ ZERO_PRESERVING = [
     "leaky_relu", "leaky_relu_", "elu", "elu_", "mish", "mish_", "neg", "neg_", "abs", "abs_", "sqrt",
     "erf", "sin", "sign", "round", "atan", "asinh", "selu", "celu", "softshrink", "hardshrink", "square",
     "clone", "_to_copy", "contiguous", "detach", "alias", "detach_", "lift_fresh", "lift_fresh_copy", "dropout", "native_dropout",
-    "relu6", "tril", "triu", "trunc", "frac", "expm1", "log1p", "tan", "sinh", "atanh", "arcsin", "_log_softmax_backward_data",
+    "relu6", "tril", "triu", "trunc", "frac", "expm1", "log1p", "tan", "sinh", "atanh", "arcsin",
 ]
 NOT_ZERO_PRESERVING = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_", "cos", "cosh", "softplus",
-                       "logical_not", "bitwise_not", "erfc", "log_sigmoid_forward", "ones_like", "exp2"]
+                       "logical_not", "bitwise_not", "erfc", "log_sigmoid_forward", "exp2"]
 BLOWS_UP_AT_ZERO = ["reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "lgamma"]
 VIEW_LIKE = ["detach", "alias", "lift_fresh", "_to_copy", "clone", "contiguous"]
 

@@ -5,7 +5,8 @@ A criterion is any callable with that signature; `get_importance` resolves the b
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
