@@ -202,3 +202,21 @@ def test_export_tracer_gives_the_same_plan(name):
     assert oracle_error(by_export, model, X) <= 1e-5
     with pytest.raises(ValueError, match="unknown tracer"):
         graphprune.plan(model, X, target_flops=0.5, tracer="fx")
+
+
+def test_forward_that_updates_buffers_leaves_the_model_unchanged():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 2, 1)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.out(torch.relu(self.conv(x)))
+
+    model = Counting()
+    before = state_copy(model)
+    plan = graphprune.plan(model, X, target_flops=0.5)
+    assert same_state(before, state_copy(model))
+    assert abs(plan.flops_ratio - 0.5) <= 0.01

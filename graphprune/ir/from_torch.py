@@ -86,8 +86,8 @@ class _Recorder(TorchDispatchMode):
         if writes:
             mutated = [t for t in (args[i] if i < len(args) else kwargs.get(n) for i, n in writes)
                        if isinstance(t, torch.Tensor)]
-            if not safe_inplace or any(self._aliased(t) for t in mutated):
-                op = "graphprune.mutation"  # in-place write into shared storage: analysis pins it
+            if not safe_inplace or any(self._aliased(t) or self._stored(t) for t in mutated):
+                op = "graphprune.mutation"  # in-place write into shared storage or state: analysis pins it
         self.record(op, arg_vals, kwarg_vals, out, returns_view and not writes, target=func)
         return out
 
@@ -109,6 +109,10 @@ class _Recorder(TorchDispatchMode):
                 if is_view:
                     self.viewed_storages.add(_storage_key(t))
         self.graph.nodes.append(node)
+
+    def _stored(self, t: torch.Tensor) -> bool:
+        v = self.known.get(id(t))
+        return v is not None and v.kind in (PARAM, BUFFER)
 
     def _aliased(self, t: torch.Tensor) -> bool:
         return t._is_view() or _storage_key(t) in self.viewed_storages
@@ -220,6 +224,8 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
         if recorder.scope:
             recorder.scope.pop()
 
+    # forward code may update buffers (counters, running statistics); put them back afterwards
+    saved_buffers = [(b, b.detach().clone()) for _, b in model.named_buffers()]
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
     try:
@@ -235,6 +241,9 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
     finally:
         h1.remove()
         h2.remove()
+        with torch.no_grad():
+            for buffer, value in saved_buffers:
+                buffer.copy_(value)
     flat_out, _ = tree_flatten(out)
     graph.output_is_tensor = isinstance(out, torch.Tensor)
     for t in flat_out:
