@@ -129,7 +129,10 @@ def _compare(model, example_inputs, expected: list[torch.Tensor], lossy: bool) -
     if lossy:
         return None
     for a, b in zip(got, expected):
-        if a.is_floating_point() and (a - b).abs().max() > 1e-4 * b.abs().max().clamp_min(1e-6):
+        if not a.is_floating_point():
+            continue
+        tolerance = 1e-4 if a.dtype in (torch.float32, torch.float64) else 2e-2  # half precision rounds more
+        if (a - b).abs().max() > tolerance * b.abs().max().clamp_min(1e-6):
             return f"outputs differ from the masked model by {float((a - b).abs().max()):.2e}"
     return None
 
