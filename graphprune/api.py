@@ -84,7 +84,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
     the_plan = plan(model, example_inputs, target_flops, **options)
     if not verify:
         return the_plan.apply(model, inplace=inplace)
-    expected = _outputs(the_plan.mask(model), example_inputs)
+    masked = the_plan.mask(model)  # original weights with removed rows zeroed: also the fallback's source
+    expected = _outputs(masked, example_inputs)
     slim = the_plan.apply(model, inplace=inplace)
     problem = _compare(slim, example_inputs, expected, the_plan.lossy)
     if problem is None:
@@ -93,7 +94,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
 
     log.warning("the slimmed module does not match the plan (%s); regenerating the recorded graph", problem)
     try:
-        graph_module = regenerate(the_plan, model)
+        graph_module = regenerate(the_plan, masked)
     except Exception as exc:  # any failure here is reported together with the first problem
         raise BackendError(f"the slimmed model is wrong ({problem}) and the recorded graph could not be "
                            f"regenerated ({exc}); keep the offending layers whole with ignore=[...]") from exc

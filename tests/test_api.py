@@ -190,6 +190,10 @@ def test_constant_widths_in_forward_code_fall_back_to_a_regenerated_graph():
     ref = slim.graphprune_plan.mask(model)
     assert torch.allclose(run(slim, x), run(ref, x), atol=1e-6)
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    again = LeNet()
+    again.load_state_dict(model.state_dict())
+    in_place = graphprune.prune(again, x, target_flops=0.3, inplace=True)  # falls back from the sliced module
+    assert torch.allclose(run(in_place, x), run(slim, x), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
