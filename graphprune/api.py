@@ -16,7 +16,7 @@ from .errors import BackendError, GraphPruneError
 from .ir.from_torch import normalize_inputs, trace
 from .passes.importance import get_importance
 from .passes.select import select
-from .plan import PruningPlan, _named_tensors, indices_by_axis
+from .plan import PruningPlan, named_tensors, indices_by_axis
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     flops_model = CostModel(an, an.flop_terms)
     params_model = CostModel(an, an.param_terms)
     keep = _ignored_components(an, ignored)
-    tensors = _named_tensors(model)
+    tensors = named_tensors(model)
     scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = flops_model if kind == "flops" else params_model
     removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
@@ -164,7 +164,7 @@ def _resolve_ignore(model: torch.nn.Module, ignore) -> set[str]:
         return set()
     if isinstance(ignore, (str, torch.nn.Module)):
         ignore = [ignore]
-    tensors = _named_tensors(model)
+    tensors = named_tensors(model)
     modules = dict(model.named_modules())
     by_id = {id(m): n for n, m in modules.items()}
     names: set[str] = set()

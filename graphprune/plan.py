@@ -102,7 +102,7 @@ class PruningPlan:
 
     def check_fits(self, model: torch.nn.Module) -> None:
         """Refuse a model whose parameters do not match the one the plan was made for."""
-        have = {n: list(t.shape) for n, t in _named_tensors(model).items()}
+        have = {n: list(t.shape) for n, t in named_tensors(model).items()}
         missing = [n for n in self.fingerprint if n not in have]
         extra = [n for n in have if n not in self.fingerprint]
         wrong = [n for n in self.fingerprint if n in have and have[n] != self.fingerprint[n]]
@@ -113,7 +113,8 @@ class PruningPlan:
                                   "model with the same architecture and configuration the plan came from")
 
 
-def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, each tensor once (tied weights under their first name)."""
     out = dict(model.named_parameters(remove_duplicate=True))
     for n, b in model.named_buffers(remove_duplicate=True):
         out.setdefault(n, b)

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from ..errors import BackendError
 from ..ir.graph import CONST, Value
-from ..plan import PruningPlan, _named_tensors
+from ..plan import PruningPlan, named_tensors
 from .torch import sliced
 
 _SHAPE_ARG = {  # op packet -> position of the size argument that follows the output shape
@@ -32,7 +32,7 @@ def regenerate(plan: PruningPlan, model: nn.Module) -> fx.GraphModule:
     root = nn.Module()
     fxg = fx.Graph()
     env: dict[int, fx.Node] = {}
-    tensors = _named_tensors(model)
+    tensors = named_tensors(model)
 
     def kept(v: Value, axis: int) -> np.ndarray:
         ids = an.elements(v, axis)
