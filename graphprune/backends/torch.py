@@ -96,5 +96,7 @@ def _update_attributes(module: nn.Module, old: dict[str, tuple[int, ...]]) -> No
         module.num_embeddings, module.embedding_dim = w.shape
     elif isinstance(module, nn.PReLU):
         module.num_parameters = w.shape[0]
+    elif w is not None and w.ndim == 2 and hasattr(module, "nf") and hasattr(module, "nx"):
+        module.nx, module.nf = w.shape  # transformers' Conv1D (GPT-2): a linear layer with weight [in, out]
     elif isinstance(module, nn.MultiheadAttention):
         raise BackendError("MultiheadAttention widths cannot change (its heads are pinned); this is a bug")
