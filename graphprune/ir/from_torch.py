@@ -229,7 +229,7 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
     try:
-        with eval_mode(model), torch.enable_grad(), recorder, _WholeOps(recorder):
+        with eval_mode(model), torch.no_grad(), recorder, _WholeOps(recorder):
             out = model(*args, **kwargs)
     except TraceError:
         raise
