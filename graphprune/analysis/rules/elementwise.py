@@ -71,9 +71,9 @@ def clamp(ctx, node):
         keeps_zero = arg(node, 2, "value") == 0 or arg(node, 1, "threshold") < 0
     elif name.startswith("leaky_relu"):
         keeps_zero = True
-    else:
-        keeps_zero = all(not hasattr(b, "shape") and (b is None or (b <= 0 if b is lo else b >= 0))
-                         for b in (lo, hi))
+    else:  # clamp(0, lo, hi) is 0 when lo <= 0 <= hi; tensor bounds are not assumed to allow that
+        scalar = not hasattr(lo, "shape") and not hasattr(hi, "shape")
+        keeps_zero = scalar and (lo is None or lo <= 0) and (hi is None or hi >= 0)
     broadcast(ctx, [src] + [b for b in (lo, hi) if hasattr(b, "shape")], out, combine_add)
     if not keeps_zero:
         for a in range(out.ndim):
