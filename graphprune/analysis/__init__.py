@@ -1,0 +1,1 @@
+"""Channel analysis (element ties, pins, masked states, components) and the cost model."""

@@ -1,0 +1,1 @@
+"""Graph IR and its frontends (torch dispatch recorder, torch.export)."""
