@@ -36,6 +36,9 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     if base <= 0:
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
                           "cannot be met; use the other budget")
+    target = target_ratio * base
+    if base <= target:
+        return np.zeros(0, dtype=np.int64)
     saving = cost.first_order_saving()
     scores, family_of, rank_of, members, sizes = [], [], [], [], []
     for f, fam in enumerate(an.families):
@@ -66,9 +69,6 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         rank_of.append(np.arange(len(chunk))[finite])
         sizes.append(chunk[finite])
         members.append(taken[:chunk[finite].sum()])
-    target = target_ratio * base
-    if base <= target:
-        return np.zeros(0, dtype=np.int64)
     if not scores or not sum(len(x) for x in scores):
         raise BudgetError(f"nothing in this model can be pruned to save {budget_name} (every channel is "
                           "pinned; see plan.explain()); the smallest reachable ratio is 1.0", reachable=1.0)
