@@ -15,24 +15,26 @@ if TYPE_CHECKING:
 
 def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
-    for label, before, after in zip(flops.labels, flops.per_term(), flops.per_term(removed)):
-        row = rows.setdefault(label, {"layer": label, "flops_before": 0.0, "flops_after": 0.0,
-                                      "params_before": 0.0, "params_after": 0.0, "shape_before": None,
-                                      "shape_after": None})
-        row["flops_before"] += before
-        row["flops_after"] += after
-    kept_full, kept_now = params.kept_widths(None), params.kept_widths(removed)
-    for i, (label, before, after) in enumerate(zip(params.labels, params.per_term(), params.per_term(removed))):
-        module, _, leaf = label.rpartition(".")
-        row = rows.setdefault(module, {"layer": module, "flops_before": 0.0, "flops_after": 0.0,
+
+    def row(label: str) -> dict[str, Any]:
+        return rows.setdefault(label, {"layer": label, "flops_before": 0.0, "flops_after": 0.0,
                                        "params_before": 0.0, "params_after": 0.0, "shape_before": None,
                                        "shape_after": None})
-        row["params_before"] += before
-        row["params_after"] += after
+
+    kept_full, kept_now = params.kept_widths(None), params.kept_widths(removed)  # same spaces for both models
+    for label, before, after in zip(flops.labels, flops.per_term(kept=kept_full), flops.per_term(kept=kept_now)):
+        row(label)["flops_before"] += before
+        row(label)["flops_after"] += after
+    pairs = zip(params.labels, params.per_term(kept=kept_full), params.per_term(kept=kept_now))
+    for i, (label, before, after) in enumerate(pairs):
+        module, _, leaf = label.rpartition(".")
+        r = row(module)
+        r["params_before"] += before
+        r["params_after"] += after
         if leaf == "weight":
             spaces = [s for s in params.factors[i] if s != params.sentinel]
-            row["shape_before"] = [int(kept_full[s]) for s in spaces]
-            row["shape_after"] = [int(kept_now[s]) for s in spaces]
+            r["shape_before"] = [int(kept_full[s]) for s in spaces]
+            r["shape_after"] = [int(kept_now[s]) for s in spaces]
     return [r for r in rows.values() if r["params_before"] or r["flops_before"]]
 
 

@@ -169,6 +169,13 @@ class Context:
             arr = np.broadcast_to(np.asarray(st, dtype=np.int8), (n,)).copy()
         self.states[(v.id, axis % v.ndim)] = arr
 
+    def forbid_zero(self, v: Value, axis: int, reason: str) -> None:
+        """Pin elements of (v, axis) that would be exactly zero once masked, where zero is not allowed
+        (a divisor, the argument of log or rsqrt)."""
+        st = self.state(v, axis)
+        if (st == ZERO).any():
+            self.pin_ids(self.ids(v, axis, np.nonzero(st == ZERO)[0]), reason)
+
     def require_zero(self, v: Value, axis: int, reason: str, ok: np.ndarray | None = None) -> None:
         """Pin elements of (v, axis) that would not be exactly zero once their channel is masked."""
         st = self.state(v, axis)

@@ -21,11 +21,7 @@ class CostModel:
             self.factors[i, :len(t.spaces)] = t.spaces
         self.coef = np.array([t.coef for t in terms], dtype=np.float64)
         self.labels = [t.label for t in terms]
-        n_comp = int(an.component.max()) + 1 if an.n_elements else 0
-        space_of = np.repeat(np.arange(len(an.space_size)), an.space_size)
-        # how many elements of each space every component owns: removing a set of components is one row sum
-        self.members = csr_matrix((np.ones(an.n_elements), (an.component, space_of)),
-                                  shape=(n_comp, len(an.space_size)))
+        self.members = _members(an)
 
     def kept_widths(self, removed_components: np.ndarray | None) -> np.ndarray:
         sizes = self.an.space_size.astype(np.float64)
@@ -65,3 +61,15 @@ class CostModel:
         if not comp_parts:
             return np.zeros(n_comp)
         return np.bincount(np.concatenate(comp_parts), weights=np.concatenate(value_parts), minlength=n_comp)
+
+
+def _members(an: Analysis) -> csr_matrix:
+    """How many elements of each space every component owns: removing components is one row sum.
+    Built once per analysis and shared by its FLOPs and parameter models."""
+    cached = getattr(an, "_members", None)
+    if cached is None:
+        n_comp = int(an.component.max()) + 1 if an.n_elements else 0
+        space_of = np.repeat(np.arange(len(an.space_size)), an.space_size)
+        cached = csr_matrix((np.ones(an.n_elements), (an.component, space_of)), shape=(n_comp, len(an.space_size)))
+        an._members = cached
+    return cached

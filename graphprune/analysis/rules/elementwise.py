@@ -38,10 +38,7 @@ def _unary(f0_zero: bool, blows_up: bool = False):
         identity(ctx, src, out, f0_zero)
         if blows_up:
             for a in range(src.ndim):
-                st = ctx.state(src, a)
-                if (st == ZERO).any():
-                    ctx.pin_ids(ctx.ids(src, a, np.nonzero(st == ZERO)[0]),
-                                f"{node.op} of a removed (zero) channel is not finite")
+                ctx.forbid_zero(src, a, f"{node.op} of a removed (zero) channel is not finite")
         if node.op.split(".")[1] in VIEW_LIKE:
             copy_param_view(src, out, list(range(out.ndim)))
     return apply
@@ -93,12 +90,8 @@ def _binary(kind: str):
         elif kind == "div":  # x / y is zero where x is; y zero would blow up
             if hasattr(b, "shape"):
                 for ax in range(b.ndim):
-                    j = out.ndim - b.ndim + ax
-                    if b.shape[ax] == out.shape[j]:
-                        st = ctx.state(b, ax)
-                        if (st == ZERO).any():
-                            ctx.pin_ids(ctx.ids(b, ax, np.nonzero(st == ZERO)[0]),
-                                        "division by a removed (zero) channel")
+                    if b.shape[ax] == out.shape[out.ndim - b.ndim + ax]:
+                        ctx.forbid_zero(b, ax, "division by a removed (zero) channel")
             broadcast(ctx, operands, out, lambda sts: _div_state(sts))
         else:  # comparisons and the like: zero maps to something else
             broadcast(ctx, operands, out, lambda sts: np.where(combine_add(sts) == ZERO, INDEP,

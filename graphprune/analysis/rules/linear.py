@@ -70,7 +70,7 @@ def convolution(ctx, node):
                       [(out, 0), (w, 0), (w, 1)])
 
 
-def _contract(ctx, node, a: Value, ka: int, b: Value, kb: int) -> None:
+def _contract(ctx, a: Value, ka: int, b: Value, kb: int) -> None:
     """Tie the contracted axes of a @ b and demand exact zeros on the side that is not a weight."""
     ctx.tie(a, ka, b, kb)
     a_w, b_w = ctx.is_param_like(a), ctx.is_param_like(b)
@@ -84,13 +84,13 @@ def _contract(ctx, node, a: Value, ka: int, b: Value, kb: int) -> None:
         ctx.require_zero(a, ka, "product of two activations", ok=ctx.state(b, kb) == ZERO)
 
 
-def _matmul_2d(ctx, node, a: Value, b: Value, out: Value, bias=None, batch: bool = False):
+def _matmul_2d(ctx, a: Value, b: Value, out: Value, bias=None, batch: bool = False):
     lead = 1 if batch else 0
     if batch:
         ctx.tie(a, 0, out, 0)
         ctx.tie(b, 0, out, 0)
         ctx.set_state(out, 0, combine_mul([ctx.state(a, 0), ctx.state(b, 0)]))
-    _contract(ctx, node, a, lead + 1, b, lead)
+    _contract(ctx, a, lead + 1, b, lead)
     ctx.tie(a, lead, out, lead)
     ctx.tie(b, lead + 1, out, lead + 1)
     rows, cols = ctx.state(a, lead), ctx.state(b, lead + 1)
@@ -118,22 +118,22 @@ def _matmul_2d(ctx, node, a: Value, b: Value, out: Value, bias=None, batch: bool
 
 @rule("aten.mm")
 def mm(ctx, node):
-    _matmul_2d(ctx, node, node.args[0], node.args[1], node.outputs[0])
+    _matmul_2d(ctx, node.args[0], node.args[1], node.outputs[0])
 
 
 @rule("aten.addmm")
 def addmm(ctx, node):
-    _matmul_2d(ctx, node, node.args[1], node.args[2], node.outputs[0], bias=node.args[0])
+    _matmul_2d(ctx, node.args[1], node.args[2], node.outputs[0], bias=node.args[0])
 
 
 @rule("aten.bmm")
 def bmm(ctx, node):
-    _matmul_2d(ctx, node, node.args[0], node.args[1], node.outputs[0], batch=True)
+    _matmul_2d(ctx, node.args[0], node.args[1], node.outputs[0], batch=True)
 
 
 @rule("aten.baddbmm")
 def baddbmm(ctx, node):
-    _matmul_2d(ctx, node, node.args[1], node.args[2], node.outputs[0], bias=node.args[0], batch=True)
+    _matmul_2d(ctx, node.args[1], node.args[2], node.outputs[0], bias=node.args[0], batch=True)
 
 
 @rule("aten.embedding")
