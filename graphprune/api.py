@@ -66,7 +66,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = flops_model if kind == "flops" else params_model
     removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
-                     budget_name="FLOPs" if kind == "flops" else "parameters")
+                     budget_name="FLOPs" if kind == "flops" else "parameters",
+                     mass=params_model.first_order_saving())
     result = _build_plan(an, removed, flops_model, params_model, tensors, {"kind": kind, "ratio": ratio})
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
@@ -198,6 +199,19 @@ def _ignored_components(an: Analysis, names: set[str]) -> np.ndarray | None:
     return keep
 
 
+def _rewrites(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:
+    """Width-holding module attributes the backend must update, one entry per module, kind and width."""
+    out: list[dict[str, Any]] = []
+    for r in an.records:
+        lo = an.space_offset[r.space]
+        before = int(an.space_size[r.space])
+        after = before - int(gone[an.component[lo:lo + before]].sum())
+        entry = {"kind": r.kind, "module": r.module, "before": before, "after": after, "head_dim": r.head_dim}
+        if after != before and entry not in out:
+            out.append(entry)
+    return out
+
+
 def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: CostModel,
                 tensors: dict[str, torch.Tensor], target: dict[str, Any]) -> PruningPlan:
     from .report import family_rows, layer_rows, pinned_rows
@@ -225,6 +239,7 @@ def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: Cos
         flops={"before": flops.total(), "after": flops.total(removed)},
         params={"before": params.total(), "after": params.total(removed)},
         lossy=bool(an.lossy[removed].any()) if len(removed) else False,
+        rewrites=_rewrites(an, gone),
     )
     result._analysis, result._gone = an, gone  # kept in memory only, for the regenerated-graph fallback
     result.layers = layer_rows(flops, params, removed)

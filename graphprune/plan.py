@@ -28,6 +28,8 @@ class PruningPlan:
     layers: list[dict[str, Any]] = field(default_factory=list)  # per-module summary rows
     groups: list[dict[str, Any]] = field(default_factory=list)  # per-family widths
     pinned: list[dict[str, Any]] = field(default_factory=list)  # why channels were kept whole
+    # module attributes that hold widths: {"kind": "heads"|"rms", "module", "before", "after", "head_dim"}
+    rewrites: list[dict[str, Any]] = field(default_factory=list)
     lossy: bool = False
     notes: list[str] = field(default_factory=list)
 

@@ -11,7 +11,7 @@ import graphprune
 from graphprune.analysis.channels import analyze
 from graphprune.ir.from_torch import trace
 
-from .conftest import oracle_error
+from .conftest import oracle_error, run
 
 
 def prunable_axis(model, x, name: str, axis: int) -> bool:
@@ -128,11 +128,33 @@ class Chunked(nn.Module):
         return self.p(u) + self.q(v)
 
 
-def test_split_pins_the_cut_axis_but_not_the_branches():
+def test_equal_chunks_lose_the_same_positions():
     m = Chunked()
-    assert not prunable_axis(m, X, "a.weight", 0)  # split sizes live in forward code
-    plan = graphprune.plan(m, X, target_flops=1.0)
-    assert oracle_error(plan, m, X) == 0.0
+    plan = graphprune.plan(m, X, target_flops=0.6, importance="random")
+    gone = plan.removed["a.weight"][0]
+    first, second = [i for i in gone if i < 4], [i - 4 for i in gone if i >= 4]
+    assert first and first == second  # chunk(2) of the slim tensor still splits u from v
+    assert plan.removed["p.weight"][1] == first and plan.removed["q.weight"][1] == first
+    assert oracle_error(plan, m, X) <= 1e-6
+
+
+class Sliced(nn.Module):
+    """A partial slice with a width written into the forward code: the module cannot follow a pruned width,
+    so prune() must notice and fall back to the regenerated graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, :6])
+
+
+def test_constant_slice_is_caught_by_verification():
+    m = Sliced()
+    slim = graphprune.prune(m, X, target_flops=0.6, importance="random")
+    assert "regenerated" in " ".join(slim.graphprune_plan.notes)
+    assert torch.allclose(run(slim, X), run(slim.graphprune_plan.mask(m), X), atol=1e-6)
 
 
 class Grouped(nn.Module):
@@ -253,12 +275,16 @@ class Heads(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def test_head_split_is_pinned_since_forward_code_holds_the_head_count():
-    # forward uses self.heads with -1: after removing heads, view() would silently regroup
+def test_whole_heads_go_and_the_head_count_attribute_follows():
     m = Heads()
     x = torch.randn(2, 6, 16)
-    assert not prunable_axis(m, x, "v.weight", 0)
-    assert "reshape splits this axis" in graphprune.plan(m, x, target_flops=1.0).explain()
+    plan = graphprune.plan(m, x, target_flops=0.8, importance="random")
+    gone = plan.removed["v.weight"][0]
+    assert gone and len(gone) % 4 == 0 and all(i // 4 == gone[k - k % 4] // 4 for k, i in enumerate(gone))
+    assert plan.removed["q.weight"][0] == plan.removed["k.weight"][0] == gone == plan.removed["o.weight"][1]
+    slim = plan.apply(m)
+    assert slim.heads == 4 - len(gone) // 4  # without it view(b, t, heads, -1) would regroup silently
+    assert oracle_error(plan, m, x) <= 1e-6
 
 
 class SingleHead(nn.Module):

@@ -37,6 +37,18 @@ class CostTerm:
 
 
 @dataclass
+class Record:
+    """A module whose attributes hold a width that pruning changes: "heads" (a reshape into heads x
+    head_dim: num_heads, split_size, ...) or "rms" (an RMS norm over a pruned axis, made exact by rescaling
+    its weight and eps). `space` is the pruned axis; `head_dim` the width of one head."""
+
+    kind: str
+    module: str
+    space: int
+    head_dim: int = 0
+
+
+@dataclass
 class Analysis:
     """Result of the channel analysis; everything later stages need, with no reference to the model."""
 
@@ -53,6 +65,7 @@ class Analysis:
     pin_reasons: dict[int, tuple[str, str]]  # component -> (first reason it was pinned, where)
     lossy: np.ndarray  # per component: bool, removing it changes outputs (allowed lossy rule)
     has_producer: np.ndarray  # per component: bool, owns parameter elements mask() can zero
+    records: list[Record] = field(default_factory=list)  # sites whose module attributes follow the widths
     families: list[np.ndarray] = field(default_factory=list)  # prunable components grouped by spaces
     family_label: list[str] = field(default_factory=list)
     space_index: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -81,6 +94,8 @@ class Context:
         self.pin_why: list[tuple[str, str]] = []
         self.lossy_ids: list[np.ndarray] = []
         self.consumer_ids: list[np.ndarray] = []
+        self.producer_ids: list[np.ndarray] = []
+        self.records: list[Record] = []
         self.states: dict[tuple[int, int], np.ndarray] = {}
         self.flop_terms: list[CostTerm] = []
         self.node: Node | None = None
@@ -143,6 +158,15 @@ class Context:
             root, axes, offs = v.param_view
             if axes[axis] is not None:
                 self.consumer_ids.append(self.ids(root, axes[axis], offs[axis] + np.arange(v.shape[axis])))
+
+    def mark_producer(self, v: Value, axis: int) -> None:
+        """A parameter axis that writes channels (embedding columns), even if it is also read as a consumer
+        elsewhere (a tied output projection): mask() zeroes it."""
+        self.producer_ids.append(self.ids(v, axis))
+
+    def record(self, kind: str, v: Value, axis: int, head_dim: int = 0) -> None:
+        if self.node is not None:
+            self.records.append(Record(kind, self.node.scope, self.space(v, axis), head_dim))
 
     def is_param_like(self, v: Value) -> bool:
         return v.kind in (PARAM, BUFFER) or v.param_view is not None
@@ -252,6 +276,8 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     consumer = np.zeros(n, dtype=bool)
     for ids in ctx.consumer_ids:
         consumer[ids] = True
+    for ids in ctx.producer_ids:
+        consumer[ids] = False
     zeroed = is_param & ~consumer
     has_producer = np.zeros(n_comp, dtype=bool)
     has_producer[comp[zeroed]] = True
@@ -273,7 +299,7 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     param_terms = [CostTerm(1.0, [ctx.index[(v.id, ax)] for ax in range(v.ndim)], v.name)
                    for v in graph.params.values() if v.kind == PARAM]
     result = Analysis(graph, n, offsets, sizes, list(ctx.keys), comp, prunable, zeroed, ctx.flop_terms,
-                      param_terms, reasons, lossy, has_producer, space_index=dict(ctx.index))
+                      param_terms, reasons, lossy, has_producer, ctx.records, space_index=dict(ctx.index))
     _group_families(result)
     return result
 

@@ -4,6 +4,7 @@ result is an ordinary module of the same classes that trains, scripts and export
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
                 module._buffers[leaf] = new
     for module, shapes in old_shapes.items():
         _update_attributes(module, shapes)
+    _rewrite_widths(slim, plan.rewrites)
     slim.graphprune_plan = plan  # lets graphprune.save() store the plan beside the weights
     return slim
 
@@ -100,3 +102,73 @@ def _update_attributes(module: nn.Module, old: dict[str, tuple[int, ...]]) -> No
         module.nx, module.nf = w.shape  # transformers' Conv1D (GPT-2): a linear layer with weight [in, out]
     elif isinstance(module, nn.MultiheadAttention):
         raise BackendError("MultiheadAttention widths cannot change (its heads are pinned); this is a bug")
+
+
+# attributes forward code reads head counts and head-derived widths from (HF, timm, torchvision names)
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "num_key_value_heads", "num_kv_heads",
+                "n_kv_heads", "encoder_attention_heads", "decoder_attention_heads")
+_HEAD_WIDTHS = ("all_head_size", "split_size", "inner_dim", "attn_dim", "q_size", "kv_size")
+_EPS = ("variance_epsilon", "eps", "epsilon")
+
+
+def _rewrite_widths(model: nn.Module, rewrites: list[dict]) -> None:
+    """Update attributes that hold head counts (and the module's config, if it reads one), and fold the
+    C/C' change of an RMS norm's mean into its weight and epsilon."""
+    by_module: dict[str, list[dict]] = {}
+    for r in rewrites:
+        by_module.setdefault(r["module"], []).append(r)
+    for name, entries in by_module.items():
+        module = model.get_submodule(name)
+        heads = [r for r in entries if r["kind"] == "heads"]
+        if heads:
+            _rewrite_heads(module, heads)
+        for r in entries:
+            if r["kind"] == "rms":
+                _rescale_rms(module, name, r["before"], r["after"])
+
+
+def _rewrite_heads(module: nn.Module, entries: list[dict]) -> None:
+    def new_value(value):
+        for r in entries:  # matched against the original values, so q and kv head counts never mix
+            if value == r["before"]:
+                return r["after"]
+        return None
+
+    def new_width(value):
+        for r in entries:
+            if value == r["before"] * r["head_dim"]:
+                return r["after"] * r["head_dim"]
+        return None
+
+    updates = {}
+    for attr in _HEAD_COUNTS + _HEAD_WIDTHS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            new = new_value(value) if attr in _HEAD_COUNTS else new_width(value)
+            if new is not None:
+                updates[attr] = new
+    for attr, new in updates.items():
+        setattr(module, attr, new)
+    config = getattr(module, "config", None)
+    if config is not None and not isinstance(config, (int, float, str, nn.Module)):
+        changes = {a: new_value(getattr(config, a)) for a in _HEAD_COUNTS if isinstance(getattr(config, a, None), int)}
+        changes = {a: v for a, v in changes.items() if v is not None}
+        if changes:  # a shared config would change every layer: this module gets its own copy
+            module.config = copy.copy(config)
+            for attr, new in changes.items():
+                setattr(module.config, attr, new)
+
+
+def _rescale_rms(module: nn.Module, name: str, before: int, after: int) -> None:
+    """mean over C' instead of C: w' = w * sqrt(C/C'), eps' = eps * C/C' give the same output."""
+    weight = getattr(module, "weight", None)
+    attr = next((a for a in _EPS if hasattr(module, a)), None)
+    if not isinstance(weight, torch.Tensor) or attr is None:
+        raise BackendError(f"module '{name}' computes an RMS norm but has no weight or eps attribute to rescale; "
+                           "keep it whole with ignore=['" + name + "']")
+    eps = getattr(module, attr)
+    if eps is None:  # torch's RMSNorm default
+        eps = torch.finfo(weight.dtype).eps
+    with torch.no_grad():
+        weight.mul_(math.sqrt(before / after))
+    setattr(module, attr, float(eps) * before / after)

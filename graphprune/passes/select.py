@@ -1,7 +1,8 @@
 """Global selection under a budget: remove the components with the least importance per unit of cost
 saved until the cost (FLOPs or parameters) reaches the target.
 
-Importance is normalized by its family's mean (one layer's channels), so layers compare. A layer gets
+Importance is normalized by its family's mean (one layer's channels), so layers compare, then scaled by
+the family's parameters per unit (`mass`): a whole attention head weighs more than one MLP channel. A layer gets
 more precious as it thins: the j-th of n channels taken from a family counts n / (n - j) times its own
 importance. Without that, the layer whose channels each save the most FLOPs would be stripped to
 max_ratio before any other is touched, since trained magnitudes within a layer differ by only ~20%.
@@ -25,12 +26,12 @@ from ..errors import BudgetError
 
 log = logging.getLogger(__name__)
 
-_FILL_WINDOW = 64  # units examined for the last pick
+_FILL_WINDOW = 64  # units examined for the last picks
 
 
 def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
            max_ratio: float = 1.0, round_to: int | None = None, keep: np.ndarray | None = None,
-           budget_name: str = "FLOPs") -> np.ndarray:
+           budget_name: str = "FLOPs", mass: np.ndarray | None = None) -> np.ndarray:
     """Return the ids of the components to remove."""
     base = cost.total()
     if base <= 0:
@@ -50,6 +51,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         imp = importance[fam].astype(np.float64)
         mean = imp.mean()
         norm = imp / mean if mean > 0 else np.ones_like(imp)
+        if mass is not None:  # a unit of a family weighs what its parameters weigh: a head is not a channel
+            norm = norm * max(mass[fam].mean(), 1e-12)
         order = np.argsort(norm, kind="stable")
         limit = min(len(fam), n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
         chunk = np.asarray(_chunks(n_all, len(fam), limit, round_to), dtype=np.int64)
@@ -98,18 +101,32 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         else:
             lo = mid + 1
     chosen = prefix(lo)
-    if lo > 0:  # the lo-th unit may overshoot; a cheaper unit ranked soon after may land closer
-        base_set = prefix(lo - 1)
-        kept = cost.kept_widths(base_set)
-        best_cost, best_unit = cost.total(chosen), None
-        for unit in units[lo - 1:lo - 1 + _FILL_WINDOW]:
-            c = cost.total_after(kept, unit)
-            if best_cost < c <= target:
-                best_cost, best_unit = c, unit
-        if best_unit is not None:
-            chosen = np.concatenate([base_set, best_unit])
+    if lo > 0:  # the lo-th unit may overshoot (a whole head); smaller units ranked soon after may land closer
+        chosen = _fill(cost, prefix(lo - 1), units[lo - 1:lo - 1 + _FILL_WINDOW], target, chosen)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
+
+
+def _fill(cost: CostModel, base: np.ndarray, window: list[np.ndarray], target: float,
+          fallback: np.ndarray) -> np.ndarray:
+    """From `base` (still over target), add the window's units in rank order while they keep the cost above
+    target, then finish with the unit that lands closest under it; `fallback` if that is no closer."""
+    kept = cost.kept_widths(base)
+    added: list[np.ndarray] = []
+    finishers = []
+    for unit in window:
+        c = cost.total_after(kept, unit)
+        if c > target:
+            added.append(unit)
+            kept = cost.kept_widths(np.concatenate([base, *added]))
+        else:
+            finishers.append(unit)
+    best_cost, best = cost.total(fallback), fallback
+    for unit in finishers:
+        c = cost.total_after(kept, unit)
+        if best_cost < c <= target:
+            best_cost, best = c, np.concatenate([base, *added, unit])
+    return best
 
 
 def _chunks(n_all: int, n_free: int, limit: int, round_to: int | None) -> list[int]:

@@ -53,11 +53,12 @@ def stack(ctx, node):
 @rule("aten.split.Tensor", "aten.split_with_sizes", "aten.unsafe_split", "aten.unsafe_split_with_sizes",
       "aten.split.sizes", "aten.chunk", "aten.tensor_split")
 def split(ctx, node):
-    """Segments map to their source ranges, but the cut axis is pinned: forward code usually holds split
-    sizes as constants (x.split(64), w[:E]), which a slimmed module would not follow."""
+    """Each segment is tied to its source range. Equal pieces (chunk, split by one size) stay equal after
+    pruning only if piece k loses the same positions as piece 0, so those positions are tied across pieces
+    (gate/up halves of a fused SwiGLU, q/k/v of a fused projection). Split sizes held by forward code
+    follow through module attributes or are rewritten by the regenerated graph; prune() verifies."""
     src = node.args[0]
     dim = arg(node, 2, "dim", 0) % src.ndim
-    ctx.pin(src, dim, reason=_CONSTANT_CUT)
     offset = 0
     for out in node.outputs:
         n = out.shape[dim]
@@ -67,10 +68,11 @@ def split(ctx, node):
         offsets = [offset if k == dim else 0 for k in range(out.ndim)]
         copy_param_view(src, out, list(range(out.ndim)), offsets)
         offset += n
-
-
-_CONSTANT_CUT = ("split/slice of this axis: forward code usually holds the sizes as constants, which a "
-                 "slimmed module would not follow")
+    first = node.outputs[0]
+    by_one_size = node.op.split(".")[1] in ("chunk", "split", "unsafe_split") and isinstance(node.args[1], int)
+    if by_one_size and all(o.shape[dim] == first.shape[dim] for o in node.outputs):
+        for out in node.outputs[1:]:
+            ctx.tie(first, dim, out, dim)
 
 
 @rule("aten.unbind")
@@ -84,6 +86,8 @@ def unbind(ctx, node):
 
 @rule("aten.slice.Tensor", "aten.slice_copy.Tensor", "aten.narrow")
 def slice_(ctx, node):
+    """The slice keeps its source positions; bounds held by forward code follow through module attributes
+    (q/k/v slices of a fused projection) or are rewritten by the regenerated graph; prune() verifies."""
     src, out = node.args[0], node.outputs[0]
     dim = arg(node, 1, "dim", 0) % src.ndim
     if node.op.startswith("aten.narrow"):
@@ -99,8 +103,6 @@ def slice_(ctx, node):
     ctx.tie(src, dim, out, dim, idx, None)
     ctx.set_state(out, dim, ctx.state(src, dim)[idx])
     _same_other_axes(ctx, src, out, dim, dim)
-    if len(idx) != src.shape[dim]:
-        ctx.pin(src, dim, reason=_CONSTANT_CUT)
     if step == 1 and len(idx):
         copy_param_view(src, out, list(range(out.ndim)), [int(idx[0]) if k == dim else 0 for k in range(out.ndim)])
 

@@ -141,6 +141,7 @@ def embedding(ctx, node):
     """embedding(weight, indices): the embedding columns are the output's last axis."""
     w, idx, out = node.args[0], node.args[1], node.outputs[0]
     ctx.tie(w, 1, out, out.ndim - 1)
+    ctx.mark_producer(w, 1)
     ctx.set_state(out, out.ndim - 1, np.full(w.shape[1], ZERO, dtype=np.int8))
     ctx.pin(w, 0, reason="embedding rows are chosen by the input ids")
     for a in range(idx.ndim):

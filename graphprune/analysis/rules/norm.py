@@ -56,8 +56,13 @@ def layer_norm(ctx, node):
         if isinstance(p, Value):
             for k in range(p.ndim):
                 ctx.tie(p, k, out, first + k)
+    rms = "rms" in node.op and len(shape) == 1 and isinstance(weight, Value)
     for a in range(first, x.ndim):
-        if ctx.allow_lossy:
+        if rms:  # exact once the backend rescales weight and eps (see pool._is_rms_norm)
+            ctx.require_zero(x, a, "RMS norm input")
+            ctx.set_state(out, a, ctx.state(weight, 0))
+            ctx.record("rms", x, a)
+        elif ctx.allow_lossy:
             ctx.mark_lossy(x, a)
             if isinstance(weight, Value):
                 ctx.set_state(out, a, ctx.state(weight, a - first))

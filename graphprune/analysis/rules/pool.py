@@ -2,7 +2,7 @@
 
 Pooling and upsampling keep each channel separate (a zero channel stays zero). A reduction over a
 channel axis is exact only for a sum of exact zeros; a mean divides by the width and a max may pick
-the zero, so those pin the axis.
+the zero, so those pin the axis, except the mean of squares of an RMS norm, which the backend rescales.
 """
 
 from __future__ import annotations
@@ -62,8 +62,12 @@ def reduction(ctx, node):
         dims = arg(node, 1, "dim")
     dims = norm_dims(dims, x.ndim)
     keep = [a for a in range(x.ndim) if a not in dims]
+    rms = name == "mean" and _is_rms_norm(ctx, node, x, dims)
     for a in dims:
-        if name in _REDUCE_ZERO_OK:
+        if rms:
+            ctx.require_zero(x, a, "mean of squares (RMS norm)")
+            ctx.record("rms", x, a)
+        elif name in _REDUCE_ZERO_OK:
             ctx.require_zero(x, a, f"{name} over this axis")
         else:
             ctx.pin(x, a, reason=f"{name} over this axis depends on how many channels there are")
@@ -77,6 +81,19 @@ def reduction(ctx, node):
                 ctx.tie(x, a, out, j)
                 st = ctx.state(x, a)
                 ctx.set_state(out, j, st if zero_ok else np.where(st == ZERO, INDEP, st))
+
+
+def _is_rms_norm(ctx, node, x, dims) -> bool:
+    """mean(y**2) over the last axis inside a module with a matching 1-d weight: an RMS norm. Removing
+    channels changes the mean by C/C', which the backend folds into the weight (x sqrt(C/C')) and the
+    epsilon (x C/C'), so the axis can be pruned exactly."""
+    src = x.producer
+    if src is None or dims != [x.ndim - 1]:
+        return False
+    squared = (src.op.startswith("aten.pow.Tensor_Scalar") and src.args[1] == 2) or (
+        src.op.startswith("aten.mul.Tensor") and src.args[0] is src.args[1])
+    weight = ctx.graph.params.get(f"{node.scope}.weight" if node.scope else "weight")
+    return squared and weight is not None and weight.shape == (x.shape[-1],)
 
 
 @rule("aten.cumsum", "aten.cumprod", "aten.sort", "aten.topk", "aten.cummax", "aten.cummin", "aten.argsort")

@@ -3,7 +3,7 @@
 A reshape is split into groups of axes whose sizes multiply to the same number. A merge (flatten
 (C,H,W) -> C*H*W) keeps the outermost axis: channel c owns a block of the merged axis, and the other
 merged axes are pinned, since their elements are smeared across it. A split of one axis into several
-(C -> heads x head_dim) is pinned whole: forward code usually holds one of the new sizes as a constant.
+(C -> heads x head_dim) ties each channel to its head, so heads go whole and head_dim stays.
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ def reshape(ctx, node):
             continue
         plain = False
         ii, jj = gi[0], gj[0]
-        if len(gj) > 1 and any(out.shape[k] > 1 for k in gj[1:]) and any(src.shape[k] > 1 for k in gi):
-            # C -> (heads, head_dim): forward code often holds the head count as a constant
-            # (x.view(b, t, self.heads, -1)); a slimmed module would silently regroup, so keep it whole
+        if len(gi) == 1 and len(gj) > 1:
+            _split_axis(ctx, src, ii, out, gj)
+            continue
+        if len(gi) > 1 and len(gj) > 1:
             for k in gi:
-                ctx.pin(src, k, reason="reshape splits this axis into several (e.g. heads); forward code may "
-                                       "hold those sizes as constants")
+                ctx.pin(src, k, reason="reshape regroups several axes into several others")
             for k in gj:
-                ctx.pin(out, k, reason="reshape splits this axis into several")
+                ctx.pin(out, k, reason="reshape regroups several axes into several others")
             continue
         inner_in = math.prod(src.shape[k] for k in gi[1:])
         inner_out = math.prod(out.shape[k] for k in gj[1:])
@@ -102,6 +102,28 @@ def reshape(ctx, node):
         ctx.handled.add((src.id, k))
     if plain:
         copy_param_view(src, out, axis_map)
+
+
+def _split_axis(ctx, src, axis, out, parts):
+    """One axis split into several, e.g. C -> (heads, head_dim) or 3C -> (3, heads, head_dim).
+
+    The carrier is the head axis: the outer one of two parts, the second-last of more (leading parts are
+    segments such as q/k/v, the last part is head_dim). Each source channel is tied to its head, so a head
+    is removed whole; the other parts keep their sizes (pinned). Forward code that rebuilds the shape from
+    module attributes (num_heads, head_dim) or from -1 follows; prune() verifies that it does.
+    """
+    carrier = 0 if len(parts) == 2 else len(parts) - 2
+    inner = math.prod(out.shape[k] for k in parts[carrier + 1:])
+    x = np.arange(src.shape[axis])
+    y = (x // inner) % out.shape[parts[carrier]]
+    ctx.tie(src, axis, out, parts[carrier], x, y)
+    st = np.zeros(out.shape[parts[carrier]], dtype=np.int8)
+    np.maximum.at(st, y, ctx.state(src, axis))
+    ctx.set_state(out, parts[carrier], st)
+    ctx.record("heads", out, parts[carrier], head_dim=inner)
+    for k, part in enumerate(parts):
+        if k != carrier:
+            ctx.pin(out, part, reason="reshape splits a channel axis into parts; only whole heads are removed")
 
 
 @rule("aten.permute")
