@@ -12,7 +12,7 @@ import torch
 
 from .analysis.channels import Analysis, analyze
 from .analysis.cost import CostModel
-from .errors import BackendError, GraphPruneError
+from .errors import BackendError, BudgetError, GraphPruneError
 from .ir.from_torch import normalize_inputs, trace
 from .passes.importance import get_importance
 from .passes.select import select
@@ -31,7 +31,7 @@ def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
 def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None = None, *,
          target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
          round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False,
-         tracer: str = "dispatch") -> PruningPlan:
+         uniform: bool = False, tracer: str = "dispatch") -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
 
     Args:
@@ -44,6 +44,9 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         round_to: keep each layer's width a multiple of this.
         max_ratio: the largest fraction of any one layer's channels that may go.
         allow_lossy: also prune axes normalized by LayerNorm (changes outputs; flagged in the summary).
+        uniform: every layer keeps the same widths and head counts (layers are matched by parameter names
+            up to the layer index), so a Hugging Face config can describe the result and save_pretrained /
+            from_pretrained round-trip.
         tracer: "dispatch" (default: records one eager forward at the ATen level, fast, follows any Python
             control flow) or "export" (torch.export, then core ATen; slower, needs an exportable model).
     """
@@ -62,13 +65,28 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     flops_model = CostModel(an, an.flop_terms)
     params_model = CostModel(an, an.param_terms)
     keep = _ignored_components(an, ignored)
+    lockstep = None
+    if uniform:
+        from .backends.hf_config import probe
+        from .passes.uniform import lockstep_groups
+
+        lockstep, whole = lockstep_groups(an, probe(model))
+        keep = whole if keep is None else keep | whole
     tensors = named_tensors(model)
     scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = flops_model if kind == "flops" else params_model
-    removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
-                     budget_name="FLOPs" if kind == "flops" else "parameters",
-                     mass=params_model.first_order_saving())
-    result = _build_plan(an, removed, flops_model, params_model, tensors, {"kind": kind, "ratio": ratio})
+    try:
+        removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
+                         budget_name="FLOPs" if kind == "flops" else "parameters",
+                         mass=params_model.first_order_saving(), lockstep=lockstep)
+    except BudgetError as err:
+        if uniform:  # say what uniform=True held back
+            raise BudgetError(f"{err}; with uniform=True, widths the model's config cannot describe are kept "
+                              "whole: plan without uniform=True and save with graphprune.save",
+                              reachable=err.reachable) from err
+        raise
+    result = _build_plan(an, removed, flops_model, params_model, tensors,
+                         {"kind": kind, "ratio": ratio, "uniform": uniform})
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
 

@@ -1,52 +1,134 @@
-"""Hugging Face architectures at small random configs, with no hints: what the core compiler prunes today
-(MLP widths; heads and normalized hidden sizes stay whole), exactly, and the pruned causal LMs still generate
-and round-trip through graphprune.save / load."""
+"""Hugging Face architectures at small random configs, pruned with no hints: heads (GQA included), MLP
+widths and RMS-normalized hidden sizes go exactly; causal LMs still generate; plans replay through
+graphprune.save / load; uniform plans round-trip through save_pretrained / from_pretrained."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+import transformers as T
 
 import graphprune
 
-VOCAB = 512
+from .conftest import run
+
+V = 512
 
 
-def _models():
-    return {
-        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
-        "bert": lambda: transformers.BertModel(transformers.BertConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)),
-        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)),
-    }
+def _ids(n=16):
+    return torch.randint(0, V, (1, n))
 
 
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids)[0]
+def _causal(cls, cfg, **kw):
+    return lambda: cls(cfg(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, **kw))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
-def test_hf_model_prunes_exactly_with_no_hints(name, tmp_path):
+MODELS = {
+    "bert": (lambda: T.BertModel(T.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=128)),
+             lambda: {"input_ids": _ids()}),
+    "roberta": (lambda: T.RobertaModel(T.RobertaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=128)),
+                lambda: {"input_ids": _ids()}),
+    "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                    bos_token_id=0, eos_token_id=0)),
+             lambda: {"input_ids": _ids()}),
+    "llama": (_causal(T.LlamaForCausalLM, T.LlamaConfig), lambda: {"input_ids": _ids()}),
+    "mistral": (_causal(T.MistralForCausalLM, T.MistralConfig), lambda: {"input_ids": _ids()}),
+    "qwen2": (_causal(T.Qwen2ForCausalLM, T.Qwen2Config), lambda: {"input_ids": _ids()}),
+    "phi3": (_causal(T.Phi3ForCausalLM, T.Phi3Config, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+             lambda: {"input_ids": _ids()}),
+    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, hidden_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            intermediate_size=128, num_labels=10)),
+            lambda: {"pixel_values": torch.randn(1, 3, 32, 32)}),
+    "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=2, embed_dim=16,
+                                                               depths=[1, 1], num_heads=[2, 4], window_size=4,
+                                                               num_labels=10)),
+             lambda: {"pixel_values": torch.randn(1, 3, 32, 32)}),
+    "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+        vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+        max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        decoder_start_token_id=1)),
+        lambda: {"input_features": torch.randn(1, 16, 32), "decoder_input_ids": _ids(8)}),
+    "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=128,
+                                                           num_layers=2, num_heads=4, decoder_start_token_id=0)),
+           lambda: {"input_ids": _ids(), "decoder_input_ids": _ids(8)}),
+}
+CAUSAL = {"gpt2", "llama", "mistral", "qwen2", "phi3"}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else next(iter(out.values()))
+
+
+def _build(name):
     torch.manual_seed(0)
-    factory = _models()[name]
-    model = factory().eval()
-    ids = torch.randint(0, VOCAB, (2, 16))
-    plan = graphprune.plan(model, {"input_ids": ids}, target_flops=0.7)
-    assert abs(plan.flops_ratio - 0.7) <= 0.01
+    factory, inputs = MODELS[name]
+    return factory, factory().eval(), inputs()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prunes_exactly_with_no_hints(name, tmp_path):
+    factory, model, x = _build(name)
+    plan = graphprune.plan(model, x, target_flops=0.6)
+    assert abs(plan.flops_ratio - 0.6) <= 0.01
     slim, masked = plan.apply(model), plan.mask(model)
-    out, ref, dense = _logits(slim, ids), _logits(masked, ids), _logits(model, ids)
+    out, ref, dense = _first(run(slim, x)), _first(run(masked, x)), _first(run(model, x))
     assert out.shape == dense.shape
-    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out, dense)
-    if hasattr(slim, "generate"):
-        tokens = slim.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    if name in CAUSAL:
+        tokens = slim.generate(x["input_ids"][:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert tokens.shape == (1, 9)
     graphprune.save(slim, tmp_path / "slim.pt")
     torch.manual_seed(1)  # a fresh instance with other weights: load must restore the pruned ones
     loaded = graphprune.load(tmp_path / "slim.pt", factory).eval()
-    assert torch.allclose(_logits(loaded, ids), out)
+    assert torch.allclose(_first(run(loaded, x)), out)
+
+
+def test_llama_gqa_heads_and_rms_normalized_hidden_size_go_exactly():
+    _, model, x = _build("llama")
+    plan = graphprune.plan(model, x, target_flops=0.5)
+    rows = {k: v for k, v in plan.removed.items() if k.startswith("model.layers.0.")}
+    q_gone, k_gone = rows["model.layers.0.self_attn.q_proj.weight"][0], rows["model.layers.0.self_attn.k_proj.weight"][0]
+    assert len(q_gone) == 2 * len(k_gone) > 0  # 2 query heads per kv head leave with it
+    assert {i // 16 // 2 for i in q_gone} == {i // 16 for i in k_gone}
+    hidden = plan.removed["model.embed_tokens.weight"][1]
+    assert hidden and plan.removed["model.norm.weight"][0] == hidden
+    slim = plan.apply(model)
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    assert {r["kind"] for r in plan.rewrites} == {"heads", "rms"}
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"swin"}))
+def test_uniform_plans_round_trip_through_save_pretrained(name, tmp_path):
+    _, model, x = _build(name)
+    plan = graphprune.plan(model, x, target_flops=0.75, uniform=True)
+    assert abs(plan.flops_ratio - 0.75) <= 0.01
+    slim = plan.apply(model)
+    for group in _roles(plan):  # every layer keeps the same width per role
+        assert len(group) == 1
+    slim.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()  # plain transformers, no graphprune code
+    assert torch.equal(_first(run(loaded, x)), _first(run(slim, x)))
+    if name in CAUSAL:
+        assert loaded.generate(x["input_ids"][:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
+
+
+def test_uniform_refuses_widths_the_config_cannot_describe():
+    _, model, x = _build("swin")  # MLP width is mlp_ratio x embed_dim, a float ratio: nothing to write back
+    with pytest.raises(graphprune.BudgetError, match="uniform=True"):
+        graphprune.plan(model, x, target_flops=0.75, uniform=True)
+
+
+def _roles(plan):
+    import re
+
+    widths: dict[str, set[int]] = {}
+    for row in plan.groups:
+        role = re.sub(r"\.\d+\.", ".#.", row["group"].split(",")[0])
+        widths.setdefault(role, set()).add(row["after"])
+    return list(widths.values())

@@ -13,6 +13,7 @@ prunable component is one zero-invariant group, a "channel" in the user's sense.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,7 @@ class Analysis:
     records: list[Record] = field(default_factory=list)  # sites whose module attributes follow the widths
     families: list[np.ndarray] = field(default_factory=list)  # prunable components grouped by spaces
     family_label: list[str] = field(default_factory=list)
+    family_role: list[str] = field(default_factory=list)  # parameter names with layer indices blanked
     space_index: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def elements(self, value: Value, axis: int) -> np.ndarray | None:
@@ -338,3 +340,4 @@ def _group_families(an: Analysis) -> None:
             if v is not None and v.kind == PARAM:
                 names.append(f"{v.name}[{axis}]")
         an.family_label.append(", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else ""))
+        an.family_role.append(re.sub(r"\.\d+\.", ".#.", ",".join(names)))

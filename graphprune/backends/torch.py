@@ -4,6 +4,7 @@ result is an ordinary module of the same classes that trains, scripts and export
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 
 from ..errors import BackendError
 from ..plan import PruningPlan
+
+log = logging.getLogger(__name__)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -43,6 +46,12 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
     for module, shapes in old_shapes.items():
         _update_attributes(module, shapes)
     _rewrite_widths(slim, plan.rewrites)
+    if plan.removed and hasattr(getattr(slim, "config", None), "to_dict"):
+        from .hf_config import sync_config
+
+        reason = sync_config(slim, plan.rewrites)
+        if reason is not None:
+            (log.warning if plan.target.get("uniform") else log.info)("config not updated: %s", reason)
     slim.graphprune_plan = plan  # lets graphprune.save() store the plan beside the weights
     return slim
 

@@ -31,8 +31,13 @@ _FILL_WINDOW = 64  # units examined for the last picks
 
 def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
            max_ratio: float = 1.0, round_to: int | None = None, keep: np.ndarray | None = None,
-           budget_name: str = "FLOPs", mass: np.ndarray | None = None) -> np.ndarray:
-    """Return the ids of the components to remove."""
+           budget_name: str = "FLOPs", mass: np.ndarray | None = None,
+           lockstep: list[list[int]] | None = None, normalize: bool = True) -> np.ndarray:
+    """Return the ids of the components to remove.
+
+    lockstep: groups of family indices that lose the same number of channels (uniform widths, see
+    passes/uniform.py); families in no group move alone. normalize=False compares raw
+    importance across families (for scores already on one scale, such as calibration-based ones)."""
     base = cost.total()
     if base <= 0:
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
@@ -42,26 +47,21 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         return np.zeros(0, dtype=np.int64)
     saving = cost.first_order_saving()
     scores, family_of, rank_of, members, sizes = [], [], [], [], []
-    for f, fam in enumerate(an.families):
-        n_all = len(fam)
-        if keep is not None:
-            fam = fam[~keep[fam]]
-        if len(fam) == 0:
-            continue
-        imp = importance[fam].astype(np.float64)
-        mean = imp.mean()
-        norm = imp / mean if mean > 0 else np.ones_like(imp)
-        if mass is not None:  # a unit of a family weighs what its parameters weigh: a head is not a channel
-            norm = norm * max(mass[fam].mean(), 1e-12)
-        order = np.argsort(norm, kind="stable")
-        limit = min(len(fam), n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
-        chunk = np.asarray(_chunks(n_all, len(fam), limit, round_to), dtype=np.int64)
+    for f, (fams, n_all) in enumerate(_lockstep_groups(an, keep, lockstep)):
+        # unit j of a group is the j-th least important component of each member family
+        norms = [_normalized(importance[fam].astype(np.float64), mass, fam, normalize) for fam in fams]
+        orders = [np.argsort(norm, kind="stable") for norm in norms]
+        n_free = len(fams[0])
+        limit = min(n_free, n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
+        chunk = np.asarray(_chunks(n_all, n_free, limit, round_to), dtype=np.int64)
         if len(chunk) == 0:
             continue
+        used = int(chunk.sum())
+        taken = np.stack([fam[order[:used]] for fam, order in zip(fams, orders)], axis=1)  # units x members
+        unit_norm = np.sum([norm[order[:used]] for norm, order in zip(norms, orders)], axis=0)
         starts = np.concatenate([[0], np.cumsum(chunk)[:-1]])
-        taken = fam[order[:chunk.sum()]]
-        chunk_saving = np.add.reduceat(saving[taken], starts)
-        chunk_norm = np.add.reduceat(norm[order[:chunk.sum()]], starts)
+        chunk_saving = np.add.reduceat(saving[taken].sum(axis=1), starts)
+        chunk_norm = np.add.reduceat(unit_norm, starts)
         thinning = n_all / np.maximum(n_all - starts - chunk / 2, 1)
         with np.errstate(divide="ignore"):
             score = np.where(chunk_saving > 0, thinning * chunk_norm / np.maximum(chunk_saving, 1e-300), np.inf)
@@ -70,8 +70,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         scores.append(score[finite])
         family_of.append(np.full(finite.sum(), f))
         rank_of.append(np.arange(len(chunk))[finite])
-        sizes.append(chunk[finite])
-        members.append(taken[:chunk[finite].sum()])
+        sizes.append(chunk[finite] * len(fams))
+        members.append(taken.reshape(-1)[:chunk[finite].sum() * len(fams)])
     if not scores or not sum(len(x) for x in scores):
         raise BudgetError(f"nothing in this model can be pruned to save {budget_name} (every channel is "
                           "pinned; see plan.explain()); the smallest reachable ratio is 1.0", reachable=1.0)
@@ -105,6 +105,33 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         chosen = _fill(cost, prefix(lo - 1), units[lo - 1:lo - 1 + _FILL_WINDOW], target, chosen)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
+
+
+def _normalized(imp: np.ndarray, mass: np.ndarray | None, fam: np.ndarray, normalize: bool) -> np.ndarray:
+    if not normalize:
+        return imp
+    mean = imp.mean()
+    norm = imp / mean if mean > 0 else np.ones_like(imp)
+    if mass is not None:  # a unit of a family weighs what its parameters weigh: a head is not a channel
+        norm = norm * max(mass[fam].mean(), 1e-12)
+    return norm
+
+
+def _lockstep_groups(an: Analysis, keep: np.ndarray | None, lockstep: list[list[int]] | None):
+    """(member families, full family size) per group; a family whose free count differs moves alone."""
+    free = [fam if keep is None else fam[~keep[fam]] for fam in an.families]
+    grouped: set[int] = set()
+    for group in lockstep or []:
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for f in group:
+            by_size.setdefault((len(an.families[f]), len(free[f])), []).append(f)
+        for (n_all, n_free), fs in by_size.items():
+            grouped.update(fs)
+            if n_free:
+                yield [free[f] for f in fs], n_all
+    for f, fam in enumerate(free):
+        if f not in grouped and len(fam):
+            yield [fam], len(an.families[f])
 
 
 def _fill(cost: CostModel, base: np.ndarray, window: list[np.ndarray], target: float,
