@@ -14,11 +14,15 @@ from .analysis.channels import Analysis, analyze
 from .analysis.cost import CostModel
 from .errors import BackendError, BudgetError, GraphPruneError
 from .ir.from_torch import normalize_inputs, trace
+from .passes.calibration import CalibratedImportance, collect
+from .passes.calibration import compensate as compensate_readers
 from .passes.importance import get_importance
 from .passes.select import select
 from .plan import PruningPlan, named_tensors, indices_by_axis
 
 log = logging.getLogger(__name__)
+
+CALIBRATED = ("wanda", "flap")
 
 
 def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
@@ -31,7 +35,8 @@ def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
 def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None = None, *,
          target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
          round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False,
-         uniform: bool = False, tracer: str = "dispatch") -> PruningPlan:
+         uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
+         tracer: str = "dispatch") -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
 
     Args:
@@ -39,7 +44,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameter count to keep, instead of target_flops.
-        importance: "l2" (default), "l1", "random", or a callable (analysis, tensors) -> scores.
+        importance: "l2" (default), "l1", "random"; "wanda" or "flap" (need `calibration`); or a callable
+            (analysis, tensors) -> scores.
         ignore: modules or parameter names whose parameters are kept whole.
         round_to: keep each layer's width a multiple of this.
         max_ratio: the largest fraction of any one layer's channels that may go.
@@ -47,6 +53,11 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         uniform: every layer keeps the same widths and head counts (layers are matched by parameter names
             up to the layer index), so a Hugging Face config can describe the result and save_pretrained /
             from_pretrained round-trip.
+        calibration: a list of batches shaped like example_inputs; one no-grad pass over them gathers the
+            input statistics of every layer that reads channels (passes/calibration.py).
+        compensate: True or "ls" (least-squares reconstruction of each layer that lost inputs, folded into
+            its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
+            without a bias gets one.
         tracer: "dispatch" (default: records one eager forward at the ATen level, fast, follows any Python
             control flow) or "export" (torch.export, then core ATen; slower, needs an exportable model).
     """
@@ -58,7 +69,12 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
-    scorer = get_importance(importance)
+    if compensate is True:
+        compensate = "ls"
+    if (compensate or importance in CALIBRATED) and calibration is None:
+        raise ValueError(f"importance={importance!r}, compensate={compensate!r} need calibration=[batch, ...]: "
+                         "a few batches of real inputs shaped like example_inputs")
+    scorer = None if importance in CALIBRATED else get_importance(importance)
     ignored = _resolve_ignore(model, ignore)
     graph, _ = _tracer(tracer)(model, example_inputs)
     an = analyze(graph, allow_lossy=allow_lossy)
@@ -73,12 +89,16 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         lockstep, whole = lockstep_groups(an, probe(model))
         keep = whole if keep is None else keep | whole
     tensors = named_tensors(model)
+    readers = collect(model, an, calibration, tensors) if calibration is not None else []
+    if scorer is None:
+        scorer = CalibratedImportance(importance, readers)
     scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = flops_model if kind == "flops" else params_model
     try:
         removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
                          budget_name="FLOPs" if kind == "flops" else "parameters",
-                         mass=params_model.first_order_saving(), lockstep=lockstep)
+                         mass=params_model.first_order_saving(), lockstep=lockstep,
+                         normalize=not getattr(scorer, "absolute", False))
     except BudgetError as err:
         if uniform:  # say what uniform=True held back
             raise BudgetError(f"{err}; with uniform=True, widths the model's config cannot describe are kept "
@@ -86,7 +106,11 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                               reachable=err.reachable) from err
         raise
     result = _build_plan(an, removed, flops_model, params_model, tensors,
-                         {"kind": kind, "ratio": ratio, "uniform": uniform})
+                         {"kind": kind, "ratio": ratio, "uniform": uniform, "importance": str(importance)})
+    if compensate:
+        result.set_compensation(*compensate_readers(readers, an, result._gone, tensors, compensate))
+        result.notes.append(f"compensation ({compensate}) updated {len(result.updates)} tensors from "
+                            f"{sum(r.n for r in readers[:1])} calibration tokens")
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
 

@@ -30,6 +30,8 @@ class PruningPlan:
     pinned: list[dict[str, Any]] = field(default_factory=list)  # why channels were kept whole
     # module attributes that hold widths: {"kind": "heads"|"rms", "module", "before", "after", "head_dim"}
     rewrites: list[dict[str, Any]] = field(default_factory=list)
+    # biases compensation added to layers that had none: [bias name, weight name, weight's output axis]
+    added: list[list] = field(default_factory=list)
     lossy: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -48,6 +50,23 @@ class PruningPlan:
         if not gone:
             return None
         return sorted(set(range(self.fingerprint[name][axis])) - set(gone))
+
+    @property
+    def updates(self) -> dict[str, torch.Tensor]:
+        """Compensated full-shape tensors (in memory only; graphprune.save keeps them with the weights)."""
+        return getattr(self, "_updates", {})
+
+    def set_compensation(self, updates: dict[str, torch.Tensor], added: list[tuple[str, str, int]]) -> None:
+        """Attach compensation; an added bias follows its weight's removed and zeroed output rows."""
+        self._updates = updates
+        self.added = [list(a) for a in added]
+        for bias, weight, axis in self.added:
+            self.fingerprint[bias] = [self.fingerprint[weight][axis]]
+            for table in (self.removed, self.zeroed):
+                rows = table.get(weight, {}).get(axis)
+                if rows:
+                    table[bias] = {0: list(rows)}
+            self.params["after"] += self.fingerprint[bias][0] - len(self.removed.get(bias, {}).get(0, []))
 
     # ----- backends --------------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
@@ -105,9 +124,10 @@ class PruningPlan:
     def check_fits(self, model: torch.nn.Module) -> None:
         """Refuse a model whose parameters do not match the one the plan was made for."""
         have = {n: list(t.shape) for n, t in named_tensors(model).items()}
-        missing = [n for n in self.fingerprint if n not in have]
+        new = {a[0] for a in self.added}
+        missing = [n for n in self.fingerprint if n not in have and n not in new]
         extra = [n for n in have if n not in self.fingerprint]
-        wrong = [n for n in self.fingerprint if n in have and have[n] != self.fingerprint[n]]
+        wrong = [n for n in self.fingerprint if n in have and have[n] != self.fingerprint[n] and n not in new]
         if missing or extra or wrong:
             detail = "; ".join(f"{what} {names[:3]}" for what, names in
                                (("missing", missing), ("unexpected", extra), ("shape differs for", wrong)) if names)

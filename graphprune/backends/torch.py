@@ -32,6 +32,7 @@ def _copy(model: nn.Module) -> nn.Module:
 def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn.Module:
     plan.check_fits(model)
     slim = model if inplace else _copy(model)
+    _compensated(plan, slim)
     old_shapes: dict[nn.Module, dict[str, tuple[int, ...]]] = {}
     with torch.no_grad():
         for name in plan.removed:
@@ -68,6 +69,7 @@ def sliced(plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
 def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
     plan.check_fits(model)
     masked = _copy(model)
+    _compensated(plan, masked)
     with torch.no_grad():
         for name, axes in plan.zeroed.items():
             module, leaf = _owner(masked, name)
@@ -76,6 +78,19 @@ def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
                 index = torch.tensor(idx, dtype=torch.long, device=tensor.device)
                 tensor.index_fill_(axis, index, 0)
     return masked
+
+
+def _compensated(plan: PruningPlan, model: nn.Module) -> None:
+    """Create the biases compensation added (zeros until loaded or updated) and write the updated tensors."""
+    with torch.no_grad():
+        for bias, weight, _axis in plan.added:
+            module, leaf = _owner(model, bias)
+            if getattr(module, leaf, None) is None:
+                like = dict(model.named_parameters())[weight]
+                module.bias = nn.Parameter(torch.zeros(plan.fingerprint[bias], dtype=like.dtype, device=like.device))
+        for name, value in plan.updates.items():
+            module, leaf = _owner(model, name)
+            getattr(module, leaf).copy_(value)
 
 
 def _update_attributes(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:

