@@ -97,7 +97,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     try:
         removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=keep,
                          budget_name="FLOPs" if kind == "flops" else "parameters",
-                         mass=params_model.first_order_saving(), lockstep=lockstep,
+                         mass=_weight_slices_per_component(an), lockstep=lockstep,
                          normalize=not getattr(scorer, "absolute", False))
     except BudgetError as err:
         if uniform:  # say what uniform=True held back
@@ -239,6 +239,18 @@ def _ignored_components(an: Analysis, names: set[str]) -> np.ndarray | None:
         for axis in range(v.ndim):
             keep[an.component[an.elements(v, axis)]] = True
     return keep
+
+
+def _weight_slices_per_component(an: Analysis) -> np.ndarray:
+    """How much of the network one component is: the rows and columns it owns across weight matrices. An
+    MLP channel is 3 (up, gate, down), a conv channel 2, a residual-stream channel every matrix it crosses,
+    a whole attention head head_dim rows of q, k, v and columns of o. Spatial size does not count."""
+    mass = np.zeros(len(an.prunable))
+    for v in an.graph.params.values():
+        if v.ndim >= 2:
+            for axis in range(v.ndim):
+                mass += np.bincount(an.component[an.elements(v, axis)], minlength=len(mass))
+    return np.maximum(mass, 1)
 
 
 def _rewrites(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ def test_zoo_model_prunes_to_half_and_is_exact(name):
         out, ref = run(slim, x), run(model, x)
         assert out.shape == ref.shape
         assert oracle_error(plan, model, x) <= 1e-5
-        assert not torch.allclose(out, ref)  # the plan really changed the model
+        assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
         spread = graphprune.plan(model, x, target_flops=0.5, importance="random")
         assert abs(spread.flops_ratio - 0.5) <= 0.01
         assert oracle_error(spread, model, x) <= 1e-5

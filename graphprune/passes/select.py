@@ -2,7 +2,8 @@
 saved until the cost (FLOPs or parameters) reaches the target.
 
 Importance is normalized by its family's mean (one layer's channels), so layers compare, then scaled by
-the family's parameters per unit (`mass`): a whole attention head weighs more than one MLP channel. A layer gets
+how much of the network one unit of the family is (`mass`: weight rows and columns it owns), so a whole
+attention head or a residual-stream channel is not priced like one MLP channel. A layer gets
 more precious as it thins: the j-th of n channels taken from a family counts n / (n - j) times its own
 importance. Without that, the layer whose channels each save the most FLOPs would be stripped to
 max_ratio before any other is touched, since trained magnitudes within a layer differ by only ~20%.
@@ -112,7 +113,7 @@ def _normalized(imp: np.ndarray, mass: np.ndarray | None, fam: np.ndarray, norma
         return imp
     mean = imp.mean()
     norm = imp / mean if mean > 0 else np.ones_like(imp)
-    if mass is not None:  # a unit of a family weighs what its parameters weigh: a head is not a channel
+    if mass is not None:  # a whole head is not one channel
         norm = norm * max(mass[fam].mean(), 1e-12)
     return norm
 
