@@ -22,7 +22,7 @@ from .plan import PruningPlan, named_tensors, indices_by_axis
 
 log = logging.getLogger(__name__)
 
-CALIBRATED = ("wanda", "flap")
+CALIBRATED = ("wanda", "flap", "taylor")
 
 
 def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
@@ -36,7 +36,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
          target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
          round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False,
          uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
-         tracer: str = "dispatch") -> PruningPlan:
+         loss_fn: Any = None, tracer: str = "dispatch") -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
 
     Args:
@@ -44,8 +44,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameter count to keep, instead of target_flops.
-        importance: "l2" (default), "l1", "random"; "wanda" or "flap" (need `calibration`); or a callable
-            (analysis, tensors) -> scores.
+        importance: "l2" (default), "l1", "random"; "wanda" or "flap" (need `calibration`); "taylor" (needs
+            `calibration` and `loss_fn`); or a callable (analysis, tensors) -> scores.
         ignore: modules or parameter names whose parameters are kept whole.
         round_to: keep each layer's width a multiple of this.
         max_ratio: the largest fraction of any one layer's channels that may go.
@@ -58,6 +58,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         compensate: True or "ls" (least-squares reconstruction of each layer that lost inputs, folded into
             its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
             without a bias gets one.
+        loss_fn: for importance="taylor": loss_fn(model, batch) -> scalar loss to differentiate.
         tracer: "dispatch" (default: records one eager forward at the ATen level, fast, follows any Python
             control flow) or "export" (torch.export, then core ATen; slower, needs an exportable model).
     """
@@ -74,7 +75,14 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     if (compensate or importance in CALIBRATED) and calibration is None:
         raise ValueError(f"importance={importance!r}, compensate={compensate!r} need calibration=[batch, ...]: "
                          "a few batches of real inputs shaped like example_inputs")
-    scorer = None if importance in CALIBRATED else get_importance(importance)
+    if importance == "taylor":
+        if not callable(loss_fn):
+            raise ValueError("importance='taylor' needs loss_fn=lambda model, batch: <scalar loss>, e.g. "
+                             "model(**batch, labels=batch['input_ids']).loss for a causal LM")
+        from .passes.importance.taylor import TaylorImportance
+        scorer = TaylorImportance(model, calibration, loss_fn)
+    else:
+        scorer = None if importance in CALIBRATED else get_importance(importance)
     ignored = _resolve_ignore(model, ignore)
     graph, _ = _tracer(tracer)(model, example_inputs)
     an = analyze(graph, allow_lossy=allow_lossy)
@@ -89,8 +97,9 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         lockstep, whole = lockstep_groups(an, probe(model))
         keep = whole if keep is None else keep | whole
     tensors = named_tensors(model)
-    readers = collect(model, an, calibration, tensors) if calibration is not None else []
-    if scorer is None:
+    needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap"))
+    readers = collect(model, an, calibration, tensors) if needs_readers else []
+    if scorer is None:  # wanda / flap read the statistics just gathered
         scorer = CalibratedImportance(importance, readers)
     scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = flops_model if kind == "flops" else params_model

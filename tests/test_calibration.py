@@ -81,3 +81,21 @@ def test_compensation_brings_a_pretrained_model_closer_to_dense():
     assert errors[False][1] == errors["bias"][1] == errors["ls"][1]  # the same plan, compensated or not
     assert errors["bias"][0] < errors[False][0]
     assert errors["ls"][0] < errors[False][0]
+
+
+def test_taylor_scores_follow_the_loss_and_leave_gradients_alone():
+    _, model, inputs, calibration = _llama()
+    sentinel = torch.full_like(model.lm_head.weight, 7.0)
+    model.lm_head.weight.grad = sentinel
+
+    def loss_fn(m, batch):
+        return m(**batch, labels=batch["input_ids"]).loss
+
+    x = inputs()
+    plan = graphprune.plan(model, x, target_params=0.8, importance="taylor", calibration=calibration,
+                           loss_fn=loss_fn)
+    assert abs(plan.params_ratio - 0.8) <= 0.01
+    assert model.lm_head.weight.grad is sentinel
+    assert torch.allclose(run(plan.apply(model), x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="loss_fn"):
+        graphprune.plan(model, x, target_params=0.8, importance="taylor", calibration=calibration)
