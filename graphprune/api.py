@@ -36,7 +36,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
          target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
          round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False,
          uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
-         loss_fn: Any = None, tracer: str = "dispatch") -> PruningPlan:
+         loss_fn: Any = None, depth: int = 0, tracer: str = "dispatch") -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
 
     Args:
@@ -59,6 +59,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
             without a bias gets one.
         loss_fn: for importance="taylor": loss_fn(model, batch) -> scalar loss to differentiate.
+        depth: remove this many whole blocks of residual stacks first, the least influential on the
+            `calibration` batches (passes/depth.py); widths then make up the rest of the budget.
         tracer: "dispatch" (default: records one eager forward at the ATen level, fast, follows any Python
             control flow) or "export" (torch.export, then core ATen; slower, needs an exportable model).
     """
@@ -72,6 +74,11 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     if compensate is True:
         compensate = "ls"
+    if depth:
+        return _plan_with_depth(model, example_inputs, kind, ratio, depth, dict(
+            importance=importance, ignore=sorted(_resolve_ignore(model, ignore)), round_to=round_to,
+            max_ratio=max_ratio, allow_lossy=allow_lossy, uniform=uniform, calibration=calibration,
+            compensate=compensate, loss_fn=loss_fn, tracer=tracer))
     if (compensate or importance in CALIBRATED) and calibration is None:
         raise ValueError(f"importance={importance!r}, compensate={compensate!r} need calibration=[batch, ...]: "
                          "a few batches of real inputs shaped like example_inputs")
@@ -122,6 +129,37 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                             f"{sum(r.n for r in readers[:1])} calibration tokens")
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
+
+
+def _plan_with_depth(model, example_inputs, kind: str, ratio: float, depth: int, options: dict) -> PruningPlan:
+    """Skip the least influential blocks, then plan widths on the shallower model for what is left."""
+    from .backends.torch import _copy
+    from .passes.depth import choose, skip_blocks
+
+    if options["calibration"] is None:
+        raise ValueError("depth=N needs calibration=[batch, ...] to measure which blocks matter least")
+    if not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a number of blocks (a non-negative integer), got {depth!r}")
+    blocks = choose(model, options["calibration"], depth)
+    shallow = skip_blocks(_copy(model), blocks)
+    before, after = _totals(model, example_inputs, options["tracer"]), _totals(shallow, example_inputs,
+                                                                               options["tracer"])
+    left = min(1.0, ratio * before[kind] / after[kind])
+    tensors = named_tensors(shallow)
+    options["ignore"] = [n for n in options["ignore"] if n in tensors]
+    result = plan(shallow, example_inputs, **{f"target_{kind}": left}, **options)
+    result.blocks = blocks
+    result.flops["before"], result.params["before"] = before["flops"], before["params"]
+    result.target.update(kind=kind, ratio=ratio, depth=depth)
+    result.lossy = True
+    result.notes.append(f"removed {depth} blocks (least influence first): " +
+                        ", ".join(f"{name} ({bi:.3f})" for name, _, bi in blocks))
+    return result
+
+
+def _totals(model, example_inputs, tracer: str) -> dict[str, float]:
+    an = analyze(_tracer(tracer)(model, example_inputs)[0])
+    return {"flops": CostModel(an, an.flop_terms).total(), "params": CostModel(an, an.param_terms).total()}
 
 
 def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | None = None, *,

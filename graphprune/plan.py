@@ -32,6 +32,8 @@ class PruningPlan:
     rewrites: list[dict[str, Any]] = field(default_factory=list)
     # biases compensation added to layers that had none: [bias name, weight name, weight's output axis]
     added: list[list] = field(default_factory=list)
+    # whole blocks replaced by a pass-through, least influential first: [module name, output arity, influence]
+    blocks: list[list] = field(default_factory=list)
     lossy: bool = False
     notes: list[str] = field(default_factory=list)
 

@@ -99,3 +99,26 @@ def test_taylor_scores_follow_the_loss_and_leave_gradients_alone():
     assert torch.allclose(run(plan.apply(model), x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="loss_fn"):
         graphprune.plan(model, x, target_params=0.8, importance="taylor", calibration=calibration)
+
+
+def test_depth_removes_the_least_influential_blocks_then_widths_fill_the_budget(tmp_path):
+    torch.manual_seed(0)
+
+    def factory():
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=4, num_attention_heads=4,
+                                                num_key_value_heads=2)).eval()
+
+    model = factory()
+    x = {"input_ids": torch.randint(0, 512, (1, 16))}
+    calibration = [{"input_ids": torch.randint(0, 512, (1, 16))} for _ in range(4)]
+    plan = graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration, depth=1)
+    assert abs(plan.params_ratio - 0.7) <= 0.01 and plan.lossy
+    (name, _, influence), = plan.blocks
+    assert name.startswith("model.layers.") and name != "model.layers.0"
+    slim = plan.apply(model)
+    assert type(slim.get_submodule(name)).__name__ == "Skip"
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    assert slim.generate(x["input_ids"][:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
+    graphprune.save(slim, tmp_path / "slim.pt")
+    assert torch.allclose(run(graphprune.load(tmp_path / "slim.pt", factory), x)[0], run(slim, x)[0])

@@ -30,8 +30,9 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn.Module:
-    plan.check_fits(model)
     slim = model if inplace else _copy(model)
+    _skip_blocks(plan, slim)
+    plan.check_fits(slim)
     _compensated(plan, slim)
     old_shapes: dict[nn.Module, dict[str, tuple[int, ...]]] = {}
     with torch.no_grad():
@@ -67,8 +68,9 @@ def sliced(plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
-    plan.check_fits(model)
     masked = _copy(model)
+    _skip_blocks(plan, masked)
+    plan.check_fits(masked)
     _compensated(plan, masked)
     with torch.no_grad():
         for name, axes in plan.zeroed.items():
@@ -78,6 +80,17 @@ def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
                 index = torch.tensor(idx, dtype=torch.long, device=tensor.device)
                 tensor.index_fill_(axis, index, 0)
     return masked
+
+
+def _skip_blocks(plan: PruningPlan, model: nn.Module) -> None:
+    if plan.blocks:
+        from ..passes.depth import skip_blocks
+
+        try:
+            skip_blocks(model, plan.blocks)
+        except (AttributeError, IndexError, ValueError) as exc:
+            raise BackendError(f"this plan removes blocks the model does not have ({exc}); build the model "
+                               "with the architecture the plan came from") from exc
 
 
 def _compensated(plan: PruningPlan, model: nn.Module) -> None:

