@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -208,7 +209,9 @@ def tp_prune(model, adapter: TPAdapter, example, ratio: float, importance: str, 
     started = time.perf_counter()
     imp = (tp.importance.GroupTaylorImportance() if importance == "taylor"
            else tp.importance.GroupMagnitudeImportance(p=2))
-    pruner = tp.pruner.BasePruner(work, example, importance=imp, **adapter.kwargs(work, ratio))
+    with warnings.catch_warnings():  # RMSNorm weights are "unwrapped parameters" to it: harmless, hidden stays
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.BasePruner(work, example, importance=imp, **adapter.kwargs(work, ratio))
     for group in pruner.step(interactive=True):
         group.prune()
     seconds = time.perf_counter() - started
@@ -553,6 +556,7 @@ def write_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

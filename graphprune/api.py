@@ -18,7 +18,7 @@ from .passes.calibration import CalibratedImportance, collect
 from .passes.calibration import compensate as compensate_readers
 from .passes.importance import get_importance
 from .passes.select import select
-from .plan import PruningPlan, named_tensors, indices_by_axis
+from .plan import PruningPlan, indices_by_axis, named_tensors
 
 log = logging.getLogger(__name__)
 

@@ -114,7 +114,7 @@ def test_depth_removes_the_least_influential_blocks_then_widths_fill_the_budget(
     calibration = [{"input_ids": torch.randint(0, 512, (1, 16))} for _ in range(4)]
     plan = graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration, depth=1)
     assert abs(plan.params_ratio - 0.7) <= 0.01 and plan.lossy
-    (name, _, influence), = plan.blocks
+    (name, _, _influence), = plan.blocks
     assert name.startswith("model.layers.") and name != "model.layers.0"
     slim = plan.apply(model)
     assert type(slim.get_submodule(name)).__name__ == "Skip"
