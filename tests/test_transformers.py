@@ -143,3 +143,17 @@ def _roles(plan):
         role = re.sub(r"\.\d+\.", ".#.", row["group"].split(",")[0])
         widths.setdefault(role, set()).add(row["after"])
     return list(widths.values())
+
+
+def test_tied_input_and_output_embeddings_shrink_together():
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             tie_word_embeddings=True)).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = {"input_ids": _ids()}
+    plan = graphprune.plan(model, x, target_flops=0.5)
+    assert plan.removed["model.embed_tokens.weight"].get(1)  # the hidden size shrinks
+    slim = plan.apply(model)
+    assert slim.lm_head.weight is slim.model.embed_tokens.weight  # still tied, both sliced
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)

@@ -35,16 +35,21 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
     plan.check_fits(slim)
     _compensated(plan, slim)
     old_shapes: dict[nn.Module, dict[str, tuple[int, ...]]] = {}
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # tied weights: every module holding the tensor
+    for module in slim.modules():
+        for leaf, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                holders.setdefault(id(tensor), []).append((module, leaf))
     with torch.no_grad():
         for name in plan.removed:
             module, leaf = _owner(slim, name)
             tensor = getattr(module, leaf)
-            old_shapes.setdefault(module, {})[leaf] = tuple(tensor.shape)
             new = sliced(plan, name, tensor)
             if isinstance(tensor, nn.Parameter):
-                module._parameters[leaf] = nn.Parameter(new, requires_grad=tensor.requires_grad)
-            else:
-                module._buffers[leaf] = new
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            for holder, holder_leaf in holders.get(id(tensor), [(module, leaf)]):
+                old_shapes.setdefault(holder, {})[holder_leaf] = tuple(tensor.shape)
+                (holder._parameters if isinstance(tensor, nn.Parameter) else holder._buffers)[holder_leaf] = new
     for module, shapes in old_shapes.items():
         _update_attributes(module, shapes)
     _rewrite_widths(slim, plan.rewrites)

@@ -44,7 +44,7 @@ class TaylorImportance:
                         if t.grad is not None:
                             grads[n] += t.grad
                     count += 1
-                    log.info("taylor: batch %d, loss %.4f", count, float(loss))
+                    log.info("taylor: batch %d, loss %.4f", count, float(loss.detach()))
         finally:
             for n, t in params.items():
                 t.grad = saved[n]
