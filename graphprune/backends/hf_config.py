@@ -59,9 +59,12 @@ def probe(model: nn.Module) -> Probe | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
-    found = _probe(type(model), config, {m.head_dim for m in model.modules()
-                                         if isinstance(getattr(m, "head_dim", None), int)})
+    found = _probe(type(model), config, _head_dims(model))
     return found if found is not None and found.shapes == _shapes(model) else None
+
+
+def _head_dims(model: nn.Module) -> set[int]:
+    return {m.head_dim for m in model.modules() if isinstance(getattr(m, "head_dim", None), int)}
 
 
 def _probe(cls, config, head_dims: set[int]) -> Probe | None:
@@ -138,8 +141,7 @@ def sync_config(model: nn.Module, rewrites: list[dict]) -> str | None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return "the model has no Hugging Face config"
-    found = _probe(type(model), config, {m.head_dim for m in model.modules()
-                                         if isinstance(getattr(m, "head_dim", None), int)})
+    found = _probe(type(model), config, _head_dims(model))
     if found is None:
         return f"{type(model).__name__} cannot be rebuilt from its config"
     target = _shapes(model)

@@ -96,7 +96,6 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
                               "example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs")
     name_of = {id(t): n for n, t in tensors.items()}
     readers, hooks = [], []
-    consumers_per_comp = np.zeros(len(an.prunable), dtype=np.int64)
     for module_name, module in model.named_modules():
         found = _reader_kind(module)
         if found is None or id(module.weight) not in name_of:
@@ -110,10 +109,10 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
             continue
         reader = Reader(module_name, weight, found[1], found[0], columns=cols)
         readers.append(reader)
-        np.add.at(consumers_per_comp, np.unique(cols[an.prunable[cols]]), 1)
         hooks.append(module.register_forward_pre_hook(lambda _m, args, r=reader: r.add(args[0])))
+    readers_of = _readers_per_component(readers, len(an.prunable))
     for r in readers:  # compensation needs X^T X only where this layer is a channel's only reader
-        r.want_gram = bool((consumers_per_comp[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
+        r.want_gram = bool((readers_of[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
     started = time.perf_counter()
     count = 0
     try:
@@ -129,6 +128,14 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
     if count == 0:
         raise GraphPruneError("calibration is empty: pass at least one batch")
     return [r for r in readers if r.n]
+
+
+def _readers_per_component(readers: list[Reader], n_comp: int) -> np.ndarray:
+    """How many reading layers see each component (compensation applies where it is exactly one)."""
+    count = np.zeros(n_comp, dtype=np.int64)
+    for r in readers:
+        np.add.at(count, np.unique(r.columns), 1)
+    return count
 
 
 def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader) -> torch.Tensor:
@@ -203,9 +210,7 @@ def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: d
     (bias name, weight name, weight axis of the outputs)."""
     if method not in ("ls", "bias"):
         raise ValueError(f"compensate must be True, 'ls', 'bias' or False, got {method!r}")
-    readers_of = np.zeros(len(an.prunable), dtype=np.int64)
-    for r in readers:
-        np.add.at(readers_of, np.unique(r.columns), 1)
+    readers_of = _readers_per_component(readers, len(an.prunable))
     updates: dict[str, torch.Tensor] = {}
     added: list[tuple[str, str, int]] = []
     for r in readers:
