@@ -1,6 +1,5 @@
 """A sample of timm CNNs, vision transformers and MLP models (random weights): prune to half the FLOPs with
-no hints and pass the exactness oracle. What they prune today is what the core compiler allows (MLP and
-convolution widths; heads and normalized hidden sizes stay whole)."""
+no hints and pass the exactness oracle (heads go whole; LayerNorm-normalized hidden sizes stay)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import torch
 
 import graphprune
 
-from .conftest import nonzero_params, oracle_error
+from .conftest import nonzero_params, oracle_error, run
 
 MODELS = ["resnet18", "efficientnet_b0", "ghostnet_100", "convnext_atto", "vit_tiny_patch16_224",
           "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "mixer_s16_224", "resmlp_12_224",
@@ -25,4 +24,33 @@ def test_timm_model_prunes_to_half_and_is_exact(name):
     x = torch.randn(1, *model.pretrained_cfg.get("input_size", (3, 224, 224)))
     plan = graphprune.plan(model, x, target_flops=0.5)
     assert abs(plan.flops_ratio - 0.5) <= 0.01
+    assert oracle_error(plan, model, x) <= 1e-5
+
+
+@pytest.mark.slow
+def test_cait_talking_heads_prune_through_the_regenerated_graph():
+    """CaiT mixes heads with linear layers (talking heads) and derives head_dim from its input width
+    (C // num_heads), so its module cannot follow removed heads: prune() returns the regenerated graph,
+    which must compute what the masked model computes."""
+    model = nonzero_params(timm.create_model("cait_xxs24_224", pretrained=False).eval())
+    x = torch.randn(1, 3, 224, 224)
+    slim = graphprune.prune(model, x, target_flops=0.5)
+    plan = slim.graphprune_plan
+    assert isinstance(slim, torch.fx.GraphModule) and any("regenerated" in n for n in plan.notes)
+    assert any(r["kind"] == "heads" and r["after"] < r["before"] for r in plan.rewrites)
+    assert abs(plan.flops_ratio - 0.5) <= 0.01
+    expected = run(plan.mask(model), x)
+    assert float((run(slim, x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_eva02_prunes_its_mlp_exactly():
+    """EVA-02 (RoPE, SwiGLU): its attention stays whole (the zero k bias is a buffer, so a removed key
+    channel is not provably zero) and half the FLOPs is out of reach; 0.6 comes from the MLPs alone."""
+    model = nonzero_params(timm.create_model("eva02_tiny_patch14_224", pretrained=False).eval())
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.raises(graphprune.BudgetError):
+        graphprune.plan(model, x, target_flops=0.5)
+    plan = graphprune.plan(model, x, target_flops=0.6)
+    assert abs(plan.flops_ratio - 0.6) <= 0.01
     assert oracle_error(plan, model, x) <= 1e-5
