@@ -101,13 +101,16 @@ def solve_changes(found: Probe, target: Shapes) -> dict[str, int]:
     """Integer field changes that explain every changed axis: sizes are linear in each field (fused q/k/v
     rows are (heads + 2 kv_heads) x head_dim), so one least-squares solve, rounded, then checked."""
     keys = list(found.fields)
-    rows = sorted({where for _, axes in found.fields.values() for where in axes})
+    # tensors the target lacks (biases a config flag adds, see _bias_flags) follow the fields that size them
+    rows = sorted({where for _, axes in found.fields.values() for where in axes if where[0] in target})
     if not keys or not rows:
         return {}
+    row_of = {where: i for i, where in enumerate(rows)}
     a = np.zeros((len(rows), len(keys)))
     for j, key in enumerate(keys):
         for where, per_unit in found.fields[key][1].items():
-            a[rows.index(where), j] = per_unit
+            if where in row_of:
+                a[row_of[where], j] = per_unit
     b = np.array([target[name][axis] - found.shapes[name][axis] for name, axis in rows], dtype=np.float64)
     delta = np.rint(np.linalg.lstsq(a, b, rcond=None)[0])
     if not np.allclose(a @ delta, b):
@@ -135,6 +138,34 @@ def _make_explicit(cls, config, base: Shapes) -> None:
             setattr(config, key, fits[0])
 
 
+def _bias_flags(found: Probe, target: Shapes) -> dict[str, bool] | None:
+    """Boolean fields (LLaMA's mlp_bias, attention_bias, ...) that, switched on, build the biases that
+    compensation added; the other biases they bring are created as zeros. None if no such fields exist."""
+    missing = target.keys() - found.shapes.keys()
+    if found.shapes.keys() - target.keys() or not all(n.endswith(".bias") for n in missing):
+        return None
+    flags = {}
+    for key, value in found.config.to_dict().items():
+        if value is not False or not missing:
+            continue
+        trial = copy.deepcopy(found.config)
+        setattr(trial, key, True)
+        shapes = _build(found.cls, trial)
+        new = set() if shapes is None else shapes.keys() - found.shapes.keys()
+        if new & missing and all(n.endswith(".bias") for n in new) and shapes.keys() >= found.shapes.keys():
+            flags[key] = True
+            missing = missing - new
+    return flags if not missing else None
+
+
+def _add_zero_biases(model: nn.Module, shapes: Shapes) -> None:
+    """Give layers the (zero, so exact) biases a config flag builds for them."""
+    for name, shape in shapes.items():
+        module = model.get_submodule(name.rpartition(".")[0])
+        like = module.weight
+        module.bias = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+
 def sync_config(model: nn.Module, rewrites: list[dict]) -> str | None:
     """Update model.config (still the original's) in place to values that rebuild the slimmed shapes;
     None on success, else the reason."""
@@ -145,15 +176,26 @@ def sync_config(model: nn.Module, rewrites: list[dict]) -> str | None:
     if found is None:
         return f"{type(model).__name__} cannot be rebuilt from its config"
     target = _shapes(model)
+    flags = {}
     if found.shapes.keys() != target.keys():
-        return "the slimmed model has other tensors than its config builds"
+        flags = _bias_flags(found, target)
+        if flags is None:
+            return "the slimmed model has other tensors than its config builds"
+        for key in flags:
+            setattr(found.config, key, True)
+        found = _probe(found.cls, found.config, _head_dims(model))
     changes = solve_changes(found, target)
     candidate = copy.deepcopy(found.config)
     for key, value in changes.items():
         setattr(candidate, key, value)
-    if _build(found.cls, candidate) != target:
+    built = _build(found.cls, candidate)
+    if built is not None and flags:
+        _add_zero_biases(model, {n: built[n] for n in built.keys() - target.keys()})
+        target = _shapes(model)
+    if built != target:
         return ("the config cannot describe these widths (layers differ, or a width such as the head size is "
                 "derived from another field); plan with uniform=True, or save with graphprune.save")
+    changes.update(flags)
     for key, value in found.config.to_dict().items():  # fields made explicit while probing
         if getattr(config, key, None) is None and value is not None:
             changes.setdefault(key, getattr(candidate, key))
