@@ -56,6 +56,33 @@ def test_conv_bn_chain_is_exact_and_updates_attributes():
     assert slim.head.out_features == 5  # the graph output is never pruned
 
 
+class BufferBias(nn.Module):
+    """EVA-style fused bias: a learned part and a zero buffer concatenated, added after a matmul."""
+
+    def __init__(self, persistent: bool):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 12))
+        self.b1 = nn.Parameter(torch.randn(8))
+        self.register_buffer("b2", torch.zeros(8), persistent=persistent)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(F.linear(x, self.w, torch.cat([self.b1, self.b2]))))
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_zero_buffer_counts_as_zero_only_when_nothing_can_load_it(persistent):
+    # a non-persistent all-zero buffer is zero in every instance the code builds; a persistent one may be
+    # loaded with other values later, so its channels (the second half) are pinned
+    model, x = BufferBias(persistent), torch.randn(2, 12)
+    graph, _ = trace(model, x)
+    an = analyze(graph)
+    second_half = an.component[an.elements(graph.params["w"], 0)][8:]
+    assert bool(an.prunable[second_half].all()) is not persistent
+    if not persistent:
+        check_exact(model, x, ratio=0.3)
+
+
 def test_sigmoid_before_a_consumer_pins_the_channels():
     # sigmoid(0) = 0.5: a masked channel would still feed c2, so removal would not be exact
     m = ConvChain(act=nn.Sigmoid)

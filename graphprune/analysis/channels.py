@@ -184,7 +184,7 @@ class Context:
         axis = axis % v.ndim
         st = self.states.get((v.id, axis))
         if st is None:
-            st = np.full(v.shape[axis], _DEFAULT_STATE.get(v.kind, DEP), dtype=np.int8)
+            st = np.full(v.shape[axis], ZERO if v.zero else _DEFAULT_STATE.get(v.kind, DEP), dtype=np.int8)
         return st
 
     def set_state(self, v: Value, axis: int, st) -> None:

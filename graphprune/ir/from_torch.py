@@ -199,10 +199,13 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
         v = graph.new_value(p.shape, p.dtype, PARAM, name)
         known[id(p)] = v
         graph.params[name] = v
+    transient = {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
+                 for leaf in m._non_persistent_buffers_set}
     for name, b in model.named_buffers(remove_duplicate=True):
         if id(b) in known:
             continue
         v = graph.new_value(b.shape, b.dtype, BUFFER, name)
+        v.zero = name in transient and b.numel() > 0 and not bool(b.any())  # EVA's k_bias
         known[id(b)] = v
         graph.params[name] = v
     flat_in, _ = tree_flatten((args, kwargs))

@@ -27,6 +27,7 @@ class Value:
     # (param value, per-axis param axis or None, per-axis offset into that param axis).
     param_view: tuple[Value, tuple[int | None, ...], tuple[int, ...]] | None = None
     data: Any = None  # the tensor itself, for constants the graph cannot recompute
+    zero: bool = False  # a buffer that is all zeros by construction (non-persistent, so no load changes it)
 
     @property
     def ndim(self) -> int:
