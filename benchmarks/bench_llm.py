@@ -133,6 +133,21 @@ def gp_prune(model, example, keep: float, options: dict):
     return slim, time.perf_counter() - started
 
 
+def measure(rows: list, label: str, asked: float, work, verbose: bool) -> tuple[dict, object]:
+    """Append one table row: work() -> (fields, model or None); a failure becomes the row's error, never a
+    crash. Returns the row and the model."""
+    row, model = {"method": label, "asked": asked}, None
+    try:
+        fields, model = work()
+        row.update(fields)
+    except Exception as exc:  # noqa: BLE001 - every failure is a row
+        row["error"] = short_error(exc)
+        if verbose:
+            traceback.print_exc()
+    rows.append(row)
+    return row, model
+
+
 def short_error(exc: BaseException, limit: int = 160) -> str:
     if isinstance(exc, StageError):
         return str(exc)
@@ -335,18 +350,15 @@ def bench_smollm2(args) -> str:
                 opts["calibration"] = calibration
             if opts["importance"] == "taylor":
                 opts["loss_fn"] = loss_fn
-            row = {"method": label, "asked": removed}
-            try:
-                slim, row["time"] = gp_prune(model, example, keep, opts)
-                row.update(staged("eval", lm_row, slim, total, nonemb, windows, dense_ppl))
-                if removed == max(args.ratios) and (best is None or row["ppl"] < best[0]):
-                    best = (row["ppl"], f"{label} at {removed:.0%}", slim)
-            except Exception as exc:  # noqa: BLE001 - every failure is a row, never a crash
-                row["error"] = short_error(exc)
-                if args.verbose:
-                    traceback.print_exc()
-            rows.append(row)
+            def graphprune_row(opts=opts, keep=keep):
+                slim, seconds = gp_prune(model, example, keep, opts)
+                return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, windows, dense_ppl)}, slim
+
+            row, slim = measure(rows, label, removed, graphprune_row, args.verbose)
             log(f"SmolLM2 {removed:.0%} {label}: {describe(row, 'ppl')}")
+            if slim is not None and removed == max(args.ratios) and (best is None or row["ppl"] < best[0]):
+                best = (row["ppl"], f"{label} at {removed:.0%}", slim)
+            del slim
         # torch-pruning: the parameter count graphprune is asked for (it lands at or just under it)
         goal = target_total
         started = time.perf_counter()
@@ -358,8 +370,8 @@ def bench_smollm2(args) -> str:
             ratio = None
             log(f"SmolLM2 {removed:.0%} torch-pruning: ratio search failed: {short_error(exc)}")
         for criterion in ("magnitude", "taylor"):
-            row = {"method": f"torch-pruning {criterion}", "asked": removed}
-            try:
+            def torch_pruning_row(criterion=criterion, ratio=ratio):
+                nonlocal grads, grad_s
                 if ratio is None:
                     raise RuntimeError("no channel ratio (search failed)")
                 extra = 0.0
@@ -370,18 +382,14 @@ def bench_smollm2(args) -> str:
                     extra = grad_s
                 pruned, seconds = tp_prune(model, adapter, tp_example, ratio,
                                            criterion, grads if criterion == "taylor" else None)
-                row["time"] = seconds + extra
-                row.update(lm_row(pruned, total, nonemb, windows, dense_ppl))
-                row["note"] = f"ratio {ratio:.3f}; " + row["note"]
-                if removed == max(args.ratios) and best is None:
-                    best = (row["ppl"], f"{row['method']} at {removed:.0%}", pruned)
-                del pruned
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = short_error(exc)
-                if args.verbose:
-                    traceback.print_exc()
-            rows.append(row)
+                fields = lm_row(pruned, total, nonemb, windows, dense_ppl)
+                return {**fields, "time": seconds + extra, "note": f"ratio {ratio:.3f}; " + fields["note"]}, pruned
+
+            row, pruned = measure(rows, f"torch-pruning {criterion}", removed, torch_pruning_row, args.verbose)
             log(f"SmolLM2 {removed:.0%} {row['method']}: {describe(row, 'ppl')}")
+            if pruned is not None and removed == max(args.ratios) and best is None:
+                best = (row["ppl"], f"{row['method']} at {removed:.0%}", pruned)
+            del pruned
     grads = None
 
     lat = []
@@ -455,28 +463,20 @@ def bench_minilm(args) -> str:
             opts = dict(options)
             if opts["importance"] != "l2":
                 opts["calibration"] = calibration
-            row = {"method": label, "asked": removed}
-            try:
-                slim, row["time"] = gp_prune(model, example, keep, opts)
-                row.update(staged("eval", evaluate, slim))
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = short_error(exc)
-                if args.verbose:
-                    traceback.print_exc()
-            rows.append(row)
+            def graphprune_row(opts=opts, keep=keep):
+                slim, seconds = gp_prune(model, example, keep, opts)
+                return {"time": seconds, **staged("eval", evaluate, slim)}, None
+
+            row, _ = measure(rows, label, removed, graphprune_row, args.verbose)
             log(f"MiniLM {removed:.0%} {label}: {describe(row, 'cos')}")
-        row = {"method": "torch-pruning magnitude", "asked": removed}
-        try:
+
+        def torch_pruning_row(keep=keep):
             ratio, _ = tp_ratio_for(model, adapter, example, round(keep * total))
             pruned, seconds = tp_prune(model, adapter, example, ratio, "magnitude")
-            row["time"] = seconds
-            row.update(evaluate(pruned))
-            row["note"] = f"ratio {ratio:.3f}; " + row["note"]
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = short_error(exc)
-            if args.verbose:
-                traceback.print_exc()
-        rows.append(row)
+            fields = evaluate(pruned)
+            return {**fields, "time": seconds, "note": f"ratio {ratio:.3f}; " + fields["note"]}, None
+
+        row, _ = measure(rows, "torch-pruning magnitude", removed, torch_pruning_row, args.verbose)
         log(f"MiniLM {removed:.0%} {row['method']}: {describe(row, 'cos')}")
     return minilm_markdown(rows, facts, total, nonemb, len(firsts), args, eval_s)
 

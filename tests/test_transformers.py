@@ -149,6 +149,21 @@ def test_compensated_uniform_llama_round_trips_through_save_pretrained(tmp_path)
     assert torch.allclose(run(loaded, x)[0], run(slim, x)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_compensated_llama_with_layers_of_different_widths_keeps_its_config():
+    """No config describes per-layer widths: the added biases stay the only new tensors, the config is left
+    as it was, and the model matches the masked one (graphprune.save is the way to store it)."""
+    torch.manual_seed(0)
+    model = _causal(T.LlamaForCausalLM, T.LlamaConfig)().eval()
+    batches = [{"input_ids": _ids(32)} for _ in range(4)]
+    plan = graphprune.plan(model, batches[0], target_flops=0.6, importance="wanda", calibration=batches,
+                           compensate=True)
+    slim = plan.apply(model)
+    biases = {n for n, _ in slim.named_parameters() if n.endswith(".bias")}
+    assert biases == {b for b, _, _ in plan.added} and not slim.config.mlp_bias
+    x = batches[1]
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_uniform_refuses_widths_the_config_cannot_describe():
     _, model, x = _build("swin")  # MLP width is mlp_ratio x embed_dim, a float ratio: nothing to write back
     with pytest.raises(graphprune.BudgetError, match="uniform=True"):

@@ -189,8 +189,8 @@ def sync_config(model: nn.Module, rewrites: list[dict]) -> str | None:
     for key, value in changes.items():
         setattr(candidate, key, value)
     built = _build(found.cls, candidate)
-    if built is not None and flags:
-        _add_zero_biases(model, {n: built[n] for n in built.keys() - target.keys()})
+    if flags and built is not None and built.keys() >= target.keys() and all(built[n] == target[n] for n in target):
+        _add_zero_biases(model, {n: built[n] for n in built.keys() - target.keys()})  # only once all else fits
         target = _shapes(model)
     if built != target:
         return ("the config cannot describe these widths (layers differ, or a width such as the head size is "
