@@ -149,7 +149,10 @@ def _bias_flags(found: Probe, target: Shapes) -> dict[str, bool] | None:
         if value is not False or not missing:
             continue
         trial = copy.deepcopy(found.config)
-        setattr(trial, key, True)
+        try:
+            setattr(trial, key, True)
+        except Exception:  # noqa: BLE001 - the config validates the field and refuses it
+            continue
         shapes = _build(found.cls, trial)
         new = set() if shapes is None else shapes.keys() - found.shapes.keys()
         if new & missing and all(n.endswith(".bias") for n in new) and shapes.keys() >= found.shapes.keys():
