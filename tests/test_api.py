@@ -224,3 +224,27 @@ def test_forward_that_updates_buffers_leaves_the_model_unchanged():
     plan = graphprune.plan(model, X, target_flops=0.5)
     assert same_state(before, state_copy(model))
     assert abs(plan.flops_ratio - 0.5) <= 0.01
+
+
+def test_budget_lands_close_when_the_last_unit_is_a_whole_head():
+    """Heads ranked low: at 0.9 of the parameters the unit that crosses the budget is a whole KV group (two
+    query heads and their key/value head, 0.02 of the model), more than the next 64 MLP channels make up.
+    The MLP channels ranked after it then finish the budget instead of the group overshooting it."""
+    import numpy as np
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                             num_attention_heads=8, num_key_value_heads=4, head_dim=64)).eval()
+    x = {"input_ids": torch.randint(0, 64, (1, 16))}
+
+    def heads_low(an, tensors):
+        score = np.ones(len(an.prunable))
+        for name, v in an.graph.params.items():
+            if name.endswith("k_proj.weight"):
+                score[an.component[an.elements(v, 0)]] = 1e-6
+        return score
+
+    plan = graphprune.plan(model, x, target_params=0.9, importance=heads_low, ignore=["model.embed_tokens"])
+    assert 0.89 <= plan.params_ratio <= 0.9
+    assert torch.allclose(run(plan.apply(model), x).logits, run(plan.mask(model), x).logits, rtol=1e-4, atol=1e-5)

@@ -27,8 +27,7 @@ class CostModel:
         sizes = self.an.space_size.astype(np.float64)
         if removed_components is None or len(removed_components) == 0:
             return np.append(sizes, 1.0)
-        lost = np.asarray(self.members[np.asarray(removed_components)].sum(axis=0)).ravel()
-        return np.append(sizes - lost, 1.0)
+        return np.append(sizes, 1.0) - self.lost_widths(removed_components)
 
     def per_term(self, removed_components=None, kept: np.ndarray | None = None) -> np.ndarray:
         if kept is None:
@@ -40,10 +39,12 @@ class CostModel:
     def total(self, removed_components=None) -> float:
         return float(self.per_term(removed_components).sum())
 
-    def total_after(self, kept: np.ndarray, more_components: np.ndarray) -> float:
-        """Cost once `more_components` go too, from widths already reduced by an earlier removal."""
-        lost = np.asarray(self.members[np.asarray(more_components)].sum(axis=0)).ravel()
-        return float(self.per_term(kept=kept - np.append(lost, 0.0)).sum())
+    def lost_widths(self, components: np.ndarray) -> np.ndarray:
+        """How much each space (and the sentinel, by 0) narrows when `components` go: kept_widths' step."""
+        return np.append(np.asarray(self.members[np.asarray(components)].sum(axis=0)).ravel(), 0.0)
+
+    def total_at(self, kept: np.ndarray) -> float:
+        return float(self.per_term(kept=kept).sum())
 
     def first_order_saving(self) -> np.ndarray:
         """Cost removed by taking out each component alone, at full width (per component id)."""

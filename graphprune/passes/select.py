@@ -11,7 +11,9 @@ max_ratio before any other is touched, since trained magnitudes within a layer d
 Within a family candidates are taken least-important first, in units of `round_to` when set, never more
 than `max_ratio` of the family and never all of it. Units from all families are ranked together; the exact
 cost of each prefix of that ranking is monotone, so a binary search finds the shortest prefix that meets
-the budget, and a last unit is then chosen among the next ones to land as close under the target as can be.
+the budget. If that prefix's last unit (a whole head, a lockstep group of layers) overshoots, the units ranked
+after it are added instead while the cost stays above target, and a last unit is chosen among the next ones
+to land as close under the target as can be.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from ..errors import BudgetError
 
 log = logging.getLogger(__name__)
 
-_FILL_WINDOW = 64  # units examined for the last picks
+_FILL_WINDOW = 64  # candidates for the last pick
+_FILL_LIMIT = 4096  # units examined at most for the last picks
 
 
 def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
@@ -103,7 +106,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
             lo = mid + 1
     chosen = prefix(lo)
     if lo > 0:  # the lo-th unit may overshoot (a whole head); smaller units ranked soon after may land closer
-        chosen = _fill(cost, prefix(lo - 1), units[lo - 1:lo - 1 + _FILL_WINDOW], target, chosen)
+        chosen = _fill(cost, prefix(lo - 1), units[lo - 1:lo - 1 + _FILL_LIMIT], target, chosen)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
@@ -135,23 +138,26 @@ def _lockstep_groups(an: Analysis, keep: np.ndarray | None, lockstep: list[list[
             yield [fam], len(an.families[f])
 
 
-def _fill(cost: CostModel, base: np.ndarray, window: list[np.ndarray], target: float,
+def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], target: float,
           fallback: np.ndarray) -> np.ndarray:
-    """From `base` (still over target), add the window's units in rank order while they keep the cost above
-    target, then finish with the unit that lands closest under it; `fallback` if that is no closer."""
+    """From `base` (still over target), add the following units in rank order while they keep the cost
+    above target (smaller units after a whole head that would overshoot), until _FILL_WINDOW units would
+    each cross it; finish with the one that lands closest under the target; `fallback` if none is closer."""
     kept = cost.kept_widths(base)
     added: list[np.ndarray] = []
-    finishers = []
-    for unit in window:
-        c = cost.total_after(kept, unit)
-        if c > target:
+    finishers: list[np.ndarray] = []
+    for unit in following:
+        after = kept - cost.lost_widths(unit)
+        if cost.total_at(after) > target:
             added.append(unit)
-            kept = cost.kept_widths(np.concatenate([base, *added]))
+            kept = after
         else:
             finishers.append(unit)
+            if len(finishers) >= _FILL_WINDOW:
+                break
     best_cost, best = cost.total(fallback), fallback
     for unit in finishers:
-        c = cost.total_after(kept, unit)
+        c = cost.total_at(kept - cost.lost_widths(unit))
         if best_cost < c <= target:
             best_cost, best = c, np.concatenate([base, *added, unit])
     return best
