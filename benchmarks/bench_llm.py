@@ -133,6 +133,13 @@ def gp_prune(model, example, keep: float, options: dict):
     return slim, time.perf_counter() - started
 
 
+def chosen(methods: list, args) -> list:
+    """The graphprune rows whose label contains one of --methods (all without it)."""
+    if not args.methods:
+        return methods
+    return [m for m in methods if any(part.strip() in m[0] for part in args.methods.split(";"))]
+
+
 def measure(rows: list, label: str, asked: float, work, verbose: bool) -> tuple[dict, object]:
     """Append one table row: work() -> (fields, model or None); a failure becomes the row's error, never a
     crash. Returns the row and the model."""
@@ -339,7 +346,7 @@ def bench_smollm2(args) -> str:
     adapter = TPAdapter("llama", tp_heads=args.tp_heads == "on")
     tp_example = example["input_ids"][:, :32]  # the graph does not depend on the length; 32 tokens is quicker
     loss_fn = lambda m, batch: m(**batch, labels=batch["input_ids"], use_cache=False).loss
-    methods = GP_METHODS + [GP_TAYLOR]
+    methods = chosen(GP_METHODS + [GP_TAYLOR], args)
     best = None  # (ppl, label, model) at the largest ratio
     for removed in args.ratios:
         keep = 1 - removed * nonemb / total
@@ -359,6 +366,8 @@ def bench_smollm2(args) -> str:
             if slim is not None and removed == max(args.ratios) and (best is None or row["ppl"] < best[0]):
                 best = (row["ppl"], f"{label} at {removed:.0%}", slim)
             del slim
+        if args.no_torch_pruning:
+            continue
         # torch-pruning: the parameter count graphprune is asked for (it lands at or just under it)
         goal = target_total
         started = time.perf_counter()
@@ -459,7 +468,7 @@ def bench_minilm(args) -> str:
     adapter = TPAdapter("bert", tp_heads=args.tp_heads != "off")
     for removed in args.minilm_ratios:
         keep = 1 - removed * nonemb / total
-        for label, options in GP_METHODS:
+        for label, options in chosen(GP_METHODS, args):
             opts = dict(options)
             if opts["importance"] != "l2":
                 opts["calibration"] = calibration
@@ -476,8 +485,9 @@ def bench_minilm(args) -> str:
             fields = evaluate(pruned)
             return {**fields, "time": seconds, "note": f"ratio {ratio:.3f}; " + fields["note"]}, None
 
-        row, _ = measure(rows, "torch-pruning magnitude", removed, torch_pruning_row, args.verbose)
-        log(f"MiniLM {removed:.0%} {row['method']}: {describe(row, 'cos')}")
+        if not args.no_torch_pruning:
+            row, _ = measure(rows, "torch-pruning magnitude", removed, torch_pruning_row, args.verbose)
+            log(f"MiniLM {removed:.0%} {row['method']}: {describe(row, 'cos')}")
     return minilm_markdown(rows, facts, total, nonemb, len(firsts), args, eval_s)
 
 
@@ -586,6 +596,10 @@ def parse_args(argv=None):
                              "head pruning is not clean: under SDPA it fails, under eager it removes at most one "
                              "query head per KV group)")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--methods", default="",
+                        help="only the graphprune rows whose label contains one of these ';'-separated parts, "
+                             "e.g. 'uniform' or 'flap + compensate'")
+    parser.add_argument("--no-torch-pruning", action="store_true", help="skip the torch-pruning rows")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: only the largest ratio, 8 eval windows")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
