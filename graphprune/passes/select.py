@@ -106,7 +106,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
             lo = mid + 1
     chosen = prefix(lo)
     if lo > 0:  # the lo-th unit may overshoot (a whole head); smaller units ranked soon after may land closer
-        chosen = _fill(cost, prefix(lo - 1), units[lo - 1:lo - 1 + _FILL_LIMIT], target, chosen)
+        window = slice(lo - 1, lo - 1 + _FILL_LIMIT)
+        chosen = _fill(cost, prefix(lo - 1), units[window], family[ranking][window], target, chosen)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
@@ -138,21 +139,27 @@ def _lockstep_groups(an: Analysis, keep: np.ndarray | None, lockstep: list[list[
             yield [fam], len(an.families[f])
 
 
-def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], target: float,
+def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], families: np.ndarray, target: float,
           fallback: np.ndarray) -> np.ndarray:
     """From `base` (still over target), add the following units in rank order while they keep the cost
     above target (smaller units after a whole head that would overshoot), until _FILL_WINDOW units would
-    each cross it; finish with the one that lands closest under the target; `fallback` if none is closer."""
+    each cross it; finish with the one that lands closest under the target; `fallback` if none is closer.
+    A family whose unit was passed over adds no later unit, so each family still loses a prefix of its
+    order (and round_to widths stay multiples)."""
     kept = cost.kept_widths(base)
     added: list[np.ndarray] = []
     finishers: list[np.ndarray] = []
-    for unit in following:
+    passed: set[int] = set()
+    for unit, fam in zip(following, families):
+        if fam in passed:
+            continue
         after = kept - cost.lost_widths(unit)
         if cost.total_at(after) > target:
             added.append(unit)
             kept = after
         else:
             finishers.append(unit)
+            passed.add(fam)
             if len(finishers) >= _FILL_WINDOW:
                 break
     best_cost, best = cost.total(fallback), fallback
