@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ..errors import TraceError
-from .from_torch import eval_mode, normalize_inputs
+from .from_torch import eval_mode, normalize_inputs, zero_buffers
 from .graph import ACT, BUFFER, CONST, INPUT, PARAM, Graph, Node, Value
 
 
@@ -29,6 +29,7 @@ def trace_export(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, An
                          "use the default tracer (tracer='dispatch')") from exc
     specs = {s.arg.name: s for s in program.graph_signature.input_specs}
     state = dict(program.state_dict)
+    zeros = zero_buffers(model)
     graph = Graph()
     env: dict[str, Value] = {}
     for node in program.graph.nodes:
@@ -41,6 +42,7 @@ def trace_export(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, An
                 graph.params[spec.target] = v
             elif kind == "BUFFER":
                 v = graph.new_value(fake.shape, fake.dtype, BUFFER, spec.target)
+                v.zero = spec.target in zeros
                 graph.params[spec.target] = v
             elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
                 v = graph.new_value(fake.shape, fake.dtype, CONST)

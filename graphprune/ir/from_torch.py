@@ -39,6 +39,14 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+def zero_buffers(model: torch.nn.Module) -> set[str]:
+    """Buffers that are exactly zero in every instance the model's code builds: all zeros and
+    non-persistent, so no load_state_dict can change them (EVA's k_bias)."""
+    transient = {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
+                 for leaf in m._non_persistent_buffers_set}
+    return {name for name, b in model.named_buffers() if name in transient and b.numel() and not bool(b.any())}
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """Run in eval mode and restore every submodule's own training flag afterwards."""
@@ -199,13 +207,12 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
         v = graph.new_value(p.shape, p.dtype, PARAM, name)
         known[id(p)] = v
         graph.params[name] = v
-    transient = {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
-                 for leaf in m._non_persistent_buffers_set}
+    zeros = zero_buffers(model)
     for name, b in model.named_buffers(remove_duplicate=True):
         if id(b) in known:
             continue
         v = graph.new_value(b.shape, b.dtype, BUFFER, name)
-        v.zero = name in transient and b.numel() > 0 and not bool(b.any())  # EVA's k_bias
+        v.zero = name in zeros
         known[id(b)] = v
         graph.params[name] = v
     flat_in, _ = tree_flatten((args, kwargs))
