@@ -479,6 +479,8 @@ def bench_minilm(args) -> str:
 
             row, _ = measure(rows, label, removed, graphprune_row, args.verbose)
             log(f"MiniLM {removed:.0%} {label}: {describe(row, 'cos')}")
+        if args.no_torch_pruning:
+            continue
 
         def torch_pruning_row(keep=keep):
             ratio, _ = tp_ratio_for(model, adapter, example, round(keep * total))
@@ -486,9 +488,8 @@ def bench_minilm(args) -> str:
             fields = evaluate(pruned)
             return {**fields, "time": seconds, "note": f"ratio {ratio:.3f}; " + fields["note"]}, None
 
-        if not args.no_torch_pruning:
-            row, _ = measure(rows, "torch-pruning magnitude", removed, torch_pruning_row, args.verbose)
-            log(f"MiniLM {removed:.0%} {row['method']}: {describe(row, 'cos')}")
+        row, _ = measure(rows, "torch-pruning magnitude", removed, torch_pruning_row, args.verbose)
+        log(f"MiniLM {removed:.0%} {row['method']}: {describe(row, 'cos')}")
     return minilm_markdown(rows, facts, total, nonemb, len(firsts), args, eval_s)
 
 

@@ -146,7 +146,9 @@ def _bias_flags(found: Probe, target: Shapes) -> dict[str, bool] | None:
         return None
     flags = {}
     for key, value in found.config.to_dict().items():
-        if value is not False or not missing:
+        if not missing:
+            break
+        if value is not False:
             continue
         trial = copy.deepcopy(found.config)
         try:
