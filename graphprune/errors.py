@@ -25,3 +25,7 @@ class BudgetError(GraphPruneError):
 
 class BackendError(GraphPruneError):
     """A backend could not emit the pruned model."""
+
+
+class UsageError(GraphPruneError):
+    """What was asked cannot be done as asked: a missing file, an argument out of range (exit code 2)."""

@@ -28,6 +28,13 @@ class Value:
     param_view: tuple[Value, tuple[int | None, ...], tuple[int, ...]] | None = None
     data: Any = None  # the tensor itself, for constants the graph cannot recompute
     zero: bool = False  # a buffer that is all zeros by construction (non-persistent, so no load changes it)
+    # For constants a frontend folded out of shape computations (ONNX Shape -> Gather -> Concat chains):
+    # `reads` holds the (value id, axis) widths the content was computed from at run time, and `sources`,
+    # per element of a small 1-d value, None (a literal), (value id, axis) (exactly that width) or a
+    # frozenset of widths (an expression of them). Rules use them to tell rewritable literals from widths
+    # the pruned graph recomputes.
+    reads: frozenset = frozenset()
+    sources: tuple | None = None
 
     @property
     def ndim(self) -> int:

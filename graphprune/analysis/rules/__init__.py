@@ -30,4 +30,4 @@ def lookup(op: str):
     return fn
 
 
-from . import attention, elementwise, indexing, linear, norm, pool, shape  # noqa: F401  (registers)
+from . import attention, elementwise, indexing, linear, norm, onnx, pool, shape  # noqa: F401  (registers)

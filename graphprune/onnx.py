@@ -1,0 +1,237 @@
+"""ONNX in, ONNX out: ``graphprune.onnx.prune("in.onnx", "out.onnx", target_flops=0.5)``.
+
+The file is read into the same graph IR as a PyTorch model (ir/from_onnx.py), planned by the same
+channel analysis, importance and selection, written by the ONNX backend and verified in ONNX Runtime
+against the original with every removed channel's producer rows zeroed. The input file is never
+modified; the output appears only after it passed the checker and the verification.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .analysis.channels import Analysis, analyze
+from .analysis.cost import CostModel
+from .errors import BackendError, GraphPruneError, UsageError
+from .ir.from_onnx import OnnxGraph, example_feeds, load_model, session, to_graph, uses_external_data
+from .plan import PruningPlan
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Loaded:
+    """One ONNX file read and analysed: what planning and the backend share."""
+
+    path: str
+    og: OnnxGraph
+    an: Analysis
+    flops: CostModel
+    params: CostModel
+
+
+def read(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
+         allow_lossy: bool = False, feeds: dict[str, np.ndarray] | None = None) -> Loaded:
+    """Load, check, record shapes with one ONNX Runtime run, and run the channel analysis."""
+    path = os.fspath(path)
+    model = load_model(path)
+    og = to_graph(model, feeds if feeds is not None else example_feeds(model, input_shapes))
+    an = analyze(og.graph, allow_lossy=allow_lossy)
+    return Loaded(path, og, an, CostModel(an, an.flop_terms), CostModel(an, an.param_terms))
+
+
+def count_flops(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    """FLOPs of one run (2 x MACs of Conv / Gemm / MatMul / Einsum), the torch cost model's definition."""
+    return int(round(read(path, input_shapes).flops.total()))
+
+
+def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_params: float | None = None,
+         importance: Any = "l2", round_to: int | None = None, max_ratio: float = 0.9, allow_lossy: bool = False,
+         input_shapes: dict[str, tuple[int, ...]] | None = None, loaded: Loaded | None = None) -> PruningPlan:
+    """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan."""
+    from .api import _budget, _build_plan, _weight_slices_per_component
+    from .passes.importance import get_importance
+    from .passes.select import select
+
+    started = time.perf_counter()
+    kind, ratio = _checked_budget(_budget, target_flops, target_params)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise UsageError(f"round_to must be a positive integer, got {round_to!r}")
+    loaded = loaded or read(path, input_shapes, allow_lossy)
+    an = loaded.an
+    tensors = _torch_tensors(loaded.og.tensors)
+    scores = np.asarray(get_importance(importance)(an, tensors), dtype=np.float64)
+    budget = loaded.flops if kind == "flops" else loaded.params
+    removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to, keep=None,
+                     budget_name="FLOPs" if kind == "flops" else "parameters",
+                     mass=_weight_slices_per_component(an))
+    result = _build_plan(an, removed, loaded.flops, loaded.params, loaded.og.tensors,
+                         {"kind": kind, "ratio": ratio, "importance": str(importance), "source": os.fspath(path)})
+    result._loaded = loaded
+    result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
+    return result
+
+
+def _checked_budget(budget, target_flops, target_params):
+    try:
+        return budget(target_flops, target_params)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _torch_tensors(arrays: dict[str, np.ndarray]):
+    import torch
+
+    return {name: torch.from_numpy(np.array(a, dtype=np.float32)) for name, a in arrays.items()}
+
+
+def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | None = None, *,
+          verify: bool = True, plan_out: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
+          progress: Progress | None = None, the_plan: PruningPlan | None = None, **options: Any) -> PruningPlan:
+    """Prune the ONNX file `src` into `dst` and return the plan.
+
+    `dst` is written only after the pruned model passed strict shape inference, the full ONNX checker and
+    (with verify=True) an ONNX Runtime comparison with the masked original on random inputs. `src` is
+    never modified. `the_plan` applies an existing plan (from graphprune.plan on the PyTorch model the
+    file was exported from, or PruningPlan.load) instead of planning; other options are those of plan().
+    """
+    say = progress or (lambda message: log.info(message))
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_paths(src, dst, plan_out, report)
+    if the_plan is None and target_flops is None and options.get("target_params") is None:
+        raise UsageError("give a budget: target_flops=R or target_params=R, R in (0, 1] the fraction to keep")
+    say(f"reading {src}")
+    loaded = read(src, options.get("input_shapes"), options.get("allow_lossy", False))
+    say(f"{len(loaded.og.graph.nodes)} nodes, {loaded.flops.total() / 1e9:.3f} GFLOPs, "
+        f"{loaded.params.total() / 1e6:.2f} M parameters; {int(loaded.an.prunable.sum())} prunable channels")
+    if the_plan is None:
+        say("planning")
+        result = plan(src, target_flops, loaded=loaded, **options)
+        gone = result._gone
+    else:
+        result, gone = the_plan, gone_from_plan(the_plan, loaded)
+    say(f"writing the pruned model ({result.flops_ratio:.3f} of the FLOPs, {result.params_ratio:.3f} of the "
+        "parameters)")
+    from .backends import onnx as backend
+
+    slim = backend.apply(loaded.og, loaded.an, gone)
+    if verify:
+        say("verifying in ONNX Runtime against the masked original")
+        original = load_model(src, check=False)
+        problem = compare(slim, backend.masked(loaded.og, original, result.zeroed),
+                          example_feeds(original, {k: v.shape for k, v in loaded.og.feeds.items()}, seed=1),
+                          lossy=result.lossy)
+        if problem is not None:
+            raise BackendError(f"the pruned model does not match the masked original ({problem}); this is a "
+                               "graphprune bug: please report it with the model (--no-verify skips the check)")
+        result.notes.append("verified against the masked original in ONNX Runtime")
+    save_model(slim, dst, external=uses_external_data(src))
+    if plan_out is not None:
+        result.save(plan_out)
+    if report is not None:
+        from .report import write_report
+        write_report(result, report)
+    say(f"wrote {dst}")
+    return result
+
+
+def _check_paths(src: str, dst: str, *others) -> None:
+    if not os.path.exists(src):
+        raise UsageError(f"no ONNX file at {src}; check the path")
+    for path in (dst, *[o for o in others if o is not None]):
+        directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(directory):
+            raise UsageError(f"cannot write {path}: directory {directory} does not exist; create it first")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise UsageError("the output path is the input file; graphprune never overwrites its input: choose "
+                         "another output path")
+
+
+def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
+    """Removed components of this file's analysis, from a plan's removed indices by initializer name.
+    Initializers the file lacks (batch norms an exporter folded) are skipped; a channel the plan removes
+    from one of its tensors but not another is refused."""
+    an = loaded.an
+    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    matched = 0
+    for name, axes in the_plan.removed.items():
+        v = loaded.og.graph.params.get(name)
+        if v is None:
+            continue
+        if list(v.shape) != list(the_plan.fingerprint.get(name, v.shape)):
+            raise UsageError(f"the plan was made for a model whose '{name}' is {the_plan.fingerprint[name]}, not "
+                             f"{list(v.shape)}; plan this file instead")
+        for axis, idx in axes.items():
+            gone[an.component[an.elements(v, int(axis))[idx]]] = True
+            matched += 1
+    for name, v in loaded.og.graph.params.items():
+        if name not in the_plan.fingerprint:
+            continue
+        for axis in range(v.ndim):
+            hit = gone[an.component[an.elements(v, axis)]]
+            listed = np.zeros(v.shape[axis], dtype=bool)
+            listed[the_plan.removed.get(name, {}).get(axis, [])] = True
+            if (hit != listed).any():
+                raise UsageError(f"the plan removes channels of '{name}' axis {axis} that this file ties to others "
+                                 "it keeps; plan this file instead")
+    if the_plan.removed and not matched:
+        raise UsageError("none of the plan's tensors are initializers of this file (exported under other "
+                         "names?); plan this file instead")
+    if (gone & ~an.prunable).any():
+        raise UsageError("the plan removes channels this file cannot lose (pinned here); plan this file instead")
+    return gone
+
+
+def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False) -> str | None:
+    """None if the two models give the same outputs on `feeds` (rel. error <= 1e-4), else what differs."""
+    try:
+        got = session(slim).run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        return f"ONNX Runtime cannot run it: {' '.join(str(exc).split())[:300]}"
+    want = session(reference).run(None, feeds)
+    for k, (a, b) in enumerate(zip(got, want)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return f"output {k} has shape {list(a.shape)} instead of {list(b.shape)}"
+        if lossy or not np.issubdtype(b.dtype, np.floating):
+            continue
+        err = float(np.abs(a - b).max()) if a.size else 0.0
+        if err > 1e-4 * max(float(np.abs(b).max()), 1e-6):
+            return f"output {k} differs by {err:.3g} (largest value {float(np.abs(b).max()):.3g})"
+    return None
+
+
+def save_model(proto, dst: str, external: bool = False) -> None:
+    """Write atomically: a temporary file (and data file) beside `dst`, renamed into place. Weights go to
+    `<dst>.data` when the source kept them outside the graph or the model is over protobuf's 2 GB."""
+    import onnx
+
+    directory = os.path.dirname(os.path.abspath(dst))
+    external = external or proto.ByteSize() > 2_000_000_000
+    tmpdir = tempfile.mkdtemp(dir=directory, prefix=".graphprune-")
+    try:
+        tmp = os.path.join(tmpdir, os.path.basename(dst))
+        location = os.path.basename(dst) + ".data"
+        if external:
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location, size_threshold=1024)
+            os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
+        else:
+            onnx.save_model(proto, tmp)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+__all__ = ["GraphPruneError", "compare", "count_flops", "plan", "prune", "read"]
