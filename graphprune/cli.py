@@ -1,7 +1,9 @@
-"""Command line: ``graphprune demo [--target-flops R]``, ``graphprune version``, ``graphprune --version``.
+"""Command line: ``graphprune prune IN.onnx -o OUT.onnx --target-flops R``, ``graphprune inspect IN.onnx``,
+``graphprune bench A.onnx B.onnx``, ``graphprune demo``, ``graphprune version``.
 
-Exit codes: 0 success, 1 error (one line on stderr; ``--debug`` shows the traceback), 2 usage error.
-Only argument parsing lives here; the work is done in the library (see graphprune.demo).
+Exit codes: 0 success, 2 usage error (a bad argument, a missing input file or output directory), 1 any
+other error; errors are one line on stderr with a hint (``--debug`` shows the traceback). Only argument
+parsing lives here; the work is done in the library (graphprune.onnx, graphprune.demo).
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ from collections.abc import Sequence
 from . import __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2
+        self.exit(2, f"graphprune: error: {message}; see '{self.prog} --help'\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="graphprune", description="Automatic structured pruning for PyTorch models.")
+    parser = _Parser(
+        prog="graphprune", description="Automatic structured pruning for PyTorch and ONNX models.")
     parser.add_argument("--version", action="version", version=f"graphprune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -32,10 +39,121 @@ def _parser() -> argparse.ArgumentParser:
                       help="fine-tuning epochs after pruning (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
+    prune = sub.add_parser("prune", help="prune an ONNX model to a FLOPs or parameter budget",
+                           description="Prune an ONNX model: the output keeps the given fraction of FLOPs (or "
+                                       "parameters), passes the ONNX checker and is verified in ONNX Runtime "
+                                       "against the original with the removed channels zeroed. The input file "
+                                       "is never modified.")
+    prune.add_argument("input", help="the .onnx file to prune")
+    prune.add_argument("-o", "--output", required=True, help="where to write the pruned .onnx file")
+    budget = prune.add_mutually_exclusive_group()
+    budget.add_argument("--target-flops", type=_ratio, metavar="R", help="fraction of the FLOPs to keep, in (0, 1]")
+    budget.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the parameters to keep")
+    budget.add_argument("--plan", metavar="PLAN.json", help="apply this plan (graphprune plan JSON) instead")
+    prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random"],
+                       help="how channels are ranked (default: %(default)s)")
+    prune.add_argument("--round-to", type=_positive, metavar="N", help="keep every layer's width a multiple of N")
+    prune.add_argument("--max-ratio", type=_ratio, default=0.9, metavar="R",
+                       help="largest fraction of one layer's channels that may go (default: %(default)s)")
+    prune.add_argument("--allow-lossy", action="store_true",
+                       help="also prune axes a LayerNormalization normalizes (changes outputs; verification "
+                            "then checks shapes only)")
+    prune.add_argument("--calibration", metavar="FILE.npz",
+                       help="real inputs (arrays named like the model's inputs) to record shapes and verify with")
+    prune.add_argument("--plan-out", metavar="PLAN.json", help="also write the plan as JSON")
+    prune.add_argument("--report", metavar="REPORT.html", help="also write an HTML report with a width chart")
+    prune.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+
+    inspect = sub.add_parser("inspect", help="show prunable groups, widths, FLOPs and pinned channels",
+                             description="Read an ONNX model and show its prunable channel groups and widths, "
+                                         "FLOPs and parameters, and the channels kept whole with the reasons.")
+    inspect.add_argument("input", help="the .onnx file")
+
+    bench = sub.add_parser("bench", help="ONNX Runtime latency of ONNX models side by side",
+                           description="Time ONNX models in ONNX Runtime on the CPU (fixed threads, warm-up, "
+                                       "median and p90 over the runs, the same input for all) and show their "
+                                       "FLOPs and parameters; the first model is the baseline.")
+    bench.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
+    bench.add_argument("--runs", type=_positive, default=50, help="timed runs per model (default: %(default)s)")
+    bench.add_argument("--warmup", type=_positive, default=5, help="untimed runs first (default: %(default)s)")
+    bench.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: cores, at most 4)")
+    for command in (prune, inspect, bench):
+        command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                             type=_input_shape, help="shape for an input with unknown dimensions (repeatable)")
+
     version = sub.add_parser("version", help="print the version", description="Print graphprune's version.")
-    for command in (demo, version):  # --debug works before or after the command name
+    for command in (demo, prune, inspect, bench, version):  # --debug works before or after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the fraction to keep), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, _, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not name or not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with positive dims, got {text!r}")
+    return name, shape
+
+
+def _progress(message: str) -> None:
+    print(f"graphprune: {message}", file=sys.stderr, flush=True)
+
+
+def _run(args) -> None:
+    """The command's work, through the public API."""
+    if args.command == "version":
+        print(f"graphprune {__version__}")
+    elif args.command == "demo":
+        from . import demo
+
+        demo.run(target_flops=args.target_flops, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                 seed=args.seed)
+        return
+    from . import onnx as gonnx
+
+    shapes = dict(getattr(args, "input_shape", []))
+    if args.command == "prune":
+        from .errors import UsageError
+        from .plan import PruningPlan
+
+        if args.target_flops is None and args.target_params is None and args.plan is None:
+            raise UsageError("give a budget: --target-flops R or --target-params R (or --plan PLAN.json)")
+        feeds = gonnx.load_calibration(args.calibration) if args.calibration else None
+        result = gonnx.prune(args.input, args.output, args.target_flops, target_params=args.target_params,
+                             importance=args.importance, round_to=args.round_to, max_ratio=args.max_ratio,
+                             allow_lossy=args.allow_lossy, input_shapes=shapes, feeds=feeds,
+                             verify=not args.no_verify, plan_out=args.plan_out, report=args.report,
+                             the_plan=PruningPlan.load(args.plan) if args.plan else None, progress=_progress)
+        print(result.summary())
+    elif args.command == "inspect":
+        print(gonnx.inspect(args.input, shapes))
+    elif args.command == "bench":
+        rows = gonnx.bench(args.inputs, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                           input_shapes=shapes, progress=_progress)
+        print(gonnx.bench_table(rows))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,13 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.debug:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "version":
-            print(f"graphprune {__version__}")
-        elif args.command == "demo":
-            from . import demo
-
-            demo.run(target_flops=args.target_flops, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                     seed=args.seed)
+        _run(args)
         return 0
     except KeyboardInterrupt:
         if args.debug:
@@ -59,9 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        from .errors import UsageError
+
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"graphprune: error: {message}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -98,13 +98,17 @@ def _torch_tensors(arrays: dict[str, np.ndarray]):
 
 def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | None = None, *,
           verify: bool = True, plan_out: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
-          progress: Progress | None = None, the_plan: PruningPlan | None = None, **options: Any) -> PruningPlan:
+          progress: Progress | None = None, the_plan: PruningPlan | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None, feeds: dict[str, np.ndarray] | None = None,
+          allow_lossy: bool = False, **options: Any) -> PruningPlan:
     """Prune the ONNX file `src` into `dst` and return the plan.
 
     `dst` is written only after the pruned model passed strict shape inference, the full ONNX checker and
     (with verify=True) an ONNX Runtime comparison with the masked original on random inputs. `src` is
     never modified. `the_plan` applies an existing plan (from graphprune.plan on the PyTorch model the
-    file was exported from, or PruningPlan.load) instead of planning; other options are those of plan().
+    file was exported from, or PruningPlan.load) instead of planning. `feeds` (input name -> array) are
+    the inputs shapes are recorded and the verification runs with; by default random ones shaped by the
+    model's inputs and `input_shapes`. Other options are those of plan().
     """
     say = progress or (lambda message: log.info(message))
     src, dst = os.fspath(src), os.fspath(dst)
@@ -112,7 +116,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if the_plan is None and target_flops is None and options.get("target_params") is None:
         raise UsageError("give a budget: target_flops=R or target_params=R, R in (0, 1] the fraction to keep")
     say(f"reading {src}")
-    loaded = read(src, options.get("input_shapes"), options.get("allow_lossy", False))
+    loaded = read(src, input_shapes, allow_lossy, feeds)
     say(f"{len(loaded.og.graph.nodes)} nodes, {loaded.flops.total() / 1e9:.3f} GFLOPs, "
         f"{loaded.params.total() / 1e6:.2f} M parameters; {int(loaded.an.prunable.sum())} prunable channels")
     if the_plan is None:
@@ -129,9 +133,9 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if verify:
         say("verifying in ONNX Runtime against the masked original")
         original = load_model(src, check=False)
-        problem = compare(slim, backend.masked(loaded.og, original, result.zeroed),
-                          example_feeds(original, {k: v.shape for k, v in loaded.og.feeds.items()}, seed=1),
-                          lossy=result.lossy)
+        check_feeds = feeds if feeds is not None else example_feeds(
+            original, {k: v.shape for k, v in loaded.og.feeds.items()}, seed=1)
+        problem = compare(slim, backend.masked(loaded.og, original, result.zeroed), check_feeds, lossy=result.lossy)
         if problem is not None:
             raise BackendError(f"the pruned model does not match the masked original ({problem}); this is a "
                                "graphprune bug: please report it with the model (--no-verify skips the check)")
@@ -144,6 +148,19 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         write_report(result, report)
     say(f"wrote {dst}")
     return result
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Inputs from an .npz file: one array per model input, named like it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"no calibration file at {path}; give an .npz with one array per model input")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{path} is not an .npz file of arrays ({exc}); write one with numpy.savez(path, "
+                         "input_name=array, ...)") from exc
 
 
 def _check_paths(src: str, dst: str, *others) -> None:
@@ -234,4 +251,62 @@ def save_model(proto, dst: str, external: bool = False) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-__all__ = ["GraphPruneError", "compare", "count_flops", "plan", "prune", "read"]
+def inspect(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+    """What graphprune sees in the file: prunable groups and widths, FLOPs, parameters, and why channels
+    that own weights are kept whole."""
+    from .report import _num, explain_rows, pinned_rows
+
+    loaded = read(path, input_shapes)
+    an, g = loaded.an, loaded.og.graph
+    lines = [f"{os.fspath(path)}: {len(g.nodes)} nodes, inputs " +
+             ", ".join(f"{n}{list(a.shape)}" for n, a in loaded.og.feeds.items()),
+             f"FLOPs {_num(loaded.flops.total())}, parameters {_num(loaded.params.total())}",
+             f"{len(an.families)} prunable groups, {int(an.prunable.sum())} prunable channels:"]
+    for fam, label in zip(an.families, an.family_label):
+        lines.append(f"  {len(fam):>6}  {label}")
+    lines.extend(explain_rows(pinned_rows(an)))
+    return "\n".join(lines)
+
+
+def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threads: int | None = None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None, progress: Progress | None = None
+          ) -> list[dict[str, Any]]:
+    """ONNX Runtime CPU latency of each file on the same random input (threads fixed, warm-up first), with
+    FLOPs and parameters; one row per file, the first one is the baseline of the speed-up column."""
+    if runs < 1 or warmup < 0:
+        raise UsageError("runs must be at least 1 and warmup at least 0")
+    threads = threads or min(os.cpu_count() or 1, 4)
+    rows, feeds = [], None
+    for path in paths:
+        (progress or (lambda m: None))(f"timing {path}")
+        loaded = read(path, input_shapes, feeds=feeds)
+        feeds = loaded.og.feeds
+        sess = session(os.fspath(path), threads=threads)
+        for _ in range(warmup):
+            sess.run(None, feeds)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t)
+        rows.append({"model": os.fspath(path), "median_ms": 1e3 * float(np.median(times)),
+                     "p90_ms": 1e3 * float(np.percentile(times, 90)), "flops": loaded.flops.total(),
+                     "params": loaded.params.total(), "threads": threads, "runs": runs})
+    for r in rows:
+        r["speedup"] = rows[0]["median_ms"] / r["median_ms"]
+    return rows
+
+
+def bench_table(rows: list[dict[str, Any]]) -> str:
+    from .report import _num
+
+    width = max(len(r["model"]) for r in rows)
+    lines = [f"{'model':<{width}}  {'median ms':>10}  {'p90 ms':>8}  {'speed-up':>8}  {'FLOPs':>8}  {'params':>8}"]
+    for r in rows:
+        lines.append(f"{r['model']:<{width}}  {r['median_ms']:>10.2f}  {r['p90_ms']:>8.2f}  {r['speedup']:>7.2f}x  "
+                     f"{_num(r['flops']):>8}  {_num(r['params']):>8}")
+    lines.append(f"(ONNX Runtime CPU, {rows[0]['threads']} threads, {rows[0]['runs']} runs after warm-up, same input)")
+    return "\n".join(lines)
+
+
+__all__ = ["bench", "bench_table", "compare", "count_flops", "inspect", "plan", "prune", "read"]

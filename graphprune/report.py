@@ -91,11 +91,50 @@ def summary(plan: PruningPlan) -> str:
 
 
 def explain(plan: PruningPlan) -> str:
-    if not plan.pinned:
-        return "no weighted channels were pinned"
+    return "\n".join(explain_rows(plan.pinned))
+
+
+def explain_rows(pinned: list[dict[str, Any]]) -> list[str]:
+    if not pinned:
+        return ["no weighted channels were pinned"]
     lines = ["weighted channels kept whole, by reason:"]
-    for row in plan.pinned:
+    for row in pinned:
         lines.append(f"  {row['channels']:>6}  {row['reason']}")
         more = f" (+{row['sites'] - len(row['examples'])} more)" if row["sites"] > len(row["examples"]) else ""
         lines.append(f"          at {'; '.join(row['examples'])}{more}")
-    return "\n".join(lines)
+    return lines
+
+
+def write_report(plan: PruningPlan, path) -> None:
+    """An HTML page: a chart of every group's width before and after, the totals and the pinned reasons."""
+    import html
+    import os
+
+    from .errors import UsageError
+    from .plan import atomic_write
+
+    if not os.fspath(path).lower().endswith((".html", ".htm")):
+        raise UsageError(f"reports are HTML pages (with an SVG chart); name the report file .html, not {path}")
+    groups = plan.groups
+    bar, gap, left, right = 14, 6, 360, 420
+    height = max(1, len(groups)) * (bar + gap) + 40
+    widest = max((g["before"] for g in groups), default=1)
+    rows = []
+    for i, g in enumerate(groups):
+        y = 30 + i * (bar + gap)
+        w_before, w_after = right * g["before"] / widest, right * g["after"] / widest
+        label = html.escape(g["group"][:60])
+        rows.append(f'<text x="{left - 6}" y="{y + bar - 3}" text-anchor="end">{label}</text>'
+                    f'<rect x="{left}" y="{y}" width="{w_before:.1f}" height="{bar}" fill="#cfd8e3"/>'
+                    f'<rect x="{left}" y="{y}" width="{w_after:.1f}" height="{bar}" fill="#2b6cb0"/>'
+                    f'<text x="{left + w_before + 4:.1f}" y="{y + bar - 3}">{g["after"]} / {g["before"]}</text>')
+    chart = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + right + 90}" height="{height}" '
+             f'font-family="sans-serif" font-size="11"><text x="{left}" y="16">width after (dark) of width before '
+             f'(light), per prunable group</text>{"".join(rows)}</svg>')
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>graphprune report</title></head><body>"
+            f"<h1>graphprune report</h1><p>FLOPs {_num(plan.flops['before'])} &rarr; {_num(plan.flops['after'])} "
+            f"({plan.flops_ratio:.3f}), parameters {_num(plan.params['before'])} &rarr; "
+            f"{_num(plan.params['after'])} ({plan.params_ratio:.3f})</p>{chart}"
+            f"<h2>Summary</h2><pre>{html.escape(summary(plan))}</pre>"
+            f"<h2>Channels kept whole</h2><pre>{html.escape(explain(plan))}</pre></body></html>")
+    atomic_write(path, page.encode())

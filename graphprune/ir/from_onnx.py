@@ -118,6 +118,25 @@ def example_feeds(model, shapes: dict[str, tuple[int, ...]] | None = None, seed:
     return feeds
 
 
+def check_feeds(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """User inputs matched to the model's inputs by name, cast to the dtypes the model declares."""
+    inputs = {v.name: v for v in _real_inputs(model.graph)}
+    missing, extra = sorted(set(inputs) - set(feeds)), sorted(set(feeds) - set(inputs))
+    if missing or extra:
+        raise UsageError(f"the inputs given do not match the model's: missing {missing}, unexpected {extra}; "
+                         f"the model takes {sorted(inputs)}")
+    out = {}
+    for name, v in inputs.items():
+        a = np.asarray(feeds[name])
+        want = v.dtype.numpy()
+        if a.dtype != want:
+            if np.issubdtype(a.dtype, np.floating) and not np.issubdtype(want, np.floating):
+                raise UsageError(f"input '{name}' holds {a.dtype} values but the model takes {want}")
+            a = a.astype(want)
+        out[name] = a
+    return out
+
+
 def _real_inputs(graph) -> list:
     return [v for v in graph.inputs if not v.is_initializer()]
 
@@ -158,6 +177,7 @@ def capture(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
     """Build the IR: one node per ONNX node that touches activations; shape computations folded."""
+    feeds = check_feeds(model, feeds)
     captured = capture(model, feeds)
     g = Graph(output_is_tensor=False)
     result = OnnxGraph(g, model, feeds)
