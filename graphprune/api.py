@@ -313,12 +313,8 @@ def _rewrites(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:
     return out
 
 
-def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: CostModel,
-                tensors: dict[str, torch.Tensor], target: dict[str, Any]) -> PruningPlan:
-    from .report import family_rows, layer_rows, pinned_rows
-
-    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
-    gone[removed] = True
+def removed_and_zeroed(an: Analysis, gone: np.ndarray) -> tuple[dict, dict]:
+    """Per parameter name and axis: the indices removed, and those mask() zeroes (the producer rows)."""
     removed_idx: dict[str, dict[int, list[int]]] = {}
     zeroed_idx: dict[str, dict[int, list[int]]] = {}
     for name, v in an.graph.params.items():
@@ -333,6 +329,16 @@ def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: Cos
             z = indices_by_axis(zer)
             if z:
                 zeroed_idx[name] = z
+    return removed_idx, zeroed_idx
+
+
+def _build_plan(an: Analysis, removed: np.ndarray, flops: CostModel, params: CostModel,
+                tensors: dict[str, torch.Tensor], target: dict[str, Any]) -> PruningPlan:
+    from .report import family_rows, layer_rows, pinned_rows
+
+    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    gone[removed] = True
+    removed_idx, zeroed_idx = removed_and_zeroed(an, gone)
     result = PruningPlan(
         removed=removed_idx, zeroed=zeroed_idx,
         fingerprint={n: list(t.shape) for n, t in tensors.items()},

@@ -47,3 +47,36 @@ def same_state(a, b) -> bool:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def distinct_params(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random, pairwise different parameters and batch-norm statistics, as in a trained model (exporters merge
+    identical initializers, such as the zero biases of a fresh model, into one shared tensor)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1))
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def export_onnx(model: torch.nn.Module, inputs, path, dynamo: bool = False, dynamic: dict | None = None) -> str:
+    """Export with the dynamo exporter or the TorchScript one (dynamic: dynamic_axes, TorchScript only)."""
+    import contextlib
+    import io
+    import warnings
+
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    path = str(path)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(model, args, path, dynamo=True, verbose=False)
+        else:
+            names = [f"input_{i}" for i in range(len(args))]
+            torch.onnx.export(model, args, path, dynamo=False, input_names=names, dynamic_axes=dynamic)
+    return path

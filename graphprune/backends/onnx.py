@@ -78,6 +78,24 @@ class _Editor:
             init.const_value = self.ir.tensor(np.ascontiguousarray(data), name=name)
             init.shape = self.ir.Shape(data.shape)
 
+    def slice_constants(self, irn) -> None:
+        """Constants tied to pruned axes (Constant-node tensors, folded values, integer initializers) are
+        inputs of this node only in their sliced form."""
+        for pos, v in enumerate(irn.args):
+            if not isinstance(v, Value) or v.kind != CONST or v.ndim == 0 or v.data is None:
+                continue
+            keep = [self.kept(v, a) for a in range(v.ndim)]
+            if all(len(k) == n for k, n in zip(keep, v.shape)):
+                continue
+            if v.reads:
+                raise BackendError(f"{irn.where()}: input {pos} is computed at run time from widths that change")
+            data = np.asarray(v.data)
+            for a, k in enumerate(keep):
+                if len(k) != v.shape[a]:
+                    data = np.take(data, k, axis=a)
+            name = irn.target.inputs[pos].name or "constant"
+            irn.target.replace_input_with(pos, self.constant(name, np.ascontiguousarray(data)))
+
     def set_vector(self, node, pos: int, old: Value, new: list[int]) -> None:
         """Make input `pos` of `node` hold `new` where it held a literal (its run-time elements stay)."""
         values = np.asarray(old.data).reshape(-1)
@@ -227,6 +245,7 @@ def apply(og: OnnxGraph, an, gone: np.ndarray):
     editor.slice_initializers()
     for irn in og.graph.nodes:
         if irn.op.startswith("onnx.") and irn.target is not None:
+            editor.slice_constants(irn)
             editor.rewrite(irn)
     outputs = {v.name for v in og.model.graph.outputs}
     for node in og.model.graph:

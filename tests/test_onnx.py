@@ -1,0 +1,301 @@
+"""ONNX in, ONNX out: op rules on small exported models, verified in ONNX Runtime against the masked original
+(graphprune.onnx.prune does that itself and raises if they differ), FLOPs at target counted again from the
+written file, the checker, plans shared with the torch backend, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import graphprune
+import graphprune.onnx as gonnx
+from graphprune.errors import GraphPruneError, UsageError
+from graphprune.ir.from_onnx import session
+
+from .conftest import distinct_params, export_onnx
+
+
+def prune_file(tmp_path, model, inputs, ratio=0.5, dynamo=False, dynamic=None, tol=0.01, **options):
+    src = export_onnx(distinct_params(model), inputs, tmp_path / "model.onnx", dynamo=dynamo, dynamic=dynamic)
+    dst = str(tmp_path / "slim.onnx")
+    plan = gonnx.prune(src, dst, target_flops=ratio, **options)
+    onnx.checker.check_model(dst, full_check=True)
+    assert abs(gonnx.count_flops(dst) / gonnx.count_flops(src) - plan.flops_ratio) < 1e-6
+    assert ratio - tol <= plan.flops_ratio <= ratio + 0.01
+    return plan, src, dst
+
+
+class ConvNet(nn.Module):
+    """conv/bn/relu, a residual add, concat, max pool, global pool, flatten and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Conv2d(16, 24, 1)
+        self.c = nn.Conv2d(40, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a(x))
+        x = torch.cat([x, self.b(x)], 1)
+        x = nn.functional.max_pool2d(x, 2)
+        x = self.c(x).relu().mean((2, 3))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_convnet(tmp_path, dynamo):
+    plan, src, dst = prune_file(tmp_path, ConvNet(), torch.randn(1, 3, 16, 16), dynamo=dynamo)
+    assert plan.params_ratio < 1
+    slim, original = onnx.load(dst), onnx.load(src)
+    assert {o.domain: o.version for o in slim.opset_import} == {o.domain: o.version for o in original.opset_import}
+    assert slim.producer_name == original.producer_name and slim.ir_version == original.ir_version
+    assert "verified against the masked original in ONNX Runtime" in plan.notes
+
+
+class MobileBlock(nn.Module):
+    """Depthwise and grouped convs, ReLU6 (Clip), hard-swish, PReLU and squeeze-excite (broadcast Mul)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(8, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.se1, self.se2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.prelu = nn.PReLU(32)
+        self.project = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = nn.functional.relu6(self.expand(x))
+        y = nn.functional.hardswish(self.dw(y))
+        y = self.prelu(self.grouped(y))
+        s = torch.sigmoid(self.se2(torch.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        return x + self.project(y * s)
+
+
+def test_mobile_block(tmp_path):
+    # whole groups of the grouped conv go together (8 channels of 32): the budget is met coarsely
+    plan, _, dst = prune_file(tmp_path, MobileBlock(), torch.randn(1, 8, 12, 12), ratio=0.6, tol=0.15)
+    groups = {n.name: n for n in onnx.load(dst).graph.node if n.op_type == "Conv"}
+    assert any(a.name == "group" and 1 < a.i < 32 for n in groups.values() for a in n.attribute)
+
+
+class UpNet(nn.Module):
+    """ConvTranspose, nearest and bilinear Resize, Pad, instance and group norms."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(32, affine=True)
+        self.up = nn.ConvTranspose2d(32, 24, 2, stride=2)
+        self.gn_per_channel = nn.GroupNorm(24, 24)
+        self.gn = nn.GroupNorm(4, 24)
+        self.c2 = nn.Conv2d(24, 24, 3)
+        self.c3 = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.inorm(self.c1(x)))
+        y = self.gn_per_channel(self.up(y))
+        y = nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+        y = nn.functional.pad(self.c2(y), (1, 1, 1, 1))
+        y = nn.functional.interpolate(self.gn(y), size=(20, 20), mode="bilinear", align_corners=False)
+        return self.c3(y)
+
+
+def test_upsampling_and_norms(tmp_path):
+    plan, _, _ = prune_file(tmp_path, UpNet(), torch.randn(1, 3, 6, 6), ratio=0.7)
+    assert 0 not in plan.removed.get("c2.weight", {})  # GroupNorm(4, 24) mixes c2's channels: kept whole
+    assert 1 in plan.removed.get("up.weight", {})  # GroupNorm(24, 24) is per channel: pruned
+
+
+class Slicing(nn.Module):
+    """chunk (Split), slicing a channel range (Slice), a fixed channel selection (Gather), transposes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 1)
+        self.c2 = nn.Conv2d(16, 8, 1)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        self.c4 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        a, b = torch.chunk(self.c1(x), 2, dim=1)
+        y = self.c2(a) + self.c3(b)
+        y = self.c4(y[:, :8])
+        z = y[:, [0, 2, 5]]
+        return self.fc(z.transpose(1, 3)).sum(1)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_split_slice_gather(tmp_path, dynamo):
+    prune_file(tmp_path, Slicing(), torch.randn(1, 3, 4, 4), ratio=0.7, dynamo=dynamo, tol=0.03)
+
+
+class Attention(nn.Module):
+    """A transformer block: q/k/v projections, heads (Reshape + Transpose), Softmax, LayerNorm, GELU MLP,
+    an einsum and an expand."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, 64), nn.Linear(64, dim)
+        self.gate = nn.Parameter(torch.randn(64))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
+        h = nn.functional.gelu(self.up(self.norm(x)))
+        h = torch.einsum("bnd,d->bnd", h, self.gate.expand(64))
+        return x + self.down(h)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_attention_block(tmp_path, dynamo):
+    plan, _, _ = prune_file(tmp_path, Attention(), torch.randn(2, 6, 32), ratio=0.7, dynamo=dynamo)
+    assert any(g["after"] < g["before"] for g in plan.groups)
+
+
+def test_dynamic_batch_and_sequence(tmp_path):
+    """With dynamic axes the exporter builds reshape targets from Shape -> Gather -> Concat chains: their
+    head counts are rewritten, the batch and sequence stay dynamic."""
+    plan, _, dst = prune_file(tmp_path, Attention(), torch.randn(2, 6, 32), ratio=0.7,
+                              dynamic={"input_0": {0: "batch", 1: "seq"}})
+    sess = session(dst)
+    for shape in ((1, 3, 32), (3, 9, 32)):
+        out = sess.run(None, {"input_0": np.random.randn(*shape).astype(np.float32)})[0]
+        assert out.shape == shape
+
+
+def test_reductions(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 64, 3), nn.Conv2d(64, 48, 1)
+
+        def forward(self, x):
+            y = self.c2(torch.relu(self.c1(x)))
+            return y.amax((2, 3)), torch.relu(y).sum(1)  # a channel sum needs removed channels to be zero
+
+    prune_file(tmp_path, Net(), torch.randn(1, 3, 8, 8), ratio=0.8)
+
+
+def _conv_lrn_conv(path) -> str:
+    """Conv -> LRN -> Conv -> Conv, built by hand: LRN mixes neighbouring channels and has no rule."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             (("w1", (16, 3, 1, 1)), ("w2", (16, 16, 1, 1)), ("w3", (16, 16, 1, 1)), ("w4", (4, 16, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("LRN", ["a"], ["b"], size=3),
+             helper.make_node("Conv", ["b", "w2"], ["c"]), helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("Conv", ["d", "w3"], ["e"]), helper.make_node("Conv", ["e", "w4"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_op_without_rule_pins_with_reason(tmp_path):
+    src = _conv_lrn_conv(tmp_path / "m.onnx")
+    text = gonnx.inspect(src)
+    assert "no rule for op onnx.LRN" in text
+    plan = gonnx.plan(src, 0.8)
+    assert set(plan.removed) <= {"w2", "w3", "w4"} and "w1" not in plan.removed  # LRN's input stays whole
+    gonnx.prune(src, tmp_path / "slim.onnx", 0.8)
+
+
+def test_torch_and_onnx_backends_agree(tmp_path):
+    """One plan, made on the PyTorch model, applied by both backends: the same outputs."""
+    import torchvision
+
+    model = distinct_params(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(1, 3, 64, 64)
+    plan = graphprune.plan(model, x, 0.5)
+    src = export_onnx(model, x, tmp_path / "r18.onnx", dynamo=True)
+    dst = str(tmp_path / "r18_slim.onnx")
+    gonnx.prune(src, dst, the_plan=plan)
+    with torch.no_grad():
+        want = plan.apply(model)(x).numpy()
+    got = session(dst).run(None, {session(dst).get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert abs(gonnx.count_flops(dst) / gonnx.count_flops(src) - plan.flops_ratio) < 1e-3
+
+
+def test_plan_json_round_trip_and_report(tmp_path):
+    src = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    plan = gonnx.prune(src, tmp_path / "a.onnx", 0.5, plan_out=tmp_path / "plan.json", report=tmp_path / "r.html")
+    again = gonnx.prune(src, tmp_path / "b.onnx", the_plan=graphprune.PruningPlan.load(tmp_path / "plan.json"))
+    assert again.removed == plan.removed
+    assert onnx.load(tmp_path / "a.onnx").graph.initializer[0] == onnx.load(tmp_path / "b.onnx").graph.initializer[0]
+    page = (tmp_path / "r.html").read_text()
+    assert "<svg" in page and "<rect" in page and "FLOPs" in page
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "graphprune", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def test_cli_prune_inspect_bench(tmp_path):
+    src = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    out = tmp_path / "slim.onnx"
+    done = _cli("prune", src, "-o", out, "--target-flops", "0.5", "--round-to", "4", "--plan-out", tmp_path / "p.json")
+    assert done.returncode == 0, done.stderr
+    assert "of original; target flops 0.5" in done.stdout and out.exists() and (tmp_path / "p.json").exists()
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() == digest  # the input is untouched
+    inspected = _cli("inspect", src)
+    assert inspected.returncode == 0 and "prunable groups" in inspected.stdout
+    bench = _cli("bench", src, out, "--runs", "3", "--warmup", "1", "--threads", "1")
+    assert bench.returncode == 0, bench.stderr
+    assert "median ms" in bench.stdout and "p90 ms" in bench.stdout and "speed-up" in bench.stdout
+
+
+def test_bad_input(tmp_path):
+    good = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    data = open(good, "rb").read()
+    (tmp_path / "text.onnx").write_bytes(b"this is not a model\n" * 10)
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    broken = onnx.load(good)
+    broken.graph.node[0].input[0] = "nothing_makes_this"
+    onnx.save(broken, tmp_path / "invalid.onnx")
+    out = tmp_path / "out.onnx"
+    cases = [
+        (("prune", tmp_path / "missing.onnx", "-o", out, "--target-flops", "0.5"), 2, "no ONNX file"),
+        (("prune", tmp_path / "text.onnx", "-o", out, "--target-flops", "0.5"), 1, "not an ONNX model"),
+        (("prune", tmp_path / "cut.onnx", "-o", out, "--target-flops", "0.5"), 1, "ONNX model"),
+        (("prune", tmp_path / "invalid.onnx", "-o", out, "--target-flops", "0.5"), 1, "not a valid ONNX model"),
+        (("prune", good, "-o", out, "--target-flops", "1.5"), 2, "(0, 1]"),
+        (("prune", good, "-o", out, "--target-flops", "0"), 2, "(0, 1]"),
+        (("prune", good, "-o", tmp_path / "no" / "such" / "dir.onnx", "--target-flops", "0.5"), 2, "does not exist"),
+        (("prune", good, "-o", out), 2, "give a budget"),
+        (("prune", good, "-o", good, "--target-flops", "0.5"), 2, "never overwrites its input"),
+    ]
+    for args, code, text in cases:
+        done = _cli(*args)
+        assert done.returncode == code, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert text in lines[-1] and lines[-1].startswith("graphprune: error:"), (args, done.stderr)
+        assert not out.exists() and not (tmp_path / "no").exists()
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".graphprune-")]
+    with pytest.raises(UsageError):
+        gonnx.prune(good, out, target_flops=-1)
+    with pytest.raises(GraphPruneError, match="ask for at least"):
+        gonnx.prune(good, out, target_flops=0.01)
+    assert not out.exists()
