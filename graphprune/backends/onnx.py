@@ -80,12 +80,13 @@ class _Editor:
 
     def slice_constants(self, irn) -> None:
         """Constants tied to pruned axes (Constant-node tensors, folded values, integer initializers) are
-        inputs of this node only in their sliced form."""
+        inputs of this node only in their sliced form; values computed from widths in a model with fixed
+        input shapes become constants."""
         for pos, v in enumerate(irn.args):
-            if not isinstance(v, Value) or v.kind != CONST or v.ndim == 0 or v.data is None:
+            if not isinstance(v, Value) or v.kind != CONST or v.data is None:
                 continue
             keep = [self.kept(v, a) for a in range(v.ndim)]
-            if all(len(k) == n for k, n in zip(keep, v.shape)):
+            if all(len(k) == n for k, n in zip(keep, v.shape)) and v.id not in self.og.frozen:
                 continue
             if v.reads:
                 raise BackendError(f"{irn.where()}: input {pos} is computed at run time from widths that change")

@@ -36,6 +36,9 @@ class OnnxGraph:
     feeds: dict[str, np.ndarray]  # the inputs the shapes were recorded with
     values: dict[str, Value] = field(default_factory=dict)  # ONNX value name -> IR value
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # float initializers by name
+    # folded values computed from widths, in a model whose inputs have fixed shapes: every width is then
+    # a constant, so rules see literals and the backend writes these values as constants
+    frozen: set[int] = field(default_factory=set)
 
 
 def load_model(path: str | os.PathLike, check: bool = True):
@@ -192,7 +195,9 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
     for name, init in model.graph.initializers.items():
         data = init.const_value.numpy()
         if np.issubdtype(data.dtype, np.floating):
-            kind = BUFFER if name in buffers else PARAM
+            # batch-norm statistics and masks (infinities, finfo.min fills) are buffers, not weights
+            mask = data.size and not np.isfinite(data).all() or data.size and np.abs(data).max() > 1e30
+            kind = BUFFER if name in buffers or mask else PARAM
             iv = g.new_value(data.shape, data.dtype, kind, name)
             g.params[name] = iv
             result.tensors[name] = data
@@ -202,6 +207,7 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
             iv.sources = _literals(data)
         values[name] = iv
 
+    folded_from_widths: list[Value] = []
     for node in model.graph:
         ins = [values.get(v.name) if v is not None and v.name else None for v in node.inputs]
         missing = [v.name for v, iv in zip(node.inputs, ins) if v is not None and v.name and iv is None]
@@ -211,6 +217,8 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
         if _foldable(node, ins):
             for o in outs:
                 values[o.name] = _folded(g, node, ins, o.name, captured[o.name])
+                if values[o.name].reads:
+                    folded_from_widths.append(values[o.name])
             continue
         out_values = []
         for o in outs:
@@ -225,6 +233,10 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
         for ov in out_values:
             ov.producer = irn
         g.nodes.append(irn)
+    if all(v.shape is not None and all(isinstance(d, int) for d in v.shape.dims) for v in _real_inputs(model.graph)):
+        for v in folded_from_widths:  # fixed input shapes: every width is a constant
+            result.frozen.add(v.id)
+            v.reads, v.sources = frozenset(), _literals(v.data)
     for o in model.graph.outputs:
         v = values.get(o.name)
         if v is None:
