@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--plan", metavar="PLAN.json", help="apply this plan (graphprune plan JSON) instead")
     prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random"],
                        help="how channels are ranked (default: %(default)s)")
-    prune.add_argument("--round-to", type=_positive, metavar="N", help="keep every layer's width a multiple of N")
+    prune.add_argument("--round-to", type=_positive, default=8, metavar="N",
+                       help="keep every layer's width a multiple of N, which kernels run fastest (default: "
+                            "%(default)s; 1 keeps exact channel counts)")
     prune.add_argument("--max-ratio", type=_ratio, default=0.9, metavar="R",
                        help="largest fraction of one layer's channels that may go (default: %(default)s)")
     prune.add_argument("--allow-lossy", action="store_true",

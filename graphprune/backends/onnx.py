@@ -11,8 +11,8 @@ import logging
 import numpy as np
 
 from ..errors import BackendError
-from ..ir.graph import CONST, Value
 from ..ir.from_onnx import OnnxGraph, opset_of
+from ..ir.graph import CONST, Value
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class _Editor:
 
     def rewrite(self, irn) -> None:
         node, op = irn.target, irn.op.split(".", 1)[1]
-        args, outs = irn.args, irn.outputs
+        args = irn.args
         if op in ("Conv", "ConvTranspose") and node.attributes.get("group") is not None:
             groups, w = node.attributes["group"].value, args[1]
             axis = 0
@@ -226,7 +226,7 @@ class _Editor:
 
 
 def _attr(ir, name: str, value):
-    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, int, np.integer)):
         return ir.AttrInt64(name, int(value))
     if isinstance(value, float):
         return ir.AttrFloat32(name, value)

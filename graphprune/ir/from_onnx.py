@@ -67,7 +67,7 @@ def load_model(path: str | os.PathLike, check: bool = True):
     try:
         model = ir.load(path)
         ir.external_data.load_to_model(model)  # weights in memory: the source file is never touched again
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise GraphPruneError(f"could not read {path}: {_short(exc)}") from exc
     return model
 
@@ -109,9 +109,7 @@ def example_feeds(model, shapes: dict[str, tuple[int, ...]] | None = None, seed:
         dtype = v.dtype.numpy()
         if np.issubdtype(dtype, np.floating):
             feeds[v.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[v.name] = np.ones(dims, dtype=dtype)
-        elif "mask" in v.name.lower():
+        elif dtype == np.bool_ or "mask" in v.name.lower():
             feeds[v.name] = np.ones(dims, dtype=dtype)
         else:
             feeds[v.name] = rng.integers(0, 2, dims).astype(dtype)
@@ -171,7 +169,7 @@ def capture(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     try:
         sess = session(proto, optimize=False)
         outs = sess.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise TraceError(f"ONNX Runtime could not run the model on example inputs "
                          f"{ {k: list(v.shape) for k, v in feeds.items()} }: {_short(exc)}; give the input shapes "
                          "it expects with --input-shape NAME=D0,D1,...") from exc

@@ -8,7 +8,8 @@ more precious as it thins: the j-th of n channels taken from a family counts n /
 importance. Without that, the layer whose channels each save the most FLOPs would be stripped to
 max_ratio before any other is touched, since trained magnitudes within a layer differ by only ~20%.
 
-Within a family candidates are taken least-important first, in units of `round_to` when set, never more
+Within a family candidates are taken least-important first, in units that keep its width a multiple of
+`round_to` when set (round_to channels, fewer heads when a head is several channels wide), never more
 than `max_ratio` of the family and never all of it. Units from all families are ranked together; the exact
 cost of each prefix of that ranking is monotone, so a binary search finds the shortest prefix that meets
 the budget. If that prefix's last unit (a whole head, a lockstep group of layers) overshoots, the units ranked
@@ -57,7 +58,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         orders = [np.argsort(norm, kind="stable") for norm in norms]
         n_free = len(fams[0])
         limit = min(n_free, n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
-        chunk = np.asarray(_chunks(n_all, n_free, limit, round_to), dtype=np.int64)
+        chunk = np.asarray(_chunks(n_all, n_free, limit, _unit_round(cost, fams[0], round_to)), dtype=np.int64)
         if len(chunk) == 0:
             continue
         used = int(chunk.sum())
@@ -168,6 +169,15 @@ def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], famili
         if best_cost < c <= target:
             best_cost, best = c, np.concatenate([base, *added, unit])
     return best
+
+
+def _unit_round(cost: CostModel, fam: np.ndarray, round_to: int | None) -> int | None:
+    """round_to in components: a component that is several channels wide (a head of head_dim channels)
+    needs only round_to / gcd(round_to, width) of them for the width to stay a multiple of round_to."""
+    if not round_to or round_to <= 1 or len(fam) == 0:
+        return round_to
+    width = int(cost.members[fam[:1]].max())
+    return round_to // math.gcd(round_to, max(width, 1))
 
 
 def _chunks(n_all: int, n_free: int, limit: int, round_to: int | None) -> list[int]:
