@@ -61,8 +61,8 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
          input_shapes: dict[str, tuple[int, ...]] | None = None, loaded: Loaded | None = None) -> PruningPlan:
     """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan,
     except that widths default to multiples of 8 (round_to=8): an ONNX file is for deployment, and CPU and GPU
-    kernels run such widths fastest (resnet50 at half the FLOPs: 1.76x faster in ONNX Runtime with round_to=8,
-    1.50x with exact counts); round_to=1 keeps exact channel counts."""
+    kernels run such widths fastest (resnet50 at half the FLOPs: 1.77x faster in ONNX Runtime with round_to=8,
+    1.52x with exact counts); round_to=1 keeps exact channel counts."""
     from .api import _budget, _build_plan, _weight_slices_per_component
     from .passes.importance import get_importance
     from .passes.select import select
