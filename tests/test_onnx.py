@@ -302,3 +302,30 @@ def test_bad_input(tmp_path):
     with pytest.raises(GraphPruneError, match="ask for at least"):
         gonnx.prune(good, out, target_flops=0.01)
     assert not out.exists()
+
+
+def test_quantized_qdq_model(tmp_path):
+    """A static per-channel int8 QDQ model from ONNX Runtime's quantizer: quantized weights, their scales and
+    zero points are sliced together; Q -> DQ pairs keep removed channels zero."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    src = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    batches = iter([{"input_0": np.random.default_rng(i).standard_normal((1, 3, 16, 16), dtype=np.float32)}
+                    for i in range(4)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantized = str(tmp_path / "q.onnx")
+    quantize_static(src, quantized, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    assert "DequantizeLinear" in {n.op_type for n in onnx.load(quantized).graph.node}
+    text = gonnx.inspect(quantized)
+    assert "3 prunable groups" in text and "weight_quantized[2]" not in text  # kernel axes are not channels
+    dst = str(tmp_path / "q_slim.onnx")
+    plan = gonnx.prune(quantized, dst, 0.5, round_to=1)
+    assert abs(plan.flops_ratio - 0.5) <= 0.01
+    slim = {i.name: i for i in onnx.load(dst).graph.initializer}
+    weights = [n for n in slim if n.endswith("weight_quantized")]
+    assert weights and all(slim[n].data_type == onnx.TensorProto.INT8 for n in weights)

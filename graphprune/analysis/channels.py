@@ -284,7 +284,13 @@ def _finish(ctx: Context, graph: Graph) -> Analysis:
     has_producer = np.zeros(n_comp, dtype=bool)
     has_producer[comp[zeroed]] = True
     # a channel is something that flows: a parameter axis tied to no tensor (a grouped conv's per-group
-    # width, a kernel axis) is not one
+    # width, a kernel axis, also through a view of the parameter such as a dequantized weight) is not one
+    for v in graph.values:
+        if v.param_view is not None:
+            for ax in range(v.ndim):
+                key = (v.id, ax)
+                if key in ctx.index:
+                    is_stored[ctx.ids(v, ax)] = True
     has_flow = np.zeros(n_comp, dtype=bool)
     has_flow[comp[~is_stored]] = True
     has_producer &= has_flow

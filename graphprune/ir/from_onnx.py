@@ -4,8 +4,9 @@ Exporters leave many shapes unknown, so one ONNX Runtime run on example inputs g
 concrete shape, as the torch tracer's real forward does. Computations on constants and shapes (the
 Shape -> Gather -> Concat -> Reshape chains exporters emit) are folded into constants that remember which
 run-time widths they read (Value.reads / Value.sources), so a rule can tell a literal the backend may
-rewrite from a width the pruned graph recomputes by itself. Float initializers are parameters; the
-running statistics of a batch norm are buffers; integer initializers and Constant nodes are constants.
+rewrite from a width the pruned graph recomputes by itself. Float initializers and quantized weights are
+parameters; batch-norm statistics, quantization scales and masks are buffers; other integer initializers
+and Constant nodes are constants.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class OnnxGraph:
     model: object  # the onnx_ir.Model the IR was read from; the backend edits it
     feeds: dict[str, np.ndarray]  # the inputs the shapes were recorded with
     values: dict[str, Value] = field(default_factory=dict)  # ONNX value name -> IR value
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # float initializers by name
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # weights (float and quantized) by name
     # folded values computed from widths, in a model whose inputs have fixed shapes: every width is then
     # a constant, so rules see literals and the backend writes these values as constants
     frozen: set[int] = field(default_factory=set)
@@ -185,6 +186,11 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
     values = result.values
     buffers = {n.inputs[i].name for n in model.graph if n.op_type == "BatchNormalization"
                for i in (3, 4) if len(n.inputs) > i and n.inputs[i] is not None}
+    # the scales a QuantizeLinear divides by are buffers too; quantized weights (integers a
+    # DequantizeLinear reads) are weights
+    buffers |= {n.inputs[1].name for n in model.graph if n.op_type == "QuantizeLinear" and len(n.inputs) > 1
+                and n.inputs[1] is not None}
+    quantized = {n.inputs[0].name for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
 
     for v in _real_inputs(model.graph):
         iv = g.new_value(feeds[v.name].shape, feeds[v.name].dtype, INPUT, depends_on_input=True)
@@ -192,7 +198,7 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
         g.inputs.append(iv)
     for name, init in model.graph.initializers.items():
         data = init.const_value.numpy()
-        if np.issubdtype(data.dtype, np.floating):
+        if np.issubdtype(data.dtype, np.floating) or name in quantized:
             # batch-norm statistics and masks (infinities, finfo.min fills) are buffers, not weights
             mask = data.size and not np.isfinite(data).all() or data.size and np.abs(data).max() > 1e30
             kind = BUFFER if name in buffers or mask else PARAM

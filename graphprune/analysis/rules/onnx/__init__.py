@@ -9,4 +9,4 @@ it (a Reshape target element that copies a width ties that width to its output a
 
 from __future__ import annotations
 
-from . import elementwise, linear, norm, shape, tensor  # noqa: F401  (registers)
+from . import elementwise, linear, norm, quantize, shape, tensor  # noqa: F401  (registers)
