@@ -39,9 +39,9 @@ def main() -> None:
     import torch
     import torch_pruning
     import torchvision
+    from bench_plan import calibrate_tp_ratio, count_flops, tp_prune
 
     import graphprune.onnx as gonnx
-    from bench_plan import calibrate_tp_ratio, count_flops, tp_prune
     from graphprune.plan import atomic_write
     from tests.conftest import distinct_params, export_onnx
 
@@ -57,8 +57,8 @@ def main() -> None:
         out = os.path.join(tmp, f"resnet50_graphprune_round_to{options.get('round_to', 8)}.onnx")
         t = time.perf_counter()
         plan = gonnx.prune(dense, out, target_flops=0.5, **options)
-        rows.append((label, out, f"{time.perf_counter() - t:.1f} s ONNX to ONNX, verified; "
-                                  f"plan FLOPs {plan.flops_ratio:.3f}"))
+        how = f"{time.perf_counter() - t:.1f} s ONNX to ONNX, verified; plan FLOPs {plan.flops_ratio:.3f}"
+        rows.append((label, out, how))
     base = count_flops(model, x)
     ratio, history = calibrate_tp_ratio(model, x, x, "resnet50", base)
     tp_model = copy.deepcopy(model)
@@ -66,23 +66,24 @@ def main() -> None:
     tp_prune(tp_model, x, "resnet50", ratio)
     tp_s = time.perf_counter() - t
     tp_file = export_onnx(tp_model, x, os.path.join(tmp, "resnet50_tp.onnx"), dynamo=True)
-    rows.append(("torch-pruning", tp_file, f"pruning_ratio {ratio:.3f} (bisected: {len(history)} trials), "
-                                            f"{tp_s:.1f} s on the PyTorch model, then exported"))
+    how = f"pruning_ratio {ratio:.3f} (bisected: {len(history)} trials), {tp_s:.1f} s on the PyTorch model, then exported"
+    rows.append(("torch-pruning", tp_file, how))
     results = gonnx.bench([r[1] for r in rows], runs=args.runs, threads=args.threads)
     dense_flops = results[0]["flops"]
+    command = (f"`.venv/bin/python benchmarks/bench_onnx.py --runs {args.runs} --threads {args.threads}` — "
+               f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - started:.0f} s in all")
+    versions = (f"torch {torch.__version__}, torchvision {torchvision.__version__}, torch-pruning "
+                f"{torch_pruning.__version__}, onnxruntime {onnxruntime.__version__}; {os.cpu_count()} CPUs "
+                f"({platform.machine()}); load average at end {os.getloadavg()[0]:.2f}")
     lines = ["# resnet50: ONNX in, ONNX out (target: keep 50 % of FLOPs), ONNX Runtime CPU latency", "",
-             f"`.venv/bin/python benchmarks/bench_onnx.py --runs {args.runs} --threads {args.threads}` — "
-             f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - started:.0f} s in all", "",
-             f"torch {torch.__version__}, torchvision {torchvision.__version__}, torch-pruning "
-             f"{torch_pruning.__version__}, onnxruntime {onnxruntime.__version__}; {os.cpu_count()} CPUs "
-             f"({platform.machine()}); load average at end {os.getloadavg()[0]:.2f}", "",
+             command, "", versions, "",
              "| model | FLOPs ratio (counted in the ONNX graph) | params | median [ms] | p90 [ms] | speed-up | how |",
              "|---|---|---|---|---|---|---|"]
     for (label, _, how), r in zip(rows, results):
         lines.append(f"| {label} | {r['flops'] / dense_flops:.3f} | {r['params'] / 1e6:.1f} M | {r['median_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['speedup']:.2f}x | {how or 'exported (dynamo)'} |")
-    lines += ["", f"{args.runs} timed runs per model after 5 warm-up runs, round-robin, {args.threads} intra-op "
-              "thread(s), the same random input (graphprune.onnx.bench).", ""]
+    lines += ["", (f"{args.runs} timed runs per model after 5 warm-up runs, round-robin, {args.threads} intra-op "
+                   "thread(s), the same random input (graphprune.onnx.bench)."), ""]
     text = "\n".join(lines)
     print(gonnx.bench_table(results))
     print(text)

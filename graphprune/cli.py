@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-flops", type=_ratio, metavar="R", help="fraction of the FLOPs to keep, in (0, 1]")
     budget.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the parameters to keep")
     budget.add_argument("--plan", metavar="PLAN.json", help="apply this plan (graphprune plan JSON) instead")
-    prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random"],
-                       help="how channels are ranked (default: %(default)s)")
+    prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random", "wanda", "flap"],
+                       help="how channels are ranked (default: %(default)s; wanda and flap read --calibration)")
     prune.add_argument("--round-to", type=_positive, default=8, metavar="N",
                        help="keep every layer's width a multiple of N, which kernels run fastest (default: "
                             "%(default)s; 1 keeps exact channel counts)")
@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="also prune axes a LayerNormalization normalizes (changes outputs; verification "
                             "then checks shapes only)")
     prune.add_argument("--calibration", metavar="FILE.npz",
-                       help="real inputs (arrays named like the model's inputs) to record shapes and verify with")
+                       help="real inputs: one array per model input, named like it, samples along the first axis; "
+                            "shapes are recorded and the result verified on the first batch")
     prune.add_argument("--plan-out", metavar="PLAN.json", help="also write the plan as JSON")
     prune.add_argument("--report", metavar="REPORT.html", help="also write an HTML report with a width chart")
     prune.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
@@ -143,10 +144,10 @@ def _run(args) -> None:
 
         if args.target_flops is None and args.target_params is None and args.plan is None:
             raise UsageError("give a budget: --target-flops R or --target-params R (or --plan PLAN.json)")
-        feeds = gonnx.load_calibration(args.calibration) if args.calibration else None
+        batches = gonnx.load_calibration(args.calibration, args.input) if args.calibration else None
         result = gonnx.prune(args.input, args.output, args.target_flops, target_params=args.target_params,
                              importance=args.importance, round_to=args.round_to, max_ratio=args.max_ratio,
-                             allow_lossy=args.allow_lossy, input_shapes=shapes, feeds=feeds,
+                             allow_lossy=args.allow_lossy, input_shapes=shapes, calibration=batches,
                              verify=not args.no_verify, plan_out=args.plan_out, report=args.report,
                              the_plan=PruningPlan.load(args.plan) if args.plan else None, progress=_progress)
         print(result.summary())

@@ -58,11 +58,13 @@ def count_flops(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
 
 def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_params: float | None = None,
          importance: Any = "l2", round_to: int | None = 8, max_ratio: float = 0.9, allow_lossy: bool = False,
-         input_shapes: dict[str, tuple[int, ...]] | None = None, loaded: Loaded | None = None) -> PruningPlan:
+         input_shapes: dict[str, tuple[int, ...]] | None = None, calibration: list[dict[str, np.ndarray]] | None = None,
+         loaded: Loaded | None = None) -> PruningPlan:
     """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan,
     except that widths default to multiples of 8 (round_to=8): an ONNX file is for deployment, and CPU and GPU
     kernels run such widths fastest (resnet50 at half the FLOPs: 1.77x faster in ONNX Runtime with round_to=8,
-    1.52x with exact counts); round_to=1 keeps exact channel counts."""
+    1.52x with exact counts); round_to=1 keeps exact channel counts. importance="wanda" or "flap" needs
+    `calibration`: batches of real inputs (dicts of arrays by input name)."""
     from .api import _budget, _build_plan, _weight_slices_per_component
     from .passes.importance import get_importance
     from .passes.select import select
@@ -74,12 +76,23 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
     loaded = loaded or read(path, input_shapes, allow_lossy)
     an = loaded.an
     tensors = _torch_tensors(loaded.og.tensors)
-    scores = np.asarray(get_importance(importance)(an, tensors), dtype=np.float64)
+    if importance in ("wanda", "flap"):
+        from .passes.calibration import CalibratedImportance
+        from .passes.onnx_calibration import collect
+
+        if calibration is None:
+            raise UsageError(f"importance={importance!r} needs calibration inputs (--calibration FILE.npz)")
+        scorer = CalibratedImportance(importance, collect(loaded, calibration))
+    else:
+        try:
+            scorer = get_importance(importance)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; for ONNX files also 'wanda' and 'flap' (with calibration)") from exc
+    scores = np.asarray(scorer(an, tensors), dtype=np.float64)
     budget = loaded.flops if kind == "flops" else loaded.params
     removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to if round_to != 1 else None,
-                     keep=None,
                      budget_name="FLOPs" if kind == "flops" else "parameters",
-                     mass=_weight_slices_per_component(an))
+                     mass=_weight_slices_per_component(an), normalize=not getattr(scorer, "absolute", False))
     result = _build_plan(an, removed, loaded.flops, loaded.params, loaded.og.tensors,
                          {"kind": kind, "ratio": ratio, "importance": str(importance), "source": os.fspath(path)})
     result._loaded = loaded
@@ -111,8 +124,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     (with verify=True) an ONNX Runtime comparison with the masked original on random inputs. `src` is
     never modified. `the_plan` applies an existing plan (from graphprune.plan on the PyTorch model the
     file was exported from, or PruningPlan.load) instead of planning. `feeds` (input name -> array) are
-    the inputs shapes are recorded and the verification runs with; by default random ones shaped by the
-    model's inputs and `input_shapes`. Other options are those of plan().
+    the inputs shapes are recorded and the verification runs with; by default the first calibration batch,
+    or random ones shaped by the model's inputs and `input_shapes`. Other options are those of plan().
     """
     say = progress or (lambda message: log.info(message))
     src, dst = os.fspath(src), os.fspath(dst)
@@ -120,6 +133,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if the_plan is None and target_flops is None and options.get("target_params") is None:
         raise UsageError("give a budget: target_flops=R or target_params=R, R in (0, 1] the fraction to keep")
     say(f"reading {src}")
+    if feeds is None and options.get("calibration"):
+        feeds = options["calibration"][0]
     loaded = read(src, input_shapes, allow_lossy, feeds)
     say(f"{len(loaded.og.graph.nodes)} nodes, {loaded.flops.total() / 1e9:.3f} GFLOPs, "
         f"{loaded.params.total() / 1e6:.2f} M parameters; {int(loaded.an.prunable.sum())} prunable channels")
@@ -157,17 +172,21 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     return result
 
 
-def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Inputs from an .npz file: one array per model input, named like it."""
+def load_calibration(path: str | os.PathLike, model_path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Batches of inputs from an .npz file: one array per model input, named like it, samples along the
+    first axis (split into the model's batch size)."""
+    from .passes.onnx_calibration import split_batches
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UsageError(f"no calibration file at {path}; give an .npz with one array per model input")
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files}
     except (ValueError, OSError) as exc:
         raise UsageError(f"{path} is not an .npz file of arrays ({exc}); write one with numpy.savez(path, "
                          "input_name=array, ...)") from exc
+    return split_batches(load_model(model_path), arrays)
 
 
 def _check_paths(src: str, dst: str, *others) -> None:

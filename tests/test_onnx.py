@@ -329,3 +329,24 @@ def test_quantized_qdq_model(tmp_path):
     slim = {i.name: i for i in onnx.load(dst).graph.initializer}
     weights = [n for n in slim if n.endswith("weight_quantized")]
     assert weights and all(slim[n].data_type == onnx.TensorProto.INT8 for n in weights)
+
+
+def test_calibrated_importance_from_an_npz_file(tmp_path):
+    """--calibration inputs.npz: samples split into the model's batch size; wanda / flap read the inputs
+    of every conv / linear node from ONNX Runtime; the result is verified on the first batch."""
+    src = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    np.savez(tmp_path / "inputs.npz", input_0=np.random.default_rng(0).standard_normal((6, 3, 16, 16),
+                                                                                       dtype=np.float32))
+    batches = gonnx.load_calibration(tmp_path / "inputs.npz", src)
+    assert len(batches) == 6 and batches[0]["input_0"].shape == (1, 3, 16, 16)
+    plans = {}
+    for importance in ("flap", "wanda"):
+        plans[importance] = gonnx.prune(src, tmp_path / f"{importance}.onnx", 0.5, importance=importance,
+                                        calibration=batches, round_to=1)
+        assert abs(plans[importance].flops_ratio - 0.5) <= 0.01
+    assert plans["flap"].removed != gonnx.plan(src, 0.5, round_to=1).removed  # the data changes the choice
+    done = _cli("prune", src, "-o", tmp_path / "cli.onnx", "--target-flops", "0.5", "--importance", "flap",
+                "--calibration", tmp_path / "inputs.npz")
+    assert done.returncode == 0, done.stderr
+    missing = _cli("prune", src, "-o", tmp_path / "x.onnx", "--target-flops", "0.5", "--importance", "wanda")
+    assert missing.returncode == 2 and "calibration" in missing.stderr
