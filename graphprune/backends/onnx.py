@@ -70,12 +70,9 @@ class _Editor:
             keep = [self.kept(v, a) for a in range(v.ndim)]
             if all(len(k) == n for k, n in zip(keep, v.shape)):
                 continue
-            data = self.og.tensors[name]
-            for a, k in enumerate(keep):
-                if len(k) != v.shape[a]:
-                    data = np.take(data, k, axis=a)
+            data = _take(self.og.tensors[name], keep)
             init = self.graph.initializers[name]
-            init.const_value = self.ir.tensor(np.ascontiguousarray(data), name=name)
+            init.const_value = self.ir.tensor(data, name=name)
             init.shape = self.ir.Shape(data.shape)
 
     def slice_constants(self, irn) -> None:
@@ -90,12 +87,8 @@ class _Editor:
                 continue
             if v.reads:
                 raise BackendError(f"{irn.where()}: input {pos} is computed at run time from widths that change")
-            data = np.asarray(v.data)
-            for a, k in enumerate(keep):
-                if len(k) != v.shape[a]:
-                    data = np.take(data, k, axis=a)
             name = irn.target.inputs[pos].name or "constant"
-            irn.target.replace_input_with(pos, self.constant(name, np.ascontiguousarray(data)))
+            irn.target.replace_input_with(pos, self.constant(name, _take(np.asarray(v.data), keep)))
 
     def set_vector(self, node, pos: int, old: Value, new: list[int]) -> None:
         """Make input `pos` of `node` hold `new` where it held a literal (its run-time elements stay)."""
@@ -223,6 +216,14 @@ class _Editor:
         new = [rank[int(i)] for i in idx if int(i) in rank]
         node.replace_input_with(1, self.constant(node.inputs[1].name or "indices", np.asarray(
             new, dtype=np.asarray(index.data).dtype).reshape((-1,) if index.ndim else ())))
+
+
+def _take(data: np.ndarray, keep: list[np.ndarray]) -> np.ndarray:
+    """`data` with only the kept positions of every axis."""
+    for a, k in enumerate(keep):
+        if len(k) != data.shape[a]:
+            data = np.take(data, k, axis=a)
+    return np.ascontiguousarray(data)
 
 
 def _attr(ir, name: str, value):

@@ -17,7 +17,7 @@ ZERO_PRESERVING = [
     "leaky_relu", "leaky_relu_", "elu", "elu_", "mish", "mish_", "neg", "neg_", "abs", "abs_", "sqrt",
     "erf", "sin", "sign", "round", "atan", "asinh", "selu", "celu", "softshrink", "hardshrink", "square",
     "clone", "_to_copy", "contiguous", "detach", "alias", "detach_", "lift_fresh", "lift_fresh_copy", "dropout", "native_dropout",
-    "relu6", "tril", "triu", "trunc", "frac", "expm1", "log1p", "tan", "sinh", "atanh", "arcsin",
+    "relu6", "trunc", "frac", "expm1", "log1p", "tan", "sinh", "atanh", "arcsin",
 ]
 NOT_ZERO_PRESERVING = ["sigmoid", "sigmoid_", "hardsigmoid", "hardsigmoid_", "exp", "exp_", "cos", "cosh", "softplus",
                        "logical_not", "bitwise_not", "erfc", "log_sigmoid_forward", "exp2"]
@@ -50,6 +50,15 @@ for _name in NOT_ZERO_PRESERVING:
     rule(f"aten.{_name}")(_unary(False))
 for _name in BLOWS_UP_AT_ZERO:
     rule(f"aten.{_name}")(_unary(False, blows_up=True))
+
+
+@rule("aten.tril", "aten.tril_", "aten.triu", "aten.triu_")
+def triangle(ctx, node):
+    """Zeroes a triangle of the last two axes: removing positions there would move the diagonal."""
+    src, out = node.args[0], node.outputs[0]
+    identity(ctx, src, out, True)
+    for a in (src.ndim - 2, src.ndim - 1):
+        ctx.pin(src, a, reason=f"{node.op} keeps a triangle of this axis")
 
 
 @rule("aten.hardtanh", "aten.hardtanh_", "aten.clamp", "aten.clamp_", "aten.clamp_min", "aten.clamp_min_",

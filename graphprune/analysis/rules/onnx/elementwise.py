@@ -12,7 +12,7 @@ from .common import aten, const, onnx_rule
 
 ZERO_PRESERVING = ["Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Tanh", "Softsign", "Abs", "Neg", "Sqrt", "Erf",
                    "Sin", "Sinh", "Tan", "Asin", "Asinh", "Atan", "Atanh", "Sign", "Round", "Floor", "Ceil",
-                   "HardSwish", "Mish", "Identity", "Cast", "ThresholdedRelu", "Shrink", "Trilu"]
+                   "HardSwish", "Mish", "Identity", "Cast", "ThresholdedRelu", "Shrink"]
 NOT_ZERO_PRESERVING = ["Sigmoid", "HardSigmoid", "Exp", "Cos", "Cosh", "Acos", "Softplus", "Not", "IsNaN", "IsInf"]
 BLOWS_UP_AT_ZERO = ["Reciprocal", "Log"]
 
@@ -36,6 +36,15 @@ for _names, _zero, _blows in ((ZERO_PRESERVING, True, False), (NOT_ZERO_PRESERVI
                               (BLOWS_UP_AT_ZERO, False, True)):
     for _name in _names:
         onnx_rule(_name)(_unary(_zero, _blows))
+
+
+@onnx_rule("Trilu")
+def trilu(ctx, node):
+    """Zeroes a triangle of the last two axes: removing positions there would move the diagonal."""
+    src, out = node.args[0], node.outputs[0]
+    identity(ctx, src, out, True)
+    for a in (src.ndim - 2, src.ndim - 1):
+        ctx.pin(src, a, reason="Trilu keeps a triangle of this axis")
 
 
 @onnx_rule("Dropout")
