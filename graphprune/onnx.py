@@ -8,6 +8,7 @@ modified; the output appears only after it passed the checker and the verificati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -143,7 +144,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         result = plan(src, target_flops, loaded=loaded, **options)
         gone = result._gone
     else:
-        result, gone = the_plan, gone_from_plan(the_plan, loaded)
+        result = dataclasses.replace(the_plan, notes=list(the_plan.notes))  # the caller's plan stays as it was
+        gone = gone_from_plan(the_plan, loaded)
     say(f"writing the pruned model ({result.flops_ratio:.3f} of the FLOPs, {result.params_ratio:.3f} of the "
         "parameters)")
     from .backends import onnx as backend
