@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -122,7 +123,19 @@ def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def _progress(message: str) -> None:
-    print(f"graphprune: {message}", file=sys.stderr, flush=True)
+    """One line per step; "label i/n" messages redraw one progress bar in place on a terminal."""
+    count = re.fullmatch(r"(.*?) ?(\d+)/(\d+)", message)
+    if count is None:
+        print(f"graphprune: {message}", file=sys.stderr, flush=True)
+        return
+    label, i, n = count.group(1), int(count.group(2)), int(count.group(3))
+    if sys.stderr.isatty():
+        filled = 30 * i // max(n, 1)
+        end = "\n" if i >= n else ""
+        print(f"\rgraphprune: {label} [{'#' * filled}{'.' * (30 - filled)}] {i}/{n}", end=end, file=sys.stderr,
+              flush=True)
+    elif i in (1, n):
+        print(f"graphprune: {label} {i}/{n}", file=sys.stderr, flush=True)
 
 
 def _run(args) -> None:

@@ -28,7 +28,7 @@ from .plan import PruningPlan
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # gets one line per step; "... i/n" lines count through a loop
 
 
 @dataclass
@@ -60,7 +60,7 @@ def count_flops(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
 def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_params: float | None = None,
          importance: Any = "l2", round_to: int | None = 8, max_ratio: float = 0.9, allow_lossy: bool = False,
          input_shapes: dict[str, tuple[int, ...]] | None = None, calibration: list[dict[str, np.ndarray]] | None = None,
-         loaded: Loaded | None = None) -> PruningPlan:
+         loaded: Loaded | None = None, progress: Progress | None = None) -> PruningPlan:
     """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan,
     except that widths default to multiples of 8 (round_to=8): an ONNX file is for deployment, and CPU and GPU
     kernels run such widths fastest (resnet50 at half the FLOPs: 1.77x faster in ONNX Runtime with round_to=8,
@@ -83,7 +83,7 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
 
         if calibration is None:
             raise UsageError(f"importance={importance!r} needs calibration inputs (--calibration FILE.npz)")
-        scorer = CalibratedImportance(importance, collect(loaded, calibration))
+        scorer = CalibratedImportance(importance, collect(loaded, calibration, progress))
     else:
         try:
             scorer = get_importance(importance)
@@ -141,7 +141,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         f"{loaded.params.total() / 1e6:.2f} M parameters; {int(loaded.an.prunable.sum())} prunable channels")
     if the_plan is None:
         say("planning")
-        result = plan(src, target_flops, loaded=loaded, **options)
+        result = plan(src, target_flops, loaded=loaded, progress=progress, **options)
         gone = result._gone
     else:
         result = dataclasses.replace(the_plan, notes=list(the_plan.notes))  # the caller's plan stays as it was
@@ -318,9 +318,10 @@ def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threa
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feeds)
-    (progress or (lambda m: None))(f"timing {len(paths)} models, {runs} runs each")
+    say = progress or (lambda m: None)
     times: list[list[float]] = [[] for _ in paths]
-    for _ in range(runs):
+    for k in range(runs):
+        say(f"timing {len(paths)} models, run {k + 1}/{runs}")
         for sess, t_list in zip(sessions, times):
             t = time.perf_counter()
             sess.run(None, feeds)

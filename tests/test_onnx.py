@@ -350,3 +350,14 @@ def test_calibrated_importance_from_an_npz_file(tmp_path):
     assert done.returncode == 0, done.stderr
     missing = _cli("prune", src, "-o", tmp_path / "x.onnx", "--target-flops", "0.5", "--importance", "wanda")
     assert missing.returncode == 2 and "calibration" in missing.stderr
+
+
+def test_progress_lines(capsys):
+    """Steps print one line each; a counted loop prints its first and last count when not on a terminal."""
+    from graphprune.cli import _progress
+
+    _progress("reading model.onnx")
+    for i in range(1, 4):
+        _progress(f"timing 2 models, run {i}/3")
+    assert capsys.readouterr().err.splitlines() == [
+        "graphprune: reading model.onnx", "graphprune: timing 2 models, run 1/3", "graphprune: timing 2 models, run 3/3"]

@@ -44,7 +44,7 @@ def readers_of(loaded) -> list[tuple[Reader, str]]:
     return found
 
 
-def collect(loaded, batches: list[dict[str, np.ndarray]]) -> list[Reader]:
+def collect(loaded, batches: list[dict[str, np.ndarray]], progress=None) -> list[Reader]:
     """Run the batches through the original model once and gather every reader's input statistics."""
     import onnx
     import onnx_ir as ir
@@ -66,6 +66,8 @@ def collect(loaded, batches: list[dict[str, np.ndarray]]) -> list[Reader]:
         for reader, name in pairs:
             reader.add(torch.from_numpy(np.asarray(outs[name], dtype=np.float32)))
         log.info("calibration batch %d done (%.1f s)", k + 1, time.perf_counter() - started)
+        if progress is not None:
+            progress(f"calibration batch {k + 1}/{len(batches)}")
     return [r for r, _ in pairs if r.n]
 
 
