@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "FLOPs and parameters; the first model is the baseline.")
     bench.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
     bench.add_argument("--runs", type=_positive, default=50, help="timed runs per model (default: %(default)s)")
-    bench.add_argument("--warmup", type=_positive, default=5, help="untimed runs first (default: %(default)s)")
+    bench.add_argument("--warmup", type=_count, default=5, help="untimed runs first (default: %(default)s)")
     bench.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: cores, at most 4)")
     for command in (prune, inspect, bench):
         command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
@@ -108,6 +108,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
     return value
 
 

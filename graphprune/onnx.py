@@ -164,12 +164,12 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
             raise BackendError(f"the pruned model does not match the masked original ({problem}); this is a "
                                "graphprune bug: please report it with the model (--no-verify skips the check)")
         result.notes.append("verified against the masked original in ONNX Runtime")
-    save_model(slim, dst, external=uses_external_data(src))
     if plan_out is not None:
         result.save(plan_out)
     if report is not None:
         from .report import write_report
         write_report(result, report)
+    save_model(slim, dst, external=uses_external_data(src))
     say(f"wrote {dst}")
     return result
 
@@ -192,15 +192,41 @@ def load_calibration(path: str | os.PathLike, model_path: str | os.PathLike) -> 
 
 
 def _check_paths(src: str, dst: str, *others) -> None:
+    """The input exists; every output has a directory and is neither the input, its weights file, nor
+    another output (symbolic links and case-insensitive file systems included)."""
     if not os.path.exists(src):
         raise UsageError(f"no ONNX file at {src}; check the path")
-    for path in (dst, *[o for o in others if o is not None]):
-        directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    outputs = [os.fspath(p) for p in (dst, dst + ".data", *others) if p is not None]
+    for path in outputs:
+        directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UsageError(f"cannot write {path}: directory {directory} does not exist; create it first")
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise UsageError("the output path is the input file; graphprune never overwrites its input: choose "
-                         "another output path")
+    protected = [src] + [os.path.join(os.path.dirname(os.path.abspath(src)), loc) for loc in _data_files(src)]
+    for path in outputs:
+        if any(_same(path, p) for p in protected):
+            raise UsageError(f"{path} would overwrite the input ({src} or its weights); graphprune never overwrites "
+                             "its input: choose another output path")
+    if len({os.path.realpath(p) for p in outputs}) < len(outputs):
+        raise UsageError("two outputs (model, plan, report) share a path; give each its own")
+
+
+def _same(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _data_files(src: str) -> set[str]:
+    """Locations of the external data files an ONNX file refers to (none if it does not parse)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data as external
+
+    try:
+        proto = onnx.load(src, load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports a file that does not parse
+        return set()
+    return {dict((e.key, e.value) for e in t.external_data).get("location", "") for t in proto.graph.initializer
+            if external(t)} - {""}
 
 
 def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
@@ -251,6 +277,9 @@ def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False) 
             return f"output {k} has shape {list(a.shape)} instead of {list(b.shape)}"
         if lossy or not np.issubdtype(b.dtype, np.floating):
             continue
+        if (np.isnan(a) != np.isnan(b)).any() or (np.isinf(a) != np.isinf(b)).any():
+            return f"output {k} is not finite in the same places (NaN or infinity in one of them)"
+        a, b = np.nan_to_num(a, posinf=0, neginf=0), np.nan_to_num(b, posinf=0, neginf=0)
         err = float(np.abs(a - b).max()) if a.size else 0.0
         if err > 1e-4 * max(float(np.abs(b).max()), 1e-6):
             return f"output {k} differs by {err:.3g} (largest value {float(np.abs(b).max()):.3g})"

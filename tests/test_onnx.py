@@ -361,3 +361,99 @@ def test_progress_lines(capsys):
         _progress(f"timing 2 models, run {i}/3")
     assert capsys.readouterr().err.splitlines() == [
         "graphprune: reading model.onnx", "graphprune: timing 2 models, run 1/3", "graphprune: timing 2 models, run 3/3"]
+
+
+def _sandwich(path, middle, extra_inits=(), opset=17, out_shape=(1, 4, 8, 8), w2_in=16) -> str:
+    """x -> Conv(16) -> Relu -> <middle nodes: 'h' to 'm'> -> Conv(4) -> y, built by hand."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 1, 1)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((4, w2_in, 1, 1)).astype(np.float32), "w2"),
+             *[numpy_helper.from_array(np.asarray(a), n) for n, a in extra_inits]]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"]), helper.make_node("Relu", ["c"], ["h"]), *middle,
+             helper.make_node("Conv", ["m", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return str(path)
+
+
+def test_review_cases(tmp_path):
+    """Constructs that once gave wrong or broken files: each is pruned exactly or kept whole."""
+    from onnx import helper
+
+    cases = {
+        # a Pad value held by a float initializer: padded borders are not zero
+        "pad_value": ([helper.make_node("Pad", ["h", "pads", "one"], ["m"])],
+                      [("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), ("one", np.array(1.0, np.float32))],
+                      (1, 4, 10, 10)),
+        # log(sum(0)) = -inf: a removed channel would not be zero
+        "reduce_log_sum": ([helper.make_node("ReduceLogSum", ["h"], ["m"], axes=[2, 3], keepdims=1)], [],
+                           (1, 4, 1, 1)),
+        # 2-d constant indices keep their shape (the gathered channels stay, the others go)
+        "gather_2d": ([helper.make_node("Gather", ["h", "idx"], ["g"], axis=1),
+                       helper.make_node("Reshape", ["g", "shape"], ["r"]),
+                       helper.make_node("Concat", ["r", "h"], ["m"], axis=1)],
+                      [("idx", np.array([[0, 1], [2, 3]], np.int64)), ("shape", np.array([1, 4, 8, 8], np.int64))],
+                      (1, 4, 8, 8)),
+        # channels-last resize: the last axis is the channel axis and passes through
+        "resize_nhwc": ([helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 3, 1]),
+                         helper.make_node("Resize", ["t", "", "scales"], ["r"], mode="nearest"),
+                         helper.make_node("Transpose", ["r"], ["m"], perm=[0, 3, 1, 2])],
+                        [("scales", np.array([1, 2, 2, 1], np.float32))], (1, 4, 16, 16)),
+    }
+    from onnx import TensorProto
+
+    branch = {k: helper.make_graph([helper.make_node(op, ["h", "bias"] if op == "Add" else ["h"], [f"{k}_out"])],
+                                   k, [], [helper.make_tensor_value_info(f"{k}_out", TensorProto.FLOAT, None)])
+              for k, op in (("then", "Add"), ("else", "Identity"))}
+    # a control-flow body that reads an outer tensor: no rule, and what it reads is kept whole
+    cases["if_body"] = ([helper.make_node("If", ["cond"], ["m"], then_branch=branch["then"],
+                                          else_branch=branch["else"])],
+                        [("cond", np.array(True)), ("bias", np.ones((1, 16, 1, 1), np.float32))], (1, 4, 8, 8))
+    for name, (middle, inits, out_shape) in cases.items():
+        src = _sandwich(tmp_path / f"{name}.onnx", middle, inits, out_shape=out_shape,
+                        w2_in=20 if name == "gather_2d" else 16)
+        session(src).run(None, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+        loaded = gonnx.read(src)
+        w1 = loaded.og.graph.params["w1"]
+        free = loaded.an.prunable[loaded.an.component[loaded.an.elements(w1, 0)]]
+        if name in ("pad_value", "reduce_log_sum", "if_body"):  # would reach the last conv as non-zeros, or unknown
+            assert not free.any()
+            continue
+        assert free.sum() == (12 if name == "gather_2d" else 16)
+        plan = gonnx.prune(src, tmp_path / f"{name}_slim.onnx", 0.9, round_to=1)  # verified against the mask
+        assert "w1" in plan.removed
+
+
+def test_nan_outputs_never_verify(tmp_path):
+    a = np.array([1.0, np.nan], np.float32)
+    b = np.array([1.0, 2.0], np.float32)
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const_model(values, path):
+        graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                                  [numpy_helper.from_array(values, "c")])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return onnx.load(path)
+
+    feeds = {"x": np.zeros(2, np.float32)}
+    assert "not finite" in gonnx.compare(const_model(a, tmp_path / "a.onnx"), const_model(b, tmp_path / "b.onnx"),
+                                         feeds)
+    assert gonnx.compare(const_model(b, tmp_path / "c.onnx"), const_model(b, tmp_path / "d.onnx"), feeds) is None
+
+
+def test_outputs_never_overwrite_the_input(tmp_path):
+    src = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    digest = hashlib.sha256(Path(src).read_bytes()).hexdigest()
+    os.symlink(tmp_path, tmp_path / "link")
+    for kwargs in ({"dst": tmp_path / "link" / "m.onnx"}, {"dst": tmp_path / "o.onnx", "plan_out": src},
+                   {"dst": tmp_path / "o.onnx", "report": tmp_path / "o.onnx"}):
+        dst = kwargs.pop("dst")
+        with pytest.raises(UsageError):
+            gonnx.prune(src, dst, 0.5, **kwargs)
+    assert hashlib.sha256(Path(src).read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "o.onnx").exists()

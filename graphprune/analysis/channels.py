@@ -245,8 +245,11 @@ def analyze(graph: Graph, allow_lossy: bool = False) -> Analysis:
 
 
 def pin_all(ctx: Context, node: Node, reason: str) -> None:
+    """Keep whole every axis the node touches, and every width a folded input was computed from."""
     for v in node.tensor_inputs() + node.outputs:
         ctx.pin(v, reason=reason)
+        for vid, axis in v.reads:
+            ctx.pin(ctx.graph.values[vid], axis, reason=reason)
 
 
 def _finish(ctx: Context, graph: Graph) -> Analysis:

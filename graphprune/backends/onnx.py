@@ -130,7 +130,8 @@ class _Editor:
             self._shape_input(irn, 1, right=False, keep={0, -1})
         elif op == "Expand":
             self._shape_input(irn, 1, right=True, keep={1})
-        elif op in ("Resize", "Upsample") and len(args) > 3 and isinstance(args[3], Value):
+        elif op in ("Resize", "Upsample") and len(args) > 3 and isinstance(args[3], Value) and \
+                "axes" not in node.attributes:
             self._shape_input(irn, 3, right=False, keep=set())
         elif op == "Split":
             self._split(irn)
@@ -138,6 +139,14 @@ class _Editor:
             self._slice(irn)
         elif op == "Gather" and isinstance(args[1], Value) and args[1].kind == CONST:
             self._gather(irn)
+        elif op == "Squeeze" and "axes" not in node.attributes and len(node.inputs) < 2:
+            # without axes, every width-1 axis goes, and a channel axis pruned to one would go too
+            axes = [a for a, n in enumerate(args[0].shape) if n == 1]
+            if self.opset < 13:
+                node.attributes["axes"] = _attr(self.ir, "axes", axes)
+            else:
+                node.resize_inputs(2)
+                node.replace_input_with(1, self.constant("axes", np.asarray(axes, dtype=np.int64)))
         elif op == "GroupNormalization":
             x = args[0]
             if node.attributes["num_groups"].value == x.shape[1] and self.width(x, 1) != x.shape[1]:
@@ -215,7 +224,7 @@ class _Editor:
         rank = {int(k): r for r, k in enumerate(kept)}
         new = [rank[int(i)] for i in idx if int(i) in rank]
         node.replace_input_with(1, self.constant(node.inputs[1].name or "indices", np.asarray(
-            new, dtype=np.asarray(index.data).dtype).reshape((-1,) if index.ndim else ())))
+            new, dtype=np.asarray(index.data).dtype).reshape(index.shape)))
 
 
 def _take(data: np.ndarray, keep: list[np.ndarray]) -> np.ndarray:
@@ -246,9 +255,10 @@ def apply(og: OnnxGraph, an, gone: np.ndarray):
     editor = _Editor(og, an, gone)
     editor.slice_initializers()
     for irn in og.graph.nodes:
-        if irn.op.startswith("onnx.") and irn.target is not None:
+        if irn.target is not None:
             editor.slice_constants(irn)
-            editor.rewrite(irn)
+            if irn.op.startswith("onnx."):
+                editor.rewrite(irn)
     outputs = {v.name for v in og.model.graph.outputs}
     for node in og.model.graph:
         for v in node.outputs:

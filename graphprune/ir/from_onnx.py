@@ -203,6 +203,7 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
             mask = data.size and not np.isfinite(data).all() or data.size and np.abs(data).max() > 1e30
             kind = BUFFER if name in buffers or mask else PARAM
             iv = g.new_value(data.shape, data.dtype, kind, name)
+            iv.data = data  # rules read small ones as attributes (Pad value, Clip bounds, Pow exponent)
             g.params[name] = iv
             result.tensors[name] = data
         else:
@@ -214,6 +215,7 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
     folded_from_widths: list[Value] = []
     for node in model.graph:
         ins = [values.get(v.name) if v is not None and v.name else None for v in node.inputs]
+        ins += [values[name] for name in _outer_reads(node) if name in values]  # control flow: pinned
         missing = [v.name for v, iv in zip(node.inputs, ins) if v is not None and v.name and iv is None]
         if missing:
             raise TraceError(f"node '{node.name}' ({node.op_type}) reads {missing}, which nothing produces")
@@ -247,6 +249,20 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
             raise TraceError(f"graph output '{o.name}' is not computed by the graph")
         g.outputs.append(v)
     return result
+
+
+def _outer_reads(node) -> list[str]:
+    """Names of outer-graph values that the subgraphs of a control-flow node (If, Loop, Scan) read."""
+    found: list[str] = []
+    for a in node.attributes.values():
+        if a.type.name not in ("GRAPH", "GRAPHS"):
+            continue
+        for sub in a.value if a.type.name == "GRAPHS" else [a.value]:
+            inner = {v.name for v in sub.inputs} | set(sub.initializers)
+            for n in sub.all_nodes() if hasattr(sub, "all_nodes") else sub:
+                inner |= {v.name for v in n.outputs}
+                found += [v.name for v in n.inputs if v is not None and v.name and v.name not in inner]
+    return sorted(set(found))
 
 
 def _foldable(node, ins: list[Value | None]) -> bool:
@@ -310,11 +326,15 @@ def _propagate(op: str, node, ins: list[Value | None], data: np.ndarray) -> tupl
         return tuple(e for s in src for e in s)
     if op == "Gather" and src[0] is not None and ins[0].ndim == 1:
         return tuple(src[0][int(i)] for i in np.asarray(ins[1].data).reshape(-1))
-    if op == "Slice" and src[0] is not None and ins[0].ndim == 1 and all(v is not None for v in ins[1:3]):
-        idx = np.arange(ins[0].shape[0])
-        start, end = int(ins[1].data.reshape(-1)[0]), int(ins[2].data.reshape(-1)[0])
-        step = int(ins[4].data.reshape(-1)[0]) if len(ins) > 4 and ins[4] is not None else 1
-        return tuple(src[0][int(i)] for i in idx[slice(start, end, step)])
+    if op == "Slice" and src[0] is not None and ins[0].ndim == 1:
+        if "starts" in node.attributes:  # opset < 10
+            start, end, step = _attr(node, "starts", [0])[0], _attr(node, "ends", [0])[0], 1
+        elif len(ins) > 2 and ins[1] is not None and ins[2] is not None:
+            start, end = int(ins[1].data.reshape(-1)[0]), int(ins[2].data.reshape(-1)[0])
+            step = int(ins[4].data.reshape(-1)[0]) if len(ins) > 4 and ins[4] is not None else 1
+        else:
+            return None
+        return tuple(src[0][int(i)] for i in np.arange(ins[0].shape[0])[slice(start, end, step)])
     # anything else: each element may depend on every width any input read
     reads = set()
     for iv in ins:

@@ -84,7 +84,10 @@ def split_batches(model, arrays: dict[str, np.ndarray]) -> list[dict[str, np.nda
     n = sizes.pop()
     fixed = {v.shape.dims[0] for v in inputs if v.shape is not None and v.shape.rank() and
              isinstance(v.shape.dims[0], int)}
-    step = fixed.pop() if len(fixed) == 1 else 8
-    if n % step:
-        raise UsageError(f"{n} calibration samples do not split into batches of {step}, the model's batch size")
+    if len(fixed) == 1:
+        step = fixed.pop()
+        if n % step:
+            raise UsageError(f"{n} calibration samples do not split into batches of {step}, the model's batch size")
+    else:
+        step = 8  # a free batch size: up to 8 samples per run
     return [{k: np.asarray(a)[i:i + step] for k, a in arrays.items()} for i in range(0, n, step)]

@@ -45,9 +45,11 @@ def attr(node: Node, name: str, default=None):
 
 
 def const(node: Node, i: int):
-    """The data of input i if it is a constant (folded or initializer), else None."""
-    if i < len(node.args) and isinstance(node.args[i], Value) and node.args[i].kind == CONST:
-        return np.asarray(node.args[i].data)
+    """The data of input i if it is known before the run (a constant, a folded value, or an initializer used
+    as an attribute: a Pad value, Clip bounds), else None."""
+    v = node.args[i] if i < len(node.args) else None
+    if isinstance(v, Value) and v.data is not None and (v.kind == CONST or v.producer is None):
+        return np.asarray(v.data)
     return None
 
 

@@ -26,8 +26,11 @@ def _axes(ctx, node):
         if isinstance(p, Value) and p.ndim == 1 and p.shape[0] == x.shape[axis] and x.shape[axis] > 1:
             ctx.tie(p, 0, out, axis)
             channel.append(p)
-        elif isinstance(p, Value) and p.ndim >= 1 and p.shape[0] > 1:
-            ctx.pin(p, 0, reason=f"{node.op} with blocked scales")
+        elif isinstance(p, Value) and p.ndim >= 1 and max(p.shape) > 1:  # blocked (opset 21 block_size)
+            for a in range(p.ndim):
+                ctx.pin(p, a, reason=f"{node.op} with blocked scales")
+            for a in range(x.ndim):
+                ctx.pin(x, a, reason=f"{node.op} with blocked scales")
     return x, out, axis, channel
 
 

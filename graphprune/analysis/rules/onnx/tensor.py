@@ -57,7 +57,7 @@ def slice_(ctx, node):
         if len(idx) != out.shape[a]:
             pin_all(ctx, node, "Slice bounds graphprune could not follow")
             return
-        if step != 1 and len(idx) > 1:
+        if step != 1:
             ctx.pin(src, a, reason="strided Slice of this axis")
         if dynamic:  # the backend could not move bounds computed at run time
             ctx.pin(src, a, reason="Slice bounds of this axis are computed at run time")
@@ -144,13 +144,29 @@ def _channelwise(ctx, node) -> None:
 @onnx_rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def pool(ctx, node):
     _channelwise(ctx, node)
+    if len(node.outputs) > 1:  # MaxPool's indices are flat positions that count the channels before
+        ctx.pin(node.args[0], 1, reason="MaxPool indices number positions across the channels")
+        for a in range(node.outputs[1].ndim):
+            ctx.set_state(node.outputs[1], a, DEP)
 
 
-@onnx_rule("Resize", "Upsample", shape_inputs=(1, 2, 3))
+@onnx_rule("Resize", "Upsample", shape_inputs=(3,))
 def resize(ctx, node):
-    _channelwise(ctx, node)
-    if len(node.args) > 3:  # sizes, one per axis
-        target_elements(ctx, node, 3, node.outputs[0])
+    """Axes whose size does not change pass through (batch, channels, in any layout); resized axes mix
+    positions and stay whole, as does every axis a tf_crop_and_resize region or an `axes` list names."""
+    x, out = node.args[0], node.outputs[0]
+    mode = attr(node, "coordinate_transformation_mode", "half_pixel")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    listed = {int(a) % x.ndim for a in attr(node, "axes", [])}
+    for a in range(x.ndim):
+        if x.shape[a] == out.shape[a] and mode != "tf_crop_and_resize" and a not in listed:
+            ctx.tie(x, a, out, a)
+            ctx.set_state(out, a, ctx.state(x, a))
+        else:
+            ctx.pin(x, a, reason=f"{node.op} resamples this axis")
+            ctx.pin(out, a, reason=f"{node.op} resamples this axis")
+    if len(node.args) > 3 and not listed:  # sizes, one per axis
+        target_elements(ctx, node, 3, out)
 
 
 _SUM_LIKE = {"ReduceSum", "ReduceSumSquare", "ReduceL1"}  # a removed zero adds nothing (|0| = 0^2 = 0)
@@ -180,6 +196,10 @@ def reduce(ctx, node):
             ctx.require_zero(x, a, f"{op} over this axis")
         else:
             ctx.pin(x, a, reason=f"{op} over this axis depends on how many channels there are")
+    if op == "ReduceLogSum":  # log(sum of zeros) = -inf
+        for a in range(x.ndim):
+            if a not in dims:
+                ctx.forbid_zero(x, a, "ReduceLogSum of a removed (zero) channel is not finite")
     keepdims = attr(node, "keepdims", 1)
     kept = [a for a in range(x.ndim) if a not in dims]
     for i, a in enumerate(kept):
