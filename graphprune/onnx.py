@@ -225,7 +225,7 @@ def _data_files(src: str) -> set[str]:
         proto = onnx.load(src, load_external_data=False)
     except Exception:  # noqa: BLE001 - load_model reports a file that does not parse
         return set()
-    return {dict((e.key, e.value) for e in t.external_data).get("location", "") for t in proto.graph.initializer
+    return {{e.key: e.value for e in t.external_data}.get("location", "") for t in proto.graph.initializer
             if external(t)} - {""}
 
 
