@@ -54,6 +54,15 @@ class Outputs(torch.nn.Module):
         return out["out"] if isinstance(out, dict) else out
 
 
+@pytest.fixture(autouse=True)
+def _remove_files(tmp_path):
+    """Each model and its pruned copy are written to disk (up to 700 MB for ViT-B): removed after each test."""
+    yield
+    for f in tmp_path.iterdir():
+        if f.is_file():
+            f.unlink()
+
+
 def check_pruned(src: str, dst: str, plan, ratio: float = 0.5) -> None:
     onnx.checker.check_model(dst, full_check=True)
     assert "verified against the masked original in ONNX Runtime" in plan.notes
