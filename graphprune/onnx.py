@@ -23,7 +23,7 @@ import numpy as np
 from .analysis.channels import Analysis, analyze
 from .analysis.cost import CostModel
 from .errors import BackendError, UsageError
-from .ir.from_onnx import OnnxGraph, example_feeds, load_model, session, to_graph, uses_external_data
+from .ir.from_onnx import OnnxGraph, example_feeds, external_data_files, load_model, session, to_graph
 from .plan import PruningPlan
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     """
     say = progress or (lambda message: log.info(message))
     src, dst = os.fspath(src), os.fspath(dst)
-    _check_paths(src, dst, plan_out, report)
+    data_files = external_data_files(src)
+    _check_paths(src, data_files, dst, plan_out, report)
     if the_plan is None and target_flops is None and options.get("target_params") is None:
         raise UsageError("give a budget: target_flops=R or target_params=R, R in (0, 1] the fraction to keep")
     say(f"reading {src}")
@@ -169,7 +170,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if report is not None:
         from .report import write_report
         write_report(result, report)
-    save_model(slim, dst, external=uses_external_data(src))
+    save_model(slim, dst, external=bool(data_files))
     say(f"wrote {dst}")
     return result
 
@@ -188,10 +189,10 @@ def load_calibration(path: str | os.PathLike, model_path: str | os.PathLike) -> 
     except (ValueError, OSError) as exc:
         raise UsageError(f"{path} is not an .npz file of arrays ({exc}); write one with numpy.savez(path, "
                          "input_name=array, ...)") from exc
-    return split_batches(load_model(model_path), arrays)
+    return split_batches(load_model(model_path, check=False, weights=False), arrays)
 
 
-def _check_paths(src: str, dst: str, *others) -> None:
+def _check_paths(src: str, data_files: set[str], dst: str, *others) -> None:
     """The input exists; every output has a directory and is neither the input, its weights file, nor
     another output (symbolic links and case-insensitive file systems included)."""
     if not os.path.exists(src):
@@ -201,7 +202,7 @@ def _check_paths(src: str, dst: str, *others) -> None:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UsageError(f"cannot write {path}: directory {directory} does not exist; create it first")
-    protected = [src] + [os.path.join(os.path.dirname(os.path.abspath(src)), loc) for loc in _data_files(src)]
+    protected = [src] + [os.path.join(os.path.dirname(os.path.abspath(src)), loc) for loc in data_files]
     for path in outputs:
         if any(_same(path, p) for p in protected):
             raise UsageError(f"{path} would overwrite the input ({src} or its weights); graphprune never overwrites "
@@ -214,19 +215,6 @@ def _same(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
     return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _data_files(src: str) -> set[str]:
-    """Locations of the external data files an ONNX file refers to (none if it does not parse)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data as external
-
-    try:
-        proto = onnx.load(src, load_external_data=False)
-    except Exception:  # noqa: BLE001 - load_model reports a file that does not parse
-        return set()
-    return {{e.key: e.value for e in t.external_data}.get("location", "") for t in proto.graph.initializer
-            if external(t)} - {""}
 
 
 def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:

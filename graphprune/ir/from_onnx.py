@@ -42,9 +42,9 @@ class OnnxGraph:
     frozen: set[int] = field(default_factory=set)
 
 
-def load_model(path: str | os.PathLike, check: bool = True):
-    """The model at `path` as an onnx_ir.Model with its weights in memory, after the ONNX checker accepted
-    it; clear errors otherwise."""
+def load_model(path: str | os.PathLike, check: bool = True, weights: bool = True):
+    """The model at `path` as an onnx_ir.Model with its weights in memory (weights=False: the graph only),
+    after the ONNX checker accepted it; clear errors otherwise."""
     import onnx
     import onnx_ir as ir
     from google.protobuf.message import DecodeError
@@ -67,18 +67,25 @@ def load_model(path: str | os.PathLike, check: bool = True):
                               "onnx.checker.check_model on it for details") from exc
     try:
         model = ir.load(path)
-        ir.external_data.load_to_model(model)  # weights in memory: the source file is never touched again
+        if weights:
+            ir.external_data.load_to_model(model)  # weights in memory: the source file is never touched again
     except Exception as exc:
         raise GraphPruneError(f"could not read {path}: {_short(exc)}") from exc
     return model
 
 
-def uses_external_data(path: str | os.PathLike) -> bool:
+def external_data_files(path: str | os.PathLike) -> set[str]:
+    """Locations (relative to the model) of the external data files an ONNX file refers to; none if it does
+    not parse (load_model reports that)."""
     import onnx
     from onnx.external_data_helper import uses_external_data as external
 
-    proto = onnx.load(os.fspath(path), load_external_data=False)
-    return any(external(t) for t in proto.graph.initializer)
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001
+        return set()
+    return {{e.key: e.value for e in t.external_data}.get("location", "") for t in proto.graph.initializer
+            if external(t)} - {""}
 
 
 def opset_of(model) -> int:
@@ -158,17 +165,22 @@ def session(proto_or_bytes, threads: int | None = None, optimize: bool = True):
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def capture(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every named tensor of the main graph, from one unoptimized ONNX Runtime run."""
+def session_returning(model, names: list[str]):
+    """An unoptimized session of `model` that also returns the named intermediate tensors."""
     import onnx
     import onnx_ir as ir
 
     proto = ir.to_proto(model)
     have = {o.name for o in proto.graph.output}
-    names = [o.name for node in model.graph for o in node.outputs if o.name]
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return session(proto, optimize=False)
+
+
+def capture(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every named tensor of the main graph, from one unoptimized ONNX Runtime run."""
+    names = [o.name for node in model.graph for o in node.outputs if o.name]
     try:
-        sess = session(proto, optimize=False)
+        sess = session_returning(model, names)
         outs = sess.run(None, feeds)
     except Exception as exc:
         raise TraceError(f"ONNX Runtime could not run the model on example inputs "

@@ -45,21 +45,15 @@ def readers_of(loaded) -> list[tuple[Reader, str]]:
 
 
 def collect(loaded, batches: list[dict[str, np.ndarray]], progress=None) -> list[Reader]:
-    """Run the batches through the original model once and gather every reader's input statistics."""
-    import onnx
-    import onnx_ir as ir
-
-    from ..ir.from_onnx import check_feeds, load_model, session
+    """Run the batches through the original model (not yet edited: planning comes before the backend) once
+    and gather every reader's input statistics."""
+    from ..ir.from_onnx import check_feeds, session_returning
 
     if not batches:
         raise UsageError("calibration is empty: give at least one batch of inputs")
     pairs = readers_of(loaded)
-    model = load_model(loaded.path, check=False)
-    proto = ir.to_proto(model)
-    have = {o.name for o in proto.graph.output}
-    wanted = sorted({name for _, name in pairs})
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in have)
-    sess = session(proto, optimize=False)
+    model = loaded.og.model
+    sess = session_returning(model, sorted({name for _, name in pairs}))
     started = time.perf_counter()
     for k, batch in enumerate(batches):
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, check_feeds(model, batch))))

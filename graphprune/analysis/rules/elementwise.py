@@ -25,7 +25,8 @@ BLOWS_UP_AT_ZERO = ["reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "l
 VIEW_LIKE = ["detach", "alias", "lift_fresh", "_to_copy", "clone", "contiguous"]
 
 
-def _unary(f0_zero: bool, blows_up: bool = False):
+def _unary(f0_zero: bool, blows_up: bool = False, view: bool | None = None):
+    """Rule of a same-shape elementwise op; view: its output is its input (None: decide by ATen name)."""
     def apply(ctx, node):
         src = node.args[0]
         if not hasattr(src, "shape") or not node.outputs:
@@ -39,7 +40,7 @@ def _unary(f0_zero: bool, blows_up: bool = False):
         if blows_up:
             for a in range(src.ndim):
                 ctx.forbid_zero(src, a, f"{node.op} of a removed (zero) channel is not finite")
-        if node.op.split(".")[1] in VIEW_LIKE:
+        if view or (view is None and node.op.split(".")[1] in VIEW_LIKE):
             copy_param_view(src, out, list(range(out.ndim)))
     return apply
 
@@ -58,7 +59,7 @@ def triangle(ctx, node):
     src, out = node.args[0], node.outputs[0]
     identity(ctx, src, out, True)
     for a in (src.ndim - 2, src.ndim - 1):
-        ctx.pin(src, a, reason=f"{node.op} keeps a triangle of this axis")
+        ctx.pin(src, a, reason="tril / triu keep a triangle of this axis")
 
 
 @rule("aten.hardtanh", "aten.hardtanh_", "aten.clamp", "aten.clamp_", "aten.clamp_min", "aten.clamp_min_",

@@ -6,8 +6,8 @@ import numpy as np
 
 from ....ir.graph import Node
 from ...channels import pin_all
-from ..common import broadcast, combine_add, copy_param_view, identity
-from ..elementwise import _binary
+from ..common import broadcast, combine_add, identity
+from ..elementwise import _binary, _unary
 from .common import aten, const, onnx_rule
 
 ZERO_PRESERVING = ["Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Tanh", "Softsign", "Abs", "Neg", "Sqrt", "Erf",
@@ -17,34 +17,15 @@ NOT_ZERO_PRESERVING = ["Sigmoid", "HardSigmoid", "Exp", "Cos", "Cosh", "Acos", "
 BLOWS_UP_AT_ZERO = ["Reciprocal", "Log"]
 
 
-def _unary(f0_zero: bool, blows_up: bool = False):
-    def apply(ctx, node):
-        src, out = node.args[0], node.outputs[0]
-        if out.shape != src.shape:
-            pin_all(ctx, node, "unary op changed the shape")
-            return
-        identity(ctx, src, out, f0_zero)
-        if blows_up:
-            for a in range(src.ndim):
-                ctx.forbid_zero(src, a, f"{node.op} of a removed (zero) channel is not finite")
-        if node.op in ("onnx.Identity", "onnx.Cast"):
-            copy_param_view(src, out, list(range(out.ndim)))
-    return apply
-
-
 for _names, _zero, _blows in ((ZERO_PRESERVING, True, False), (NOT_ZERO_PRESERVING, False, False),
                               (BLOWS_UP_AT_ZERO, False, True)):
     for _name in _names:
-        onnx_rule(_name)(_unary(_zero, _blows))
+        onnx_rule(_name)(_unary(_zero, _blows, view=_name in ("Identity", "Cast")))
 
 
 @onnx_rule("Trilu")
 def trilu(ctx, node):
-    """Zeroes a triangle of the last two axes: removing positions there would move the diagonal."""
-    src, out = node.args[0], node.outputs[0]
-    identity(ctx, src, out, True)
-    for a in (src.ndim - 2, src.ndim - 1):
-        ctx.pin(src, a, reason="Trilu keeps a triangle of this axis")
+    aten(ctx, node, "aten.tril.default", (node.args[0],))
 
 
 @onnx_rule("Dropout")
