@@ -42,7 +42,7 @@ def main() -> None:
     from bench_plan import calibrate_tp_ratio, count_flops, tp_prune
 
     import graphprune.onnx as gonnx
-    from graphprune.plan import atomic_write
+    from graphprune.files import atomic_write
     from tests.conftest import distinct_params, export_onnx
 
     torch.set_num_threads(2)

@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 from .api import count_flops, plan, prune
-from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError
+from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError, UsageError
 from .plan import PruningPlan
 from .serialization import load, save
+from . import verify  # noqa: F401  (registers the verifying backend behind plan.apply)
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
            "PruningPlan",
            "TraceError",
            "UnsupportedModelError",
+           "UsageError",
            "__version__",
            "count_flops",
            "load",

@@ -53,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--plan", metavar="PLAN.json", help="apply this plan (graphprune plan JSON) instead")
     prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random", "wanda", "flap"],
                        help="how channels are ranked (default: %(default)s; wanda and flap read --calibration)")
-    prune.add_argument("--round-to", type=_positive, default=8, metavar="N",
+    prune.add_argument("--round-to", type=_round_to, default="auto", metavar="N",
                        help="keep every layer's width a multiple of N, which kernels run fastest (default: "
-                            "%(default)s; 1 keeps exact channel counts)")
+                            "%(default)s: multiples of 8 for layers of 32 channels or more, exact below; 1 keeps "
+                            "exact channel counts)")
     prune.add_argument("--max-ratio", type=_ratio, default=0.9, metavar="R",
                        help="largest fraction of one layer's channels that may go (default: %(default)s)")
     prune.add_argument("--allow-lossy", action="store_true",
@@ -116,6 +117,10 @@ def _integer(minimum: int, expected: str):
 
 _positive = _integer(1, "a positive integer")
 _count = _integer(0, "a whole number, 0 or more")
+
+
+def _round_to(text: str):
+    return text if text == "auto" else _positive(text)
 
 
 def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -27,5 +27,6 @@ class BackendError(GraphPruneError):
     """A backend could not emit the pruned model."""
 
 
-class UsageError(GraphPruneError):
-    """What was asked cannot be done as asked: a missing file, an argument out of range (exit code 2)."""
+class UsageError(GraphPruneError, ValueError):
+    """What was asked cannot be done as asked: a missing file, an argument out of range (exit code 2). A
+    ValueError too, so code that catches bad arguments the usual way catches these."""

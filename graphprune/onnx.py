@@ -58,25 +58,20 @@ def count_flops(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
 
 
 def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_params: float | None = None,
-         importance: Any = "l2", round_to: int | None = 8, max_ratio: float = 0.9, allow_lossy: bool = False,
-         input_shapes: dict[str, tuple[int, ...]] | None = None, calibration: list[dict[str, np.ndarray]] | None = None,
-         loaded: Loaded | None = None, progress: Progress | None = None) -> PruningPlan:
-    """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan,
-    except that widths default to multiples of 8 (round_to=8): an ONNX file is for deployment, and CPU and GPU
-    kernels run such widths fastest (resnet50 at half the FLOPs: 1.77x faster in ONNX Runtime with round_to=8,
-    1.52x with exact counts); round_to=1 keeps exact channel counts. importance="wanda" or "flap" needs
-    `calibration`: batches of real inputs (dicts of arrays by input name)."""
-    from .api import _budget, _build_plan, _weight_slices_per_component
+         importance: Any = "l2", round_to: int | str | None = "auto", max_ratio: float = 0.9,
+         allow_lossy: bool = False, input_shapes: dict[str, tuple[int, ...]] | None = None,
+         calibration: list[dict[str, np.ndarray]] | None = None, loaded: Loaded | None = None,
+         progress: Progress | None = None) -> PruningPlan:
+    """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan
+    (the same planning core: passes/pipeline.py). importance="wanda" or "flap" needs `calibration`: batches of
+    real inputs (dicts of arrays by input name)."""
     from .passes.importance import get_importance
-    from .passes.select import select
+    from .passes.pipeline import PLAN, Job, check_options, parse_budget, run
 
     started = time.perf_counter()
-    kind, ratio = _checked_budget(_budget, target_flops, target_params)
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise UsageError(f"round_to must be a positive integer, got {round_to!r}")
+    kind, ratio = parse_budget(target_flops, target_params)
+    round_to = check_options(round_to, max_ratio)
     loaded = loaded or read(path, input_shapes, allow_lossy)
-    an = loaded.an
-    tensors = _torch_tensors(loaded.og.tensors)
     if importance in ("wanda", "flap"):
         from .passes.calibration import CalibratedImportance
         from .passes.onnx_calibration import collect
@@ -89,23 +84,13 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
             scorer = get_importance(importance)
         except ValueError as exc:
             raise UsageError(f"{exc}; for ONNX files also 'wanda' and 'flap' (with calibration)") from exc
-    scores = np.asarray(scorer(an, tensors), dtype=np.float64)
-    budget = loaded.flops if kind == "flops" else loaded.params
-    removed = select(an, scores, budget, ratio, max_ratio=max_ratio, round_to=round_to if round_to != 1 else None,
-                     budget_name="FLOPs" if kind == "flops" else "parameters",
-                     mass=_weight_slices_per_component(an), normalize=not getattr(scorer, "absolute", False))
-    result = _build_plan(an, removed, loaded.flops, loaded.params, loaded.og.tensors,
-                         {"kind": kind, "ratio": ratio, "importance": str(importance), "source": os.fspath(path)})
+    job = Job(loaded.an, _torch_tensors(loaded.og.tensors), kind, ratio, scorer, round_to=round_to,
+              max_ratio=max_ratio, flops=loaded.flops, params=loaded.params,
+              target={"importance": str(importance), "source": os.fspath(path)})
+    result = run(PLAN, job).plan
     result._loaded = loaded
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
-
-
-def _checked_budget(budget, target_flops, target_params):
-    try:
-        return budget(target_flops, target_params)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def _torch_tensors(arrays: dict[str, np.ndarray]):
@@ -124,7 +109,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     `dst` is written only after the pruned model passed strict shape inference, the full ONNX checker and
     (with verify=True) an ONNX Runtime comparison with the masked original on random inputs. `src` is
     never modified. `the_plan` applies an existing plan (from graphprune.plan on the PyTorch model the
-    file was exported from, or PruningPlan.load) instead of planning. `feeds` (input name -> array) are
+    file was exported from, or PruningPlan.load) instead of planning; one with compensation, added biases or
+    removed blocks is refused (only channel removals replay on a file). `feeds` (input name -> array) are
     the inputs shapes are recorded and the verification runs with; by default the first calibration batch,
     or random ones shaped by the model's inputs and `input_shapes`. Other options are those of plan().
     """
@@ -134,6 +120,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     _check_paths(src, data_files, dst, plan_out, report)
     if the_plan is None and target_flops is None and options.get("target_params") is None:
         raise UsageError("give a budget: target_flops=R or target_params=R, R in (0, 1] the fraction to keep")
+    if the_plan is not None:
+        _refuse_weight_changes(the_plan)
     say(f"reading {src}")
     if feeds is None and options.get("calibration"):
         feeds = options["calibration"][0]
@@ -157,7 +145,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         original = load_model(src, check=False)
         check_feeds = feeds if feeds is not None else example_feeds(
             original, {k: v.shape for k, v in loaded.og.feeds.items()}, seed=1)
-        from .api import removed_and_zeroed
+        from .passes.pipeline import removed_and_zeroed
 
         zeroed = removed_and_zeroed(loaded.an, gone)[1]  # this file's producer rows (a plan may name others)
         problem = compare(slim, backend.masked(loaded.og, original, zeroed), check_feeds, lossy=result.lossy)
@@ -168,7 +156,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if plan_out is not None:
         result.save(plan_out)
     if report is not None:
-        from .report import write_report
+        from .render import write_report
         write_report(result, report)
     save_model(slim, dst, external=bool(data_files))
     say(f"wrote {dst}")
@@ -217,6 +205,23 @@ def _same(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _refuse_weight_changes(the_plan: PruningPlan) -> None:
+    """A plan that rewrites weights or removes blocks cannot be replayed by slicing this file's initializers
+    (and a lossy plan is verified by shapes only, so it would pass unnoticed): refuse it."""
+    carried = []
+    if the_plan.updates or the_plan.target.get("compensate"):
+        carried.append(f"compensation ({the_plan.target.get('compensate') or 'updated weights'})")
+    if the_plan.added:
+        carried.append(f"{len(the_plan.added)} added biases")
+    if the_plan.blocks:
+        carried.append(f"{len(the_plan.blocks)} removed blocks ({', '.join(str(b[0]) for b in the_plan.blocks[:3])})")
+    if carried:
+        raise UsageError(f"the plan carries {', '.join(carried)}, which an ONNX file cannot take from a plan: only "
+                         "channel removals apply here. Plan the file itself (graphprune.onnx.prune(src, dst, "
+                         "target_flops=...)), or export the slimmed PyTorch model instead: "
+                         "torch.onnx.export(plan.apply(model), ...)")
+
+
 def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
     """Removed components of this file's analysis, from a plan's removed indices by initializer name.
     Initializers the file lacks (batch norms an exporter folded) are skipped; a channel the plan removes
@@ -253,25 +258,14 @@ def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
 
 
 def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False) -> str | None:
-    """None if the two models give the same outputs on `feeds` (rel. error <= 1e-4), else what differs."""
+    """None if the two models give the same outputs on `feeds` (graphprune.verify's rule), else what differs."""
+    from .verify import compare_outputs
+
     try:
         got = session(slim).run(None, feeds)
     except Exception as exc:  # noqa: BLE001
         return f"ONNX Runtime cannot run it: {' '.join(str(exc).split())[:300]}"
-    want = session(reference).run(None, feeds)
-    for k, (a, b) in enumerate(zip(got, want)):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape:
-            return f"output {k} has shape {list(a.shape)} instead of {list(b.shape)}"
-        if lossy or not np.issubdtype(b.dtype, np.floating):
-            continue
-        if (np.isnan(a) != np.isnan(b)).any() or (np.isinf(a) != np.isinf(b)).any():
-            return f"output {k} is not finite in the same places (NaN or infinity in one of them)"
-        a, b = np.nan_to_num(a, posinf=0, neginf=0), np.nan_to_num(b, posinf=0, neginf=0)
-        err = float(np.abs(a - b).max()) if a.size else 0.0
-        if err > 1e-4 * max(float(np.abs(b).max()), 1e-6):
-            return f"output {k} differs by {err:.3g} (largest value {float(np.abs(b).max()):.3g})"
-    return None
+    return compare_outputs(got, session(reference).run(None, feeds), lossy=lossy)
 
 
 def save_model(proto, dst: str, external: bool = False) -> None:
@@ -300,7 +294,9 @@ def save_model(proto, dst: str, external: bool = False) -> None:
 def inspect(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> str:
     """What graphprune sees in the file: prunable groups and widths, FLOPs, parameters, and why channels
     that own weights are kept whole."""
-    from .report import _num, explain_rows, pinned_rows
+    from .render import explain_rows
+    from .render import fmt_num as _num
+    from .report import pinned_rows
 
     loaded = read(path, input_shapes)
     an, g = loaded.an, loaded.og.graph
@@ -352,7 +348,7 @@ def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threa
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
-    from .report import _num
+    from .render import fmt_num as _num
 
     width = max(len(r["model"]) for r in rows)
     lines = [f"{'model':<{width}}  {'median ms':>10}  {'p90 ms':>8}  {'speed-up':>8}  {'FLOPs':>8}  {'params':>8}"]

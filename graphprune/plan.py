@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,8 +13,18 @@ import numpy as np
 import torch
 
 from .errors import GraphPruneError
+from .files import atomic_write
 
 FORMAT = "graphprune-plan/1"
+
+# "apply" and "mask" for PyTorch models, registered by graphprune.verify and graphprune.backends.torch: the
+# plan is data and imports no backend
+BACKENDS: dict[str, Callable] = {}
+
+
+def register_backend(name: str, fn: Callable) -> Callable:
+    BACKENDS[name] = fn
+    return fn
 
 
 @dataclass
@@ -36,6 +46,8 @@ class PruningPlan:
     blocks: list[list] = field(default_factory=list)
     lossy: bool = False
     notes: list[str] = field(default_factory=list)
+    # the example inputs' shapes, dtypes and value ranges (ir/inputs.py), to verify a loaded plan on
+    inputs: list[dict[str, Any]] | None = None
 
     # ----- results -------------------------------------------------------------------------------
     @property
@@ -71,28 +83,38 @@ class PruningPlan:
             self.params["after"] += self.fingerprint[bias][0] - len(self.removed.get(bias, {}).get(0, []))
 
     # ----- backends --------------------------------------------------------------------------------
-    def apply(self, model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
-        """A physically slimmed model of the same classes; `model` is untouched unless inplace=True."""
-        from .backends.torch import apply_plan
+    def apply(self, model: torch.nn.Module, inplace: bool = False, verify: bool = True,
+              example_inputs: Any = None) -> torch.nn.Module:
+        """A physically slimmed model of the same classes; `model` is untouched unless inplace=True.
 
-        return apply_plan(self, model, inplace=inplace)
+        With verify=True (default) the slim model must reproduce `self.mask(model)` on the example inputs (those
+        given to plan(), or `example_inputs`, or random ones of the recorded shapes for a loaded plan); if the
+        model's forward code cannot follow the new widths, the recorded graph is regenerated as a GraphModule
+        and checked instead; if that fails too, BackendError. inplace=True changes `model` only once verified.
+        """
+        return BACKENDS["apply"](self, model, inplace=inplace, verify=verify, example_inputs=example_inputs)
 
     def mask(self, model: torch.nn.Module) -> torch.nn.Module:
         """A copy of `model` with the same shapes and every removed channel's producer parameters zeroed."""
-        from .backends.torch import mask_plan
-
-        return mask_plan(self, model)
+        return BACKENDS["mask"](self, model)
 
     # ----- reports ---------------------------------------------------------------------------------
     def summary(self) -> str:
-        from .report import summary
+        from .render import summary
 
         return summary(self)
 
     def explain(self) -> str:
-        from .report import explain
+        from .render import explain
 
         return explain(self)
+
+    def report(self, path: str | os.PathLike) -> None:
+        """Write an HTML page (a chart of every group's width before and after, the summary, the pinned
+        reasons) to `path`, a .html file: the page `graphprune prune --report` writes, for any plan."""
+        from .render import write_report
+
+        write_report(self, path)
 
     # ----- persistence -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -143,23 +165,6 @@ def named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for n, b in model.named_buffers(remove_duplicate=True):
         out.setdefault(n, b)
     return out
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise GraphPruneError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".graphprune-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def indices_by_axis(mask_by_axis: dict[int, np.ndarray]) -> dict[int, list[int]]:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 
 from .errors import GraphPruneError
-from .plan import PruningPlan, atomic_write
+from .files import atomic_write
+from .plan import PruningPlan
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike, plan: PruningPlan | None = None) -> None:

@@ -163,39 +163,6 @@ def test_count_flops_matches_flop_counter_mode(name, size):
     assert abs(ours - ref) / ref <= 0.01, (ours, ref)
 
 
-class LeNet(torch.nn.Module):
-    """Forward code holds the flattened width as a constant, as older model code often does."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.c2 = torch.nn.Conv2d(1, 6, 5), torch.nn.Conv2d(6, 16, 5)
-        self.f1, self.f2 = torch.nn.Linear(16 * 5 * 5, 120), torch.nn.Linear(120, 10)
-
-    def forward(self, x):
-        x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
-        x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
-        return self.f2(torch.relu(self.f1(x.view(x.size(0), 16 * 5 * 5))))
-
-
-def test_constant_widths_in_forward_code_fall_back_to_a_regenerated_graph():
-    model = LeNet().eval()
-    x = torch.randn(2, 1, 32, 32)
-    plan = graphprune.plan(model, x, target_flops=0.3)
-    assert "c2.weight" in plan.removed  # the flattened conv is pruned...
-    with pytest.raises(RuntimeError):
-        run(plan.apply(model), x)  # ...which the module's own view(…, 400) cannot follow
-    slim = graphprune.prune(model, x, target_flops=0.3)
-    assert isinstance(slim, torch.fx.GraphModule)
-    assert "regenerated as a torch.fx GraphModule" in slim.graphprune_plan.summary()
-    ref = slim.graphprune_plan.mask(model)
-    assert torch.allclose(run(slim, x), run(ref, x), atol=1e-6)
-    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
-    again = LeNet()
-    again.load_state_dict(model.state_dict())
-    in_place = graphprune.prune(again, x, target_flops=0.3, inplace=True)  # falls back from the sliced module
-    assert torch.allclose(run(in_place, x), run(slim, x), atol=1e-6)
-
-
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_export_tracer_gives_the_same_plan(name):
     model = torchvision.models.get_model(name).eval()
@@ -248,3 +215,17 @@ def test_budget_lands_close_when_the_last_unit_is_a_whole_head():
     plan = graphprune.plan(model, x, target_params=0.9, importance=heads_low, ignore=["model.embed_tokens"])
     assert 0.89 <= plan.params_ratio <= 0.9
     assert torch.allclose(run(plan.apply(model), x).logits, run(plan.mask(model), x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_default_widths_round_to_8_in_wide_layers_and_stay_exact_in_narrow_ones(resnet):
+    slim = graphprune.plan(resnet, X, target_flops=0.5).apply(resnet, verify=False)
+    convs = [(m, o) for m, o in zip(slim.modules(), resnet.modules()) if isinstance(m, torch.nn.Conv2d)]
+    assert any(m.out_channels < o.out_channels for m, o in convs)
+    assert all(m.out_channels % 8 == 0 for m, o in convs)  # resnet18's layers are all 64 channels or more
+    exact = graphprune.plan(resnet, X, target_flops=0.5, round_to=None).apply(resnet, verify=False)
+    assert any(m.out_channels % 8 for m in exact.modules() if isinstance(m, torch.nn.Conv2d))
+    narrow = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3), torch.nn.ReLU(), torch.nn.Conv2d(12, 4, 3)).eval()
+    plan = graphprune.plan(narrow, torch.randn(1, 3, 16, 16), target_flops=0.59)
+    assert plan.apply(narrow)[0].out_channels == 7  # 7/12 of the FLOPs: narrow layers keep exact widths
+    with pytest.raises(graphprune.UsageError, match="round_to"):
+        graphprune.plan(resnet, X, target_flops=0.5, round_to="eight")

@@ -457,3 +457,107 @@ def test_outputs_never_overwrite_the_input(tmp_path):
             gonnx.prune(src, dst, 0.5, **kwargs)
     assert hashlib.sha256(Path(src).read_bytes()).hexdigest() == digest
     assert not (tmp_path / "o.onnx").exists()
+
+
+class PickChannels(nn.Module):
+    """A fixed 1-d channel selection (Gather with constant indices) read by a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 1)
+        self.c2 = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))[:, [0, 3, 5, 9]])
+
+
+def test_gather_of_pruned_channels(tmp_path):
+    """Removed channels that a 1-d Gather picked leave its index list (it once kept the old index shape)."""
+    plan, _, dst = prune_file(tmp_path, PickChannels(), torch.randn(1, 3, 4, 4), ratio=0.5)
+    assert plan.removed["c2.weight"][1]  # gathered channels went
+    gathers = [n for n in onnx.load(dst).graph.node if n.op_type == "Gather"]
+    assert len(gathers) == 1
+    index = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(dst).graph.initializer}[gathers[0].input[1]]
+    assert index.shape == (4 - len(plan.removed["c2.weight"][1]),)
+
+
+class ResidualStack(nn.Module):
+    """A stem, three residual blocks in a Sequential (depth pruning can drop them), a head; with bias=False the
+    blocks' second convs have none, so compensation adds one."""
+
+    class Block(nn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 16, 1, bias=bias)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(*(self.Block(bias) for _ in range(3)))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("bias,options,what", [
+    (True, {"compensate": True}, "compensation"), (False, {"compensate": True}, "added biases"),
+    (True, {"depth": 1}, "removed blocks")], ids=["compensate", "added-bias", "depth"])
+def test_plans_that_change_weights_are_refused(tmp_path, bias, options, what):
+    """Slicing the file's initializers cannot replay compensation, added biases or removed blocks: such a plan is
+    refused with what it carries and the way out, also after a JSON round trip (which drops the updated
+    weights but keeps the target's compensate key), and nothing is written."""
+    model = distinct_params(ResidualStack(bias))
+    x = torch.randn(1, 3, 8, 8)
+    plan = graphprune.plan(model, x, 0.6, calibration=[torch.randn(1, 3, 8, 8) for _ in range(4)], **options)
+    assert bool(plan.added) == (not bias)
+    src = export_onnx(model, x, tmp_path / "m.onnx")
+    plan.save(tmp_path / "plan.json")
+    for the_plan in (plan, graphprune.PruningPlan.load(tmp_path / "plan.json")):
+        with pytest.raises(UsageError, match=what) as err:
+            gonnx.prune(src, tmp_path / "slim.onnx", the_plan=the_plan)
+        assert "torch.onnx.export(plan.apply(model)" in str(err.value)
+        assert not (tmp_path / "slim.onnx").exists()
+
+
+class ZeroBiases(nn.Module):
+    """Two unrelated convs of one width with zero biases (a fresh model's): the exporter keeps one tensor for
+    both biases (c2.bias = Identity(c1.bias))."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        nn.init.zeros_(self.c1.bias)
+        nn.init.zeros_(self.c2.bias)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def test_merged_zero_biases_do_not_tie_layers(tmp_path):
+    src = export_onnx(ZeroBiases(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    nodes = onnx.load(src).graph.node
+    assert [n.input for n in nodes if n.op_type == "Identity"] == [["c1.bias"]]  # the exporter merged them
+    loaded = gonnx.read(src)
+    assert sorted(len(f) for f in loaded.an.families) == [16, 16]  # c1's and c2's channels, each on their own
+    plan = gonnx.prune(src, tmp_path / "slim.onnx", 0.5, round_to=1)  # verified against the masked original
+    assert abs(plan.flops_ratio - 0.5) <= 0.01
+    assert plan.removed["c1.weight"][0] != plan.removed["c2.weight"][0]  # chosen layer by layer
+
+
+def test_dynamic_batch_prunes_like_fixed_shapes(tmp_path):
+    """With a dynamic batch, widths computed from fixed widths (C // heads, a copied C) are constants, as with
+    fixed shapes: the same channels are prunable; widths that follow the batch keep computing at run time."""
+    model, x = distinct_params(Attention()), torch.randn(2, 6, 32)
+    fixed = gonnx.read(export_onnx(model, x, tmp_path / "fixed.onnx"))
+    src = export_onnx(model, x, tmp_path / "dyn.onnx", dynamic={"input_0": {0: "batch"}})
+    dynamic = gonnx.read(src)
+    assert sorted(map(len, dynamic.an.families)) == sorted(map(len, fixed.an.families))
+    gonnx.prune(src, tmp_path / "slim.onnx", 0.5, round_to=1)
+    for batch in (1, 5):
+        out = session(str(tmp_path / "slim.onnx")).run(None, {"input_0": np.random.randn(batch, 6, 32).astype(
+            np.float32)})[0]
+        assert out.shape == (batch, 6, 32)

@@ -6,6 +6,8 @@ from the graph, which must also agree with the torch cost model on the source mo
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
@@ -131,3 +133,43 @@ def test_gpt2(tmp_path):
     check_pruned(src, dst, plan)
     assert any(g["after"] < g["before"] for g in plan.groups)
     np.testing.assert_equal(onnx.load(dst).graph.output[0].type, onnx.load(src).graph.output[0].type)
+
+
+def export_torchscript(model, x, path, dynamic_batch: bool) -> str:
+    """The TorchScript exporter at opset 17, as users call it; dynamic_batch: batch axes of input and output."""
+    import contextlib
+    import io
+    import warnings
+
+    axes = {"input_0": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["input_0"],
+                          output_names=["output"], dynamic_axes=axes)
+    return str(path)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic-batch"])
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "swin_t"])
+def test_torchscript_fresh_weights(tmp_path, name, dynamic):
+    """A freshly initialised model (plain random init): the exporter merged its identical initializers (zero
+    biases, LayerNorm ones) into Identity copies of one tensor, which must not tie unrelated layers; with a
+    dynamic batch, widths computed from fixed widths (swin_t's C // num_heads) must not pin. Both reach half
+    the FLOPs with at least the groups of their PyTorch versions, and the dynamic file computes the masked
+    original at batch 3."""
+    from graphprune.backends.onnx import masked
+
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    src = export_torchscript(model, x, tmp_path / f"{name}.onnx", dynamic)
+    inits = {i.name for i in onnx.load(src).graph.initializer}
+    assert any(n.op_type == "Identity" and n.input[0] in inits for n in onnx.load(src).graph.node)  # merged
+    dst = str(tmp_path / f"{name}_slim.onnx")
+    plan = gonnx.prune(src, dst, target_flops=0.5)
+    check_pruned(src, dst, plan)
+    torch_groups = Counter(g["before"] for g in graphprune.plan(model, x, 0.5).groups)
+    assert not torch_groups - Counter(g["before"] for g in plan.groups)  # every group PyTorch prunes, the file too
+    if dynamic:
+        feeds = {"input_0": np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32)}
+        reference = masked(gonnx.read(src).og, load_model(src, check=False), plan.zeroed)
+        assert gonnx.compare(onnx.load(dst), reference, feeds) is None

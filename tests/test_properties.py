@@ -31,7 +31,7 @@ class RandomDag(nn.Module):
         for step in program:
             kind = step[0]
             if kind == "conv":
-                _, src, out, k, groups, norm, act = step
+                _, src, out, k, groups, norm, _ = step
                 cin = widths[src]
                 g = groups if cin % groups == 0 and out % groups == 0 else 1
                 block = [nn.Conv2d(cin, out, k, padding=k // 2, groups=g)]
@@ -42,7 +42,7 @@ class RandomDag(nn.Module):
                 self.layers.append(nn.Sequential(*block))
                 widths.append(out)
             elif kind == "linear":  # channel-last linear: permute, Linear, permute back
-                _, src, out, act = step
+                _, src, out, _ = step
                 self.layers.append(nn.Linear(widths[src], out))
                 widths.append(out)
             elif kind == "add":
@@ -124,9 +124,13 @@ def programs(draw):
     return program
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+CASES = 60
+
+
+@settings(max_examples=CASES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(programs(), st.floats(0.4, 0.95), st.sampled_from(["l2", "random"]))
-def test_random_dags_prune_exactly(program, target, importance):
+def _random_dag_case(outcomes, program, target, importance):
     torch.manual_seed(0)
     model = RandomDag(program).eval()
     x = torch.randn(2, 3, 8, 8)
@@ -134,7 +138,9 @@ def test_random_dags_prune_exactly(program, target, importance):
         plan = graphprune.plan(model, x, target_flops=target, importance=importance)
     except graphprune.BudgetError as err:
         assert err.reachable > target  # the error names a ratio that really is above the target
+        outcomes.append("unreachable")
         return
+    outcomes.append("planned")
     assert plan.flops_ratio <= target + 1e-9
     # lands within 0.01 below the target, or within one channel's worth where channels are coarse
     assert target - plan.flops_ratio <= max(0.01, 1.01 * _coarsest_channel(model, x))
@@ -150,3 +156,12 @@ def test_random_dags_prune_exactly(program, target, importance):
     assert oracle_error(plan, model, x) <= 1e-5
     counted = graphprune.count_flops(slim, x) / graphprune.count_flops(model, x)
     assert abs(counted - plan.flops_ratio) <= 1e-6
+
+
+def test_random_dags_prune_exactly():
+    """A fixed seed, so a failure reproduces; and most drawn cases must really plan (a BudgetError returns early),
+    or the checks above test little."""
+    outcomes: list[str] = []
+    _random_dag_case(outcomes)
+    assert len(outcomes) >= 0.9 * CASES
+    assert outcomes.count("planned") >= 0.9 * len(outcomes), outcomes

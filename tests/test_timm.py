@@ -12,7 +12,7 @@ import graphprune
 from .conftest import nonzero_params, oracle_error, run
 
 MODELS = ["resnet18", "efficientnet_b0", "ghostnet_100", "convnext_atto", "vit_tiny_patch16_224",
-          "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "levit_128s", "mixer_s16_224", "resmlp_12_224",
+          "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mixer_s16_224", "resmlp_12_224",
           "poolformer_s12", "mobilevit_xxs", "efficientformer_l1"]
 
 
@@ -28,11 +28,12 @@ def test_timm_model_prunes_to_half_and_is_exact(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cait_xxs24_224", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("name", ["cait_xxs24_224", "eva02_tiny_patch14_224", "levit_128s"])
 def test_heads_prune_through_the_regenerated_graph(name):
     """CaiT (talking heads: linear layers across heads) and EVA-02 (RoPE, SwiGLU, a zero k bias buffer)
-    derive a width from their input (C // num_heads, reshape(B, N, C)), so their modules cannot follow
-    removed heads: prune() returns the regenerated graph, which must compute what the masked model does."""
+    derive a width from their input (C // num_heads, reshape(B, N, C)), and LeViT (heads carry a bias table
+    indexed by position) reshapes to its val_attn_dim attribute, so their modules cannot follow removed heads:
+    prune() returns the regenerated graph, which must compute what the masked model does."""
     model = nonzero_params(timm.create_model(name, pretrained=False).eval())
     x = torch.randn(1, 3, 224, 224)
     slim = graphprune.prune(model, x, target_flops=0.5)
@@ -42,3 +43,16 @@ def test_heads_prune_through_the_regenerated_graph(name):
     assert abs(plan.flops_ratio - 0.5) <= 0.01
     expected = run(plan.mask(model), x)
     assert float((run(slim, x) - expected).abs().max() / expected.abs().max()) <= 1e-5
+
+
+def test_swin_relative_position_bias_tables_let_heads_go():
+    """A small Swin: each block indexes a (positions, heads) bias table, so heads go with their table columns."""
+    torch.manual_seed(0)
+    model = nonzero_params(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                                             embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7).eval())
+    x = torch.randn(1, 3, 56, 56)
+    plan = graphprune.plan(model, x, target_flops=0.5)
+    assert abs(plan.flops_ratio - 0.5) <= 0.01
+    tables = [n for n in plan.removed if n.endswith("relative_position_bias_table")]
+    assert tables and all(plan.removed[n].keys() == {1} for n in tables)
+    assert oracle_error(plan, model, x) <= 1e-5

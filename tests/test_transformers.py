@@ -192,3 +192,40 @@ def test_tied_input_and_output_embeddings_shrink_together():
     slim = plan.apply(model)
     assert slim.lm_head.weight is slim.model.embed_tokens.weight  # still tied, both sliced
     assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_gemma_rms_norm_of_one_plus_weight_goes_exactly():
+    """Gemma's norms scale by (1 + w): the plan records that form and the backend rescales 1 + w, not w."""
+    torch.manual_seed(0)
+    model = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    with torch.no_grad():  # trained norms are not all zero
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    x = {"input_ids": _ids()}
+    plan = graphprune.plan(model, x, target_flops=0.6)
+    assert abs(plan.flops_ratio - 0.6) <= 0.01
+    assert plan.removed["model.norm.weight"][0] == plan.removed["model.embed_tokens.weight"][1]
+    rms = [r for r in plan.rewrites if r["kind"] == "rms"]
+    assert rms and all(r["offset"] == 1.0 for r in rms)
+    slim = graphprune.prune(model, x, target_flops=0.6)
+    assert type(slim) is T.GemmaForCausalLM  # the module itself, not the regenerated graph
+    assert torch.allclose(run(slim, x).logits, run(plan.mask(model), x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_swin_relative_position_bias_lets_heads_go():
+    """Swin indexes a (positions, heads) bias table by a position buffer: the heads axis passes through."""
+    torch.manual_seed(0)
+    model = T.SwinModel(T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+                                     window_size=4)).eval()
+    x = {"pixel_values": torch.randn(1, 3, 32, 32)}
+    plan = graphprune.plan(model, x, target_flops=0.6)
+    assert abs(plan.flops_ratio - 0.6) <= 0.01
+    heads = [r for r in plan.rewrites if r["kind"] == "heads"]
+    assert heads and all(r["after"] < r["before"] for r in heads)
+    tables = [n for n in plan.removed if n.endswith("relative_position_bias_table")]
+    assert tables and all(plan.removed[n].keys() == {1} for n in tables)  # heads columns, never positions
+    slim = plan.apply(model)
+    out, ref = run(slim, x).last_hidden_state, run(plan.mask(model), x).last_hidden_state
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)

@@ -42,7 +42,7 @@ def report():
         for name in sorted(RESULTS):
             ratio, status, seconds = RESULTS[name]
             lines.append(f"| {name} | {input_size(name)} | {ratio:.3f} | {status} | {seconds:.1f} |")
-        from graphprune.plan import atomic_write
+        from graphprune.files import atomic_write
         atomic_write(path, ("\n".join(lines) + "\n").encode())
 
 

@@ -8,6 +8,8 @@ shapes are those of the example inputs.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 from torch import fx, nn
@@ -24,11 +26,20 @@ _SHAPE_ARG = {  # op packet -> position of the size argument that follows the ou
 }
 
 
-def regenerate(plan: PruningPlan, model: nn.Module) -> fx.GraphModule:
-    an, gone = getattr(plan, "_analysis", None), getattr(plan, "_gone", None)
+def regenerate(plan: PruningPlan, model: nn.Module, an=None, gone: np.ndarray | None = None,
+               dynamic: dict | None = None, input_names: list[str] | None = None) -> fx.GraphModule:
+    """The recorded graph of `model` (the masked model: its weights are sliced) as a GraphModule.
+
+    `an` / `gone` are the analysis and removed components (the plan's own by default); `dynamic` (from
+    `dynamic_ints`) says which integer arguments are expressions of the input sizes, so they follow the
+    inputs' batch and sequence length instead of replaying the recorded ones.
+    """
+    if an is None:
+        an, gone = getattr(plan, "_analysis", None), getattr(plan, "_gone", None)
     if an is None:
         raise BackendError("this plan carries no recorded graph (it was loaded from JSON); plan the model again")
     graph = an.graph
+    dynamic = dynamic or {}
     root = nn.Module()
     fxg = fx.Graph()
     env: dict[int, fx.Node] = {}
@@ -66,18 +77,174 @@ def regenerate(plan: PruningPlan, model: nn.Module) -> fx.GraphModule:
             return type(obj)(mapped(o) for o in obj)
         return obj
 
-    for i, v in enumerate(graph.inputs):
-        env[v.id] = fxg.placeholder(f"input_{i}")
+    names = input_names or [f"input_{i}" for i in range(len(graph.inputs))]
+    for name, v in zip(names, graph.inputs):
+        env[v.id] = fxg.placeholder(name)
+    sizes = _SizeExpressions(fxg, [env[v.id] for v in graph.inputs])
     for node in graph.nodes:
         if node.target is None:
             raise BackendError(f"cannot regenerate {node.where()}")
         args, kwargs = list(mapped(node.args)), dict(mapped(node.kwargs))
         target = _rewrite(node, args, kwargs, kept, shape)
+        if node.id in dynamic.get("reshape", ()):
+            target = torch.ops.aten.reshape.default
+        for path, expression in dynamic.get("ints", {}).get(node.id, {}).items():
+            _put(args, kwargs, node, path, sizes.node(expression, _get(args, kwargs, node, path)))
         call = fxg.call_function(target, tuple(args), kwargs)
         _bind_outputs(fxg, node, target, call, env)
     outs = [env[v.id] for v in graph.outputs]
     fxg.output(outs[0] if graph.output_is_tensor and len(outs) == 1 else tuple(outs))
     return fx.GraphModule(root, fxg, class_name="PrunedGraph")
+
+
+# ----- integers that follow the input sizes ---------------------------------------------------------------
+# An expression is (symbols, recorded): the integer is recorded * prod(symbol now / symbol at the example),
+# a product of input sizes times a constant (B * S * heads), or (symbols, recorded, "+") for size + constant
+# (a slice end at S - 1). A symbol is (input index, axis, size in the example).
+
+
+def dynamic_ints(base, variants: list[tuple[tuple[int, int, int], int, object]]) -> tuple[dict, str | None]:
+    """Which recorded integers follow the input sizes. `variants` holds, per varied symbol (input, axis,
+    example size), its other size and the graph recorded with it. Returns ({"ints": {node id: {path:
+    expression}}, "reshape": node ids}, None), or ({}, why) when a variant's graph differs in structure or an
+    integer follows no simple rule. "reshape" lists views that need a copy at other sizes: at batch 1 a
+    reshape is a view, at batch 2 a clone and a view."""
+    found: dict[int, dict[tuple, dict]] = {}
+    reshape: set[int] = set()
+    for symbol, size, graph in variants:
+        pairs = _aligned(base.nodes, graph.nodes, reshape)
+        if pairs is None:
+            return {}, f"other ops run when input {symbol[0]} axis {symbol[1]} is {size}"
+        for a, b in pairs:
+            for x, y in zip(a.tensor_inputs(), b.tensor_inputs()):
+                if x.kind == CONST and x.shape != y.shape:
+                    return {}, f"{a.where()} reads a constant whose shape follows the inputs"
+            for path, x, y in _int_pairs(a, b):
+                if x != y:
+                    found.setdefault(a.id, {}).setdefault(path, {"recorded": x, "moves": []})["moves"].append(
+                        (symbol, size, y))
+    ints: dict[int, dict[tuple, tuple]] = {}
+    for node_id, paths in found.items():
+        for path, info in paths.items():
+            expression = _fit(info["recorded"], info["moves"])
+            if expression is None:
+                node = base.nodes[node_id]
+                return {}, (f"{node.where()}: an integer ({info['recorded']}) follows the input sizes in a way "
+                            "graphprune does not model")
+            ints.setdefault(node_id, {})[path] = expression
+    return {"ints": ints, "reshape": reshape}, None
+
+
+def _aligned(base: list, other: list, reshape: set[int]) -> list | None:
+    """Pairs of the same op in two recordings; a view in `base` may be a clone + _unsafe_view in `other`."""
+    pairs, j = [], 0
+    for a in base:
+        if j < len(other) and other[j].op == a.op:
+            pairs.append((a, other[j]))
+            j += 1
+        elif (a.op == "aten.view.default" and j + 1 < len(other) and other[j].op == "aten.clone.default"
+              and other[j + 1].op == "aten._unsafe_view.default"):
+            pairs.append((a, other[j + 1]))
+            reshape.add(a.id)
+            j += 2
+        else:
+            return None
+    return pairs if j == len(other) else None
+
+
+def _fit(recorded: int, moves: list) -> tuple | None:
+    """The simplest expression that explains every move: a product with each moved symbol, or a sum."""
+    symbols = [m[0] for m in moves]
+    product = 1
+    for s in symbols:
+        product *= s[2]
+    if recorded % product == 0 and all(y * s[2] == recorded * n for s, n, y in moves):
+        return (tuple(symbols), recorded, "*")
+    if len(moves) == 1 and moves[0][2] - recorded == moves[0][1] - symbols[0][2]:
+        return (tuple(symbols), recorded, "+")
+    return None
+
+
+def _int_pairs(a, b):
+    """(path, value in a, value in b) for every plain integer argument of two recordings of one op, plus the
+    output shape of ops whose size argument becomes that shape (path ("out", i))."""
+    packet = a.op.split(".")[1] if a.op.count(".") >= 1 else a.op
+    if packet in _SHAPE_ARG and a.outputs and b.outputs:
+        for i, (x, y) in enumerate(zip(a.outputs[0].shape, b.outputs[0].shape)):
+            yield ("out", i), x, y
+
+    def walk(x, y, path):
+        if isinstance(x, bool) or isinstance(y, bool):
+            return
+        if isinstance(x, int) and isinstance(y, int):
+            yield path, x, y
+        elif isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            for i, (p, q) in enumerate(zip(x, y)):
+                yield from walk(p, q, path + (i,))
+
+    if packet not in _SHAPE_ARG:
+        yield from walk(list(a.args), list(b.args), ("args",))
+        for key in a.kwargs.keys() & b.kwargs.keys():
+            yield from walk(a.kwargs[key], b.kwargs[key], ("kwargs", key))
+
+
+def _get(args: list, kwargs: dict, node, path: tuple):
+    container, rest = _locate(args, kwargs, node, path)
+    for i in rest:
+        container = container[i]
+    return container
+
+
+def _put(args: list, kwargs: dict, node, path: tuple, value) -> None:
+    container, rest = _locate(args, kwargs, node, path)
+    for i in rest[:-1]:
+        container = container[i]
+    if isinstance(container, tuple):
+        raise BackendError(f"cannot make a size argument of {node.where()} dynamic")
+    container[rest[-1]] = value
+
+
+def _locate(args: list, kwargs: dict, node, path: tuple):
+    if path[0] == "out":  # the size argument that _rewrite set to the output shape
+        pos = _SHAPE_ARG[node.op.split(".")[1]]
+        return (args, [pos, path[1]]) if pos < len(args) else (kwargs, ["size", path[1]])
+    if path[0] == "kwargs":
+        return kwargs, list(path[1:])
+    return args, list(path[1:])
+
+
+class _SizeExpressions:
+    """fx nodes computing input sizes and the integers built from them, each made once."""
+
+    def __init__(self, fxg: fx.Graph, inputs: list[fx.Node]):
+        self.fxg, self.inputs, self.made = fxg, inputs, {}
+
+    def node(self, expression: tuple, now: int) -> fx.Node:
+        """`now` is the pruned value at the example's sizes: a pruned width times the batch scales too."""
+        symbols, _recorded, how = expression
+        key = (symbols, now, how)
+        if key not in self.made:
+            sizes = [self._size(s) for s in symbols]
+            if how == "+":
+                self.made[key] = self.fxg.call_function(operator.add, (sizes[0], now - symbols[0][2]))
+            else:
+                at_example = 1
+                for s in symbols:
+                    at_example *= s[2]
+                if now % at_example:
+                    raise BackendError(f"a pruned size {now} does not scale with the inputs ({symbols})")
+                value = sizes[0]
+                for extra in sizes[1:]:
+                    value = self.fxg.call_function(operator.mul, (value, extra))
+                factor = now // at_example
+                self.made[key] = value if factor == 1 else self.fxg.call_function(operator.mul, (value, factor))
+        return self.made[key]
+
+    def _size(self, symbol: tuple) -> fx.Node:
+        key = ("size",) + symbol[:2]
+        if key not in self.made:
+            self.made[key] = self.fxg.call_function(torch.ops.aten.sym_size.int, (self.inputs[symbol[0]], symbol[1]))
+        return self.made[key]
 
 
 def _bind_outputs(fxg: fx.Graph, node, target, call: fx.Node, env: dict) -> None:
@@ -141,6 +308,8 @@ def _rewrite(node, args: list, kwargs: dict, kept, shape):
     elif packet in ("native_layer_norm", "layer_norm") and src is not None:
         args[1] = shape(src)[src.ndim - len(args[1]):]
     elif packet == "native_group_norm" and src is not None:
+        if args[6] == args[4]:  # one channel per group (the only prunable case): groups follow the channels
+            args[6] = shape(src)[1]
         args[4] = shape(src)[1]
     elif packet == "arange" and out is not None and shape(out) != list(out.shape):
         raise BackendError(f"arange over a pruned axis at {node.where()}")

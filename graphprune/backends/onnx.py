@@ -222,9 +222,10 @@ class _Editor:
             return
         idx = np.asarray(index.data).reshape(-1) % data.shape[axis]
         rank = {int(k): r for r, k in enumerate(kept)}
-        new = [rank[int(i)] for i in idx if int(i) in rank]
-        node.replace_input_with(1, self.constant(node.inputs[1].name or "indices", np.asarray(
-            new, dtype=np.asarray(index.data).dtype).reshape(index.shape)))
+        new = np.asarray([rank[int(i)] for i in idx if int(i) in rank], dtype=np.asarray(index.data).dtype)
+        # 1-d indices drop the removed channels they picked; others were pinned whole and keep their shape
+        node.replace_input_with(1, self.constant(node.inputs[1].name or "indices",
+                                                 new if index.ndim == 1 else new.reshape(index.shape)))
 
 
 def _take(data: np.ndarray, keep: list[np.ndarray]) -> np.ndarray:
@@ -282,9 +283,13 @@ def check(proto):
 
 
 def masked(og: OnnxGraph, model, zeroed: dict[str, dict[int, list[int]]]):
-    """`model` (a fresh copy of the original) with every removed channel's producer rows zeroed."""
+    """`model` (a fresh copy of the original) with every removed channel's producer rows zeroed; its shared
+    constant initializers untied as the analysed copy's were."""
     import onnx_ir as ir
 
+    from ..ir.from_onnx import untie_constants
+
+    untie_constants(model)
     for name, axes in zeroed.items():
         data = og.tensors[name].copy()
         for axis, idx in axes.items():

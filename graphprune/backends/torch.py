@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 
 import torch
 from torch import nn
 
-from ..errors import BackendError
-from ..plan import PruningPlan
+from ..errors import BackendError, UnsupportedModelError
+from ..plan import PruningPlan, register_backend
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,23 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
 
         reason = sync_config(slim, plan.rewrites)
         if reason is not None:
-            (log.warning if plan.target.get("uniform") else log.info)("config not updated: %s", reason)
+            _refuse_save_pretrained(slim, reason)
     slim.graphprune_plan = plan  # lets graphprune.save() store the plan beside the weights
     return slim
+
+
+def _refuse_save_pretrained(model: nn.Module, reason: str) -> None:
+    """The config still describes the old widths: say so now, and make save_pretrained refuse rather than write
+    a checkpoint that from_pretrained cannot load."""
+    message = f"the pruned model's Hugging Face config no longer matches its weights ({reason})"
+    warnings.warn(f"{message}; save it with graphprune.save, not save_pretrained", stacklevel=4)
+
+    def save_pretrained(*_args, **_kwargs):
+        raise UnsupportedModelError(f"{message}: save_pretrained would write a checkpoint from_pretrained cannot "
+                                    "load. Save with graphprune.save(model, path) and load with graphprune.load(path, "
+                                    "factory), or plan with uniform=True so the config can describe the widths")
+
+    model.save_pretrained = save_pretrained
 
 
 def sliced(plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -85,6 +100,9 @@ def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
                 index = torch.tensor(idx, dtype=torch.long, device=tensor.device)
                 tensor.index_fill_(axis, index, 0)
     return masked
+
+
+register_backend("mask", mask_plan)
 
 
 def _skip_blocks(plan: PruningPlan, model: nn.Module) -> None:
@@ -133,6 +151,8 @@ def _update_attributes(module: nn.Module, old: dict[str, tuple[int, ...]]) -> No
         if ref is not None:
             module.num_features = ref.shape[0]
     elif isinstance(module, nn.GroupNorm) and w is not None:
+        if module.num_groups == module.num_channels:  # one channel per group: the only prunable kind
+            module.num_groups = w.shape[0]
         module.num_channels = w.shape[0]
     elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and w is not None:
         module.normalized_shape = tuple(w.shape)
@@ -166,7 +186,7 @@ def _rewrite_widths(model: nn.Module, rewrites: list[dict]) -> None:
             _rewrite_heads(module, heads)
         for r in entries:
             if r["kind"] == "rms":
-                _rescale_rms(module, name, r["before"], r["after"])
+                _rescale_rms(module, name, r["before"], r["after"], r.get("offset", 0.0))
 
 
 def _rewrite_heads(module: nn.Module, entries: list[dict]) -> None:
@@ -201,8 +221,9 @@ def _rewrite_heads(module: nn.Module, entries: list[dict]) -> None:
                 setattr(module.config, attr, new)
 
 
-def _rescale_rms(module: nn.Module, name: str, before: int, after: int) -> None:
-    """mean over C' instead of C: w' = w * sqrt(C/C'), eps' = eps * C/C' give the same output."""
+def _rescale_rms(module: nn.Module, name: str, before: int, after: int, offset: float = 0.0) -> None:
+    """mean over C' instead of C: (offset + w') = (offset + w) * sqrt(C/C') and eps' = eps * C/C' give the same
+    output (offset 0 for x_hat * w, 1 for Gemma's x_hat * (1 + w))."""
     weight = getattr(module, "weight", None)
     attr = next((a for a in _EPS if hasattr(module, a)), None)
     if not isinstance(weight, torch.Tensor) or attr is None:
@@ -212,5 +233,5 @@ def _rescale_rms(module: nn.Module, name: str, before: int, after: int) -> None:
     if eps is None:  # torch's RMSNorm default
         eps = torch.finfo(weight.dtype).eps
     with torch.no_grad():
-        weight.mul_(math.sqrt(before / after))
+        weight.add_(offset).mul_(math.sqrt(before / after)).sub_(offset)
     setattr(module, attr, float(eps) * before / after)

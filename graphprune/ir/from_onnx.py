@@ -189,9 +189,44 @@ def capture(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {o.name: np.asarray(a) for o, a in zip(sess.get_outputs(), outs)}
 
 
+def untie_constants(model) -> None:
+    """Give every reader of a shared constant-valued float initializer (the zero biases of a freshly initialised
+    model, which exporters merge into one tensor) its own copy, so unrelated layers' channels are not tied.
+    A constant-valued tensor is the same under any choice of channels, so this never changes what the model
+    computes; shared tensors of different values (tied embeddings) stay shared. Deterministic: the same file
+    gives the same copies and names."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    readers: dict[str, list[tuple[object, int]]] = {}
+    for node in graph:
+        for i, v in enumerate(node.inputs):
+            if v is not None and v.name in graph.initializers and graph.initializers[v.name] is v:
+                readers.setdefault(v.name, []).append((node, i))
+    names = set(graph.initializers) | {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
+    for name, uses in readers.items():
+        init = graph.initializers[name]
+        if len(uses) < 2 or init.const_value is None or not init.dtype.is_floating_point():
+            continue
+        data = init.const_value.numpy()
+        if data.ndim == 0 or data.size < 2 or not (data == data.reshape(-1)[0]).all():
+            continue
+        for k, (node, i) in enumerate(uses[1:], 1):
+            copy = f"{name}_copy{k}"
+            while copy in names:
+                copy += "_"
+            names.add(copy)
+            value = ir.Value(name=copy, shape=ir.Shape(data.shape), type=init.type,
+                             const_value=ir.tensor(data, name=copy))
+            graph.register_initializer(value)
+            node.replace_input_with(i, value)
+
+
 def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
-    """Build the IR: one node per ONNX node that touches activations; shape computations folded."""
+    """Build the IR: one node per ONNX node that touches activations; shape computations folded. Shared
+    constant-valued initializers are untied in `model` first (untie_constants)."""
     feeds = check_feeds(model, feeds)
+    untie_constants(model)
     captured = capture(model, feeds)
     g = Graph(output_is_tensor=False)
     result = OnnxGraph(g, model, feeds)
@@ -251,16 +286,59 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
         for ov in out_values:
             ov.producer = irn
         g.nodes.append(irn)
-    if all(v.shape is not None and all(isinstance(d, int) for d in v.shape.dims) for v in _real_inputs(model.graph)):
-        for v in folded_from_widths:  # fixed input shapes: every width is a constant
-            result.frozen.add(v.id)
-            v.reads, v.sources = frozenset(), _literals(v.data)
+    dynamic = _dynamic_widths(model, feeds, values, folded_from_widths)
+    for v in folded_from_widths:
+        _fix_widths(v, dynamic, result.frozen)
     for o in model.graph.outputs:
         v = values.get(o.name)
         if v is None:
             raise TraceError(f"graph output '{o.name}' is not computed by the graph")
         g.outputs.append(v)
     return result
+
+
+def _dynamic_widths(model, feeds: dict[str, np.ndarray], values: dict[str, Value],
+                    folded: list[Value]) -> frozenset | None:
+    """The widths (value id, axis) that folded values read and that follow the inputs' symbolic dims (batch,
+    sequence): those that change in a second ONNX Runtime run with every symbolic dim one larger. Empty when
+    the inputs have fixed shapes; None when the model does not run at the other shapes (nothing is known)."""
+    read = {r for v in folded for r in v.reads}
+    other = {}
+    for v in _real_inputs(model.graph):
+        a = feeds[v.name]
+        for axis in range(a.ndim):
+            symbolic = v.shape is None or len(v.shape) != a.ndim or not isinstance(v.shape.dims[axis], int)
+            if symbolic and a.shape[axis]:
+                a = np.take(a, np.arange(a.shape[axis] + 1) % a.shape[axis], axis=axis)  # valid ids stay valid
+        other[v.name] = a
+    if not read or all(other[k].shape == feeds[k].shape for k in feeds):
+        return frozenset()
+    name_of = {v.id: name for name, v in values.items()}
+    shapes = {k: a.shape for k, a in other.items()}
+    names = sorted({name_of[vid] for vid, _ in read} - set(shapes))
+    try:
+        shapes.update(zip(names, (np.shape(a) for a in session_returning(model, names).run(names, other))))
+    except Exception as exc:  # noqa: BLE001
+        log.info("the model does not run with its symbolic dims changed (%s): widths computed at run time stay "
+                 "whole", _short(exc))
+        return None
+    return frozenset((vid, axis) for vid, axis in read
+                     if shapes[name_of[vid]][axis] != values[name_of[vid]].shape[axis])
+
+
+def _fix_widths(v: Value, dynamic: frozenset | None, frozen: set[int]) -> None:
+    """A folded value computed from fixed widths only is a constant (the backend writes it as one); in a vector,
+    each element copied or computed from fixed widths is a literal the backend may rewrite (a copy of a channel
+    width would otherwise tie that width to whatever axis the element sets)."""
+    if dynamic is None:
+        return
+    if not v.reads & dynamic:
+        frozen.add(v.id)
+        v.reads, v.sources = frozenset(), _literals(v.data)
+    elif v.sources is not None:
+        v.sources = tuple(None if e is None or (e not in dynamic if isinstance(e, tuple) else not e & dynamic)
+                          else e for e in v.sources)
+        v.reads = frozenset(r for e in v.sources if e for r in ({e} if isinstance(e, tuple) else e))
 
 
 def _outer_reads(node) -> list[str]:

@@ -30,6 +30,7 @@ from torch import nn
 from ..analysis.channels import Analysis
 from ..errors import GraphPruneError
 from ..ir.from_torch import eval_mode, normalize_inputs
+from .pipeline import Pass
 
 log = logging.getLogger(__name__)
 
@@ -250,3 +251,20 @@ def _back_to_layout(w: torch.Tensor, like: torch.Tensor, r: Reader) -> torch.Ten
     if r.kind == "conv1d_hf":
         w = w.T
     return w.to(like.dtype).contiguous()
+
+
+class Compensate(Pass):
+    """Rewrite the layers that lost inputs from the calibration statistics, into the plan (see the module
+    docstring): the plan carries the updated tensors and the biases it added."""
+
+    requires = ("an", "tensors", "plan")
+    ensures = ("plan",)
+
+    def __init__(self, readers: list[Reader], method: str):
+        self.readers, self.method = readers, method
+
+    def __call__(self, job) -> None:
+        plan = job.plan
+        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method))
+        plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from "
+                          f"{sum(r.n for r in self.readers[:1])} calibration tokens")

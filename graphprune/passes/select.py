@@ -9,7 +9,9 @@ importance. Without that, the layer whose channels each save the most FLOPs woul
 max_ratio before any other is touched, since trained magnitudes within a layer differ by only ~20%.
 
 Within a family candidates are taken least-important first, in units that keep its width a multiple of
-`round_to` when set (round_to channels, fewer heads when a head is several channels wide), never more
+`round_to` when set (round_to channels, fewer heads when a head is several channels wide; "auto" rounds
+families of at least 32 channels to multiples of 8 and leaves narrower ones exact, or keeps every width exact
+when the rounded units cannot land within 0.01 of the target), never more
 than `max_ratio` of the family and never all of it. Units from all families are ranked together; the exact
 cost of each prefix of that ranking is monotone, so a binary search finds the shortest prefix that meets
 the budget. If that prefix's last unit (a whole head, a lockstep group of layers) overshoots, the units ranked
@@ -30,12 +32,15 @@ from ..errors import BudgetError
 
 log = logging.getLogger(__name__)
 
+# round_to="auto": multiples of 8 in layers of 32 channels or more, unless that misses the target by more than
+# AUTO_TOLERANCE of the cost (a small model of a few such layers), then exact widths everywhere
+AUTO_ROUND, AUTO_MIN_WIDTH, AUTO_TOLERANCE = 8, 32, 0.01
 _FILL_WINDOW = 64  # candidates for the last pick
 _FILL_LIMIT = 4096  # units examined at most for the last picks
 
 
 def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
-           max_ratio: float = 1.0, round_to: int | None = None, keep: np.ndarray | None = None,
+           max_ratio: float = 1.0, round_to: int | str | None = None, keep: np.ndarray | None = None,
            budget_name: str = "FLOPs", mass: np.ndarray | None = None,
            lockstep: list[list[int]] | None = None, normalize: bool = True) -> np.ndarray:
     """Return the ids of the components to remove.
@@ -58,7 +63,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         orders = [np.argsort(norm, kind="stable") for norm in norms]
         n_free = len(fams[0])
         limit = min(n_free, n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
-        chunk = np.asarray(_chunks(n_all, n_free, limit, _unit_round(cost, fams[0], round_to)), dtype=np.int64)
+        chunk = np.asarray(_chunks(n_all, n_free, limit, _unit_round(cost, fams[0], n_all, round_to)),
+                           dtype=np.int64)
         if len(chunk) == 0:
             continue
         used = int(chunk.sum())
@@ -109,6 +115,11 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     if lo > 0:  # the lo-th unit may overshoot (a whole head); smaller units ranked soon after may land closer
         window = slice(lo - 1, lo - 1 + _FILL_LIMIT)
         chosen = _fill(cost, prefix(lo - 1), units[window], family[ranking][window], target, chosen)
+    if round_to == "auto" and target - cost.total(chosen) > AUTO_TOLERANCE * base:
+        log.info("multiples of %d land %.3f under the target: exact widths instead", AUTO_ROUND,
+                 (target - cost.total(chosen)) / base)
+        return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
+                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
@@ -171,13 +182,19 @@ def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], famili
     return best
 
 
-def _unit_round(cost: CostModel, fam: np.ndarray, round_to: int | None) -> int | None:
+def _unit_round(cost: CostModel, fam: np.ndarray, n_all: int, round_to: int | str | None) -> int | None:
     """round_to in components: a component that is several channels wide (a head of head_dim channels)
-    needs only round_to / gcd(round_to, width) of them for the width to stay a multiple of round_to."""
-    if not round_to or round_to <= 1 or len(fam) == 0:
-        return round_to
-    width = int(cost.members[fam[:1]].max())
-    return round_to // math.gcd(round_to, max(width, 1))
+    needs only round_to / gcd(round_to, width) of them for the width to stay a multiple of round_to.
+    "auto": multiples of 8 for layers of at least 32 channels (kernels run them fastest), exact below (a
+    narrow layer would otherwise lose most of its prunability)."""
+    if len(fam) == 0:
+        return None
+    width = max(int(cost.members[fam[:1]].max()), 1)
+    if round_to == "auto":
+        round_to = AUTO_ROUND if n_all * width >= AUTO_MIN_WIDTH else None
+    if not round_to or round_to <= 1:
+        return None
+    return round_to // math.gcd(round_to, width)
 
 
 def _chunks(n_all: int, n_free: int, limit: int, round_to: int | None) -> list[int]:

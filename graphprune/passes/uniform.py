@@ -14,7 +14,7 @@ import re
 import numpy as np
 
 from ..analysis.channels import Analysis
-from ..backends.hf_config import Probe, solve_changes
+from ..ir.hf_config import Probe, solve_changes
 
 
 def lockstep_groups(an: Analysis, probe: Probe | None) -> tuple[list[list[int]], np.ndarray]:

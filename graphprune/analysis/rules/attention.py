@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Value
-from ..channels import DEP, INDEP, ZERO
+from ..context import DEP, INDEP, ZERO
 from . import rule
 from .common import arg
 

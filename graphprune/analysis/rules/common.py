@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Value
-from ..channels import DEP, INDEP, ZERO, Context
+from ..context import DEP, INDEP, ZERO, Context
 
 
 def arg(node, i: int, name: str, default=None):
@@ -22,6 +22,17 @@ def norm_dims(dims, ndim: int) -> list[int]:
     if len(dims) == 0:
         return list(range(ndim))
     return sorted(d % ndim for d in dims)
+
+
+CASTS = ("aten._to_copy.", "aten.to.", "aten.type_as.", "aten.clone.", "aten.contiguous.", "aten.alias.",
+         "aten.detach.", "aten._to_dtype")
+
+
+def root(v):
+    """The value `v` is a dtype cast or copy of (itself if none)."""
+    while getattr(v, "producer", None) is not None and v.producer.op.startswith(CASTS):
+        v = v.producer.args[0]
+    return v
 
 
 def combine_add(states):
@@ -97,6 +108,7 @@ def copy_param_view(src: Value, out: Value, axis_map: list[int | None], offsets:
 
 
 __all__ = [
+    "CASTS",
     "DEP",
     "INDEP",
     "ZERO",
@@ -107,4 +119,5 @@ __all__ = [
     "copy_param_view",
     "identity",
     "norm_dims",
+    "root",
 ]

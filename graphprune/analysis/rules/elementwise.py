@@ -33,7 +33,7 @@ def _unary(f0_zero: bool, blows_up: bool = False, view: bool | None = None):
             return
         out = node.outputs[0]
         if out.shape != src.shape:
-            from ..channels import pin_all
+            from ..context import pin_all
             pin_all(ctx, node, "unary op changed the shape")
             return
         identity(ctx, src, out, f0_zero)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Value
-from ..channels import pin_all
+from ..context import pin_all
 from . import rule
 from .common import arg, copy_param_view
 
@@ -127,6 +127,41 @@ def index_select(ctx, node):
     index = arg(node, 2, "index")
     if isinstance(index, Value):
         ctx.handled.add((index.id, 0))
+
+
+@rule("aten.index.Tensor", "aten._unsafe_index.Tensor")
+def index(ctx, node):
+    """x[i, :, j] (advanced indexing): the indexed axes are read at data-chosen positions, so they are pinned,
+    as are the output axes the broadcast index tensors make; every other axis passes through whole. Where
+    those go follows PyTorch: if the indexed axes are adjacent, the index axes replace them in place,
+    otherwise the index axes come first and the other axes follow in order (relative position bias tables,
+    table[index] with the heads axis passing through, are the common case)."""
+    src, out = node.args[0], node.outputs[0]
+    indices = list(arg(node, 1, "indices"))
+    at = [k for k, t in enumerate(indices) if t is not None]
+    if not at or any(not isinstance(indices[k], Value) or "bool" in indices[k].dtype or "uint8" in indices[k].dtype
+                     for k in at):
+        pin_all(ctx, node, "indexing with a boolean mask (or a non-tensor index) selects a data-dependent set")
+        return
+    b_ndim = max(indices[k].ndim for k in at)
+    rest = [a for a in range(src.ndim) if a not in at]
+    adjacent = at == list(range(at[0], at[-1] + 1))
+    first = at[0] if adjacent else 0  # output position of the broadcast index axes
+    if out.ndim != len(rest) + b_ndim:
+        pin_all(ctx, node, "indexing result of a shape graphprune does not expect")
+        return
+    reason = "advanced indexing reads this axis at data-chosen positions"
+    for i, a in enumerate(rest):
+        j = (a if a < first else a - len(at) + b_ndim) if adjacent else b_ndim + i
+        ctx.tie(src, a, out, j)
+        ctx.set_state(out, j, ctx.state(src, a))
+    gathered = max(int(ctx.state(src, a).max(initial=0)) for a in at)
+    for j in range(first, first + b_ndim):
+        ctx.pin(out, j, reason=reason)
+        ctx.set_state(out, j, gathered)
+    for a in at:
+        ctx.pin(src, a, reason=reason)
+        ctx.pin(indices[a], reason=reason)
 
 
 @rule("aten.constant_pad_nd")

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ...ir.graph import Value
-from ..channels import DEP, ZERO, pin_all
+from ..context import DEP, ZERO, pin_all
 from . import rule
 from .common import arg, combine_add, combine_mul
 
@@ -58,8 +58,8 @@ def convolution(ctx, node):
     ctx.set_state(out, 1, st)
     for a in range(2, out.ndim):
         ctx.set_state(out, a, DEP)
-    for a in range(2, x.ndim):
-        ctx.handled.add((x.id, a))  # spatial axes are never channels
+    for a in range(2, x.ndim):  # the kernel slides over these: removing positions would shift the windows
+        ctx.pin(x, a, reason="convolution slides its kernel over this axis")
     for a in range(2, w.ndim):
         ctx.handled.add((w.id, a))
     if transposed:

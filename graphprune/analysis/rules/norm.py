@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir.graph import Value
-from ..channels import DEP, INDEP
+from ..context import DEP, INDEP
 from . import rule
-from .common import arg
+from .common import arg, root
 
 
 def _per_channel(ctx, x: Value, out: Value, params: list, axis: int = 1) -> None:
@@ -56,12 +56,17 @@ def layer_norm(ctx, node):
         if isinstance(p, Value):
             for k in range(p.ndim):
                 ctx.tie(p, k, out, first + k)
-    rms = "rms" in node.op and len(shape) == 1 and isinstance(weight, Value)
+    # exact once the backend rescales the module's weight and eps (see pool._rms_norm)
+    own = isinstance(weight, Value) and root(weight).name == (f"{node.scope}.weight" if node.scope else "weight")
+    rms = "rms" in node.op and len(shape) == 1 and own
     for a in range(first, x.ndim):
-        if rms:  # exact once the backend rescales weight and eps (see pool._is_rms_norm)
+        if rms:
             ctx.require_zero(x, a, "RMS norm input")
             ctx.set_state(out, a, ctx.state(weight, 0))
             ctx.record("rms", x, a)
+        elif "rms" in node.op:
+            ctx.pin(x, a, reason="RMS norm without its module's own 1-d weight: nothing the backend can rescale "
+                                 "to keep it exact")
         elif ctx.allow_lossy:
             ctx.mark_lossy(x, a)
             if isinstance(weight, Value):
@@ -81,9 +86,11 @@ def group_norm(ctx, node):
     groups = arg(node, 6, "group") if node.op.startswith("aten.native") else arg(node, 1, "num_groups")
     out = node.outputs[0]
     _per_channel(ctx, x, out, [weight, bias])
-    if groups == x.shape[1]:  # one channel per group: behaves like instance norm, per channel
-        st = ctx.state(weight, 0) if isinstance(weight, Value) else np.full(x.shape[1], DEP, np.int8)
-        ctx.set_state(out, 1, st)
+    if groups == x.shape[1] and isinstance(weight, Value):  # one channel per group: like instance norm
+        ctx.set_state(out, 1, ctx.state(weight, 0))
+    elif groups == x.shape[1]:  # the backend learns the new width from the weight's shape
+        ctx.pin(x, 1, reason="group norm without an affine weight: its num_groups could not follow the width")
+        ctx.set_state(out, 1, DEP)
     else:
         ctx.pin(x, 1, reason="group norm mixes the channels of each group")
         ctx.set_state(out, 1, DEP)

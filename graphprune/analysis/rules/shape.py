@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from ..channels import pin_all
+from ..context import pin_all
 from . import rule
 from .common import arg, copy_param_view
 
@@ -112,7 +112,8 @@ def _split_axis(ctx, src, axis, out, parts):
     is removed whole; the other parts keep their sizes (pinned). Forward code that rebuilds the shape from
     module attributes (num_heads, head_dim) or from -1 follows; prune() verifies that it does.
     """
-    carrier = 0 if len(parts) == 2 else len(parts) - 2
+    channels = parts[0] == 1 and _reaches_channel_op(ctx, out)
+    carrier = 0 if len(parts) == 2 or channels else len(parts) - 2
     inner = math.prod(out.shape[k] for k in parts[carrier + 1:])
     x = np.arange(src.shape[axis])
     y = (x // inner) % out.shape[parts[carrier]]
@@ -120,10 +121,34 @@ def _split_axis(ctx, src, axis, out, parts):
     st = np.zeros(out.shape[parts[carrier]], dtype=np.int8)
     np.maximum.at(st, y, ctx.state(src, axis))
     ctx.set_state(out, parts[carrier], st)
-    ctx.record("heads", out, parts[carrier], head_dim=inner)
+    if not channels:
+        ctx.record("heads", out, parts[carrier], head_dim=inner)
     for k, part in enumerate(parts):
         if k != carrier:
             ctx.pin(out, part, reason="reshape splits a channel axis into parts; only whole heads are removed")
+
+
+# ops whose axis 1 is a channel axis: a split that feeds one of them is (channels, spatial...)
+_CHANNELS_AT_1 = ("aten.convolution.", "aten._convolution.", "aten.conv1d.", "aten.conv2d.", "aten.conv3d.",
+                  "aten.conv_transpose", "aten.native_batch_norm.", "aten._native_batch_norm_legit",
+                  "aten.batch_norm.", "aten.native_group_norm.", "aten.group_norm.")
+
+
+def _reaches_channel_op(ctx, out, limit: int = 16) -> bool:
+    """True if `out` flows, through ops that keep its shape, into the data input of a convolution or a batch or
+    group norm, whose axis 1 holds channels. Only picks which axis of a split carries the source channels:
+    either choice is exact, this one lets the consumer's channels be removed (Linear -> view(B, C, H, W) ->
+    ConvTranspose2d) instead of pinning them."""
+    todo, seen = [out], 0
+    while todo and seen < limit:
+        v = todo.pop()
+        for node in ctx.users(v):
+            seen += 1
+            if node.op.startswith(_CHANNELS_AT_1) and node.args and node.args[0] is v:
+                return True
+            if node.outputs and node.outputs[0].shape == v.shape:
+                todo.append(node.outputs[0])
+    return False
 
 
 @rule("aten.permute")

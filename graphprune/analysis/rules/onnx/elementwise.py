@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ....ir.graph import Node
-from ...channels import pin_all
+from ...context import pin_all
 from ..common import broadcast, combine_add, identity
 from ..elementwise import _binary, _unary
 from .common import aten, const, onnx_rule

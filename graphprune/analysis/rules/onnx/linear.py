@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from ....ir.graph import Value
-from ...channels import pin_all
+from ...context import pin_all
 from ..common import combine_add, combine_mul
 from ..linear import _contract
 from .common import aten, attr, onnx_rule

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...channels import pin_all
+from ...context import pin_all
 from .common import aten, attr, onnx_rule
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ....ir.graph import Value
-from ...channels import INDEP, ZERO
+from ...context import INDEP, ZERO
 from ..common import combine_mul, copy_param_view
 from .common import attr, onnx_rule
 

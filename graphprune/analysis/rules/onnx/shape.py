@@ -46,7 +46,7 @@ def expand(ctx, node):
 def tile(ctx, node):
     reps = const(node, 1)
     if reps is None:
-        from ...channels import pin_all
+        from ...context import pin_all
         pin_all(ctx, node, "Tile repeats computed at run time")
         return
     aten(ctx, node, "aten.repeat.default", (node.args[0], [int(r) for r in reps.reshape(-1)]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ....ir.graph import CONST, Value
-from ...channels import DEP, INDEP, ZERO, pin_all
+from ...context import DEP, INDEP, ZERO, pin_all
 from ..common import norm_dims
 from .common import aten, attr, const, onnx_rule, opset, target_elements
 

@@ -1,0 +1,227 @@
+"""The planning core shared by PyTorch models (api.py) and ONNX files (onnx.py): budget and option checks, then
+one list of passes over a `Job`: score -> select -> build the plan.
+
+A pass follows one contract, in the spirit of onnx-ir's PassBase: it names the Job fields it `requires` and
+those it `ensures`, and `run` checks both around each call, so a new criterion, pass or frontend is one new file
+that plugs into the same list. The frontends only record the model and fill in what is theirs (the analysis,
+the tensors, kept components, lockstep groups, a scorer); everything after that is this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..analysis.channels import Analysis
+from ..analysis.cost import CostModel
+from ..errors import UsageError
+from ..plan import PruningPlan, indices_by_axis
+from .select import select
+
+log = logging.getLogger(__name__)
+
+ROUND_AUTO = "auto"  # multiples of 8 for layers of at least 32 channels, exact below (see select.py)
+
+
+@dataclass
+class Job:
+    """Everything planning passes read and write. Frontends set the first block; passes fill the rest."""
+
+    an: Analysis
+    tensors: dict[str, Any]  # parameter / initializer name -> tensor (the importance criteria read them)
+    kind: str  # "flops" or "params"
+    ratio: float
+    scorer: Any  # (analysis, tensors) -> one score per component
+    target: dict[str, Any]  # what was asked, recorded in the plan
+    round_to: int | str | None = ROUND_AUTO
+    max_ratio: float = 0.9
+    keep: np.ndarray | None = None  # components kept whole (ignore=, uniform's inexpressible widths)
+    lockstep: list[list[int]] | None = None  # families that lose the same widths (uniform=True)
+    flops: CostModel | None = None
+    params: CostModel | None = None
+    scores: np.ndarray | None = None
+    removed: np.ndarray | None = None
+    plan: PruningPlan | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def budget(self) -> CostModel:
+        return self.flops if self.kind == "flops" else self.params
+
+
+class Pass:
+    """One step of planning: reads `requires`, writes `ensures` (Job field names)."""
+
+    requires: tuple[str, ...] = ()
+    ensures: tuple[str, ...] = ()
+
+    def __call__(self, job: Job) -> None:
+        raise NotImplementedError
+
+
+def run(passes: list[Pass], job: Job) -> Job:
+    """Run `passes` in order, checking each one's contract."""
+    for p in passes:
+        missing = [name for name in p.requires if getattr(job, name) is None]
+        if missing:
+            raise RuntimeError(f"{type(p).__name__} needs {missing}, which no earlier pass set")
+        p(job)
+        unset = [name for name in p.ensures if getattr(job, name) is None]
+        if unset:
+            raise RuntimeError(f"{type(p).__name__} did not set {unset}")
+    return job
+
+
+class CostModels(Pass):
+    """FLOPs and parameter counts of the analysed graph (the budgets and the plan's totals)."""
+
+    requires = ("an",)
+    ensures = ("flops", "params")
+
+    def __call__(self, job: Job) -> None:
+        job.flops = job.flops or CostModel(job.an, job.an.flop_terms)
+        job.params = job.params or CostModel(job.an, job.an.param_terms)
+
+
+class Score(Pass):
+    """One importance score per component (higher = keep), from the job's criterion."""
+
+    requires = ("an", "tensors", "scorer")
+    ensures = ("scores",)
+
+    def __call__(self, job: Job) -> None:
+        job.scores = np.asarray(job.scorer(job.an, job.tensors), dtype=np.float64)
+        if job.scores.shape != (len(job.an.prunable),):
+            raise UsageError(f"the importance criterion returned {job.scores.shape} scores, expected one per "
+                             f"component ({len(job.an.prunable)})")
+
+
+class Select(Pass):
+    """The components to remove: the least important per unit of cost saved, until the budget is met."""
+
+    requires = ("an", "scores", "flops", "params")
+    ensures = ("removed",)
+
+    def __call__(self, job: Job) -> None:
+        job.removed = select(job.an, job.scores, job.budget, job.ratio, max_ratio=job.max_ratio,
+                             round_to=job.round_to, keep=job.keep, lockstep=job.lockstep,
+                             budget_name="FLOPs" if job.kind == "flops" else "parameters",
+                             mass=weight_slices_per_component(job.an),
+                             normalize=not getattr(job.scorer, "absolute", False))
+
+
+class Build(Pass):
+    """The PruningPlan: removed and zeroed indices per tensor, totals, per-layer rows, attribute rewrites."""
+
+    requires = ("an", "removed", "flops", "params")
+    ensures = ("plan",)
+
+    def __call__(self, job: Job) -> None:
+        from ..report import family_rows, layer_rows, pinned_rows
+
+        an, removed = job.an, job.removed
+        gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
+        gone[removed] = True
+        removed_idx, zeroed_idx = removed_and_zeroed(an, gone)
+        job.plan = PruningPlan(
+            removed=removed_idx, zeroed=zeroed_idx,
+            fingerprint={n: list(t.shape) for n, t in job.tensors.items()},
+            target=dict(job.target, kind=job.kind, ratio=job.ratio),
+            flops={"before": job.flops.total(), "after": job.flops.total(removed)},
+            params={"before": job.params.total(), "after": job.params.total(removed)},
+            lossy=bool(an.lossy[removed].any()) if len(removed) else False,
+            rewrites=_rewrites(an, gone),
+            notes=list(job.notes),
+        )
+        job.plan._analysis, job.plan._gone = an, gone  # in memory only, for the regenerated-graph fallback
+        job.plan.layers = layer_rows(job.flops, job.params, removed)
+        job.plan.groups = family_rows(an, gone)
+        job.plan.pinned = pinned_rows(an)
+
+
+PLAN = [CostModels(), Score(), Select(), Build()]
+
+
+def parse_budget(target_flops: Any, target_params: Any) -> tuple[str, float]:
+    """("flops" | "params", ratio) from the two budget arguments, exactly one of which is given."""
+    if (target_flops is None) == (target_params is None):
+        raise UsageError("give exactly one budget: target_flops=R or target_params=R, with R in (0, 1] the "
+                         "fraction of the original cost to keep")
+    kind, ratio = ("flops", target_flops) if target_flops is not None else ("params", target_params)
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+        raise UsageError(f"target_{kind} must be a number in (0, 1] (the fraction of {kind} to keep), got "
+                         f"{ratio!r}")
+    return kind, float(ratio)
+
+
+def check_options(round_to: Any, max_ratio: Any) -> int | str | None:
+    """The round_to to use (None for exact widths); bad values raise UsageError."""
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not 0 < max_ratio <= 1:
+        raise UsageError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
+    if round_to == ROUND_AUTO or round_to is None:
+        return round_to
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise UsageError(f"round_to must be a positive integer, None (exact widths) or 'auto' (multiples of 8 for "
+                         f"layers of 32 channels or more), got {round_to!r}")
+    return None if round_to == 1 else round_to
+
+
+def weight_slices_per_component(an: Analysis) -> np.ndarray:
+    """How much of the network one component is: the rows and columns it owns across weight matrices. An
+    MLP channel is 3 (up, gate, down), a conv channel 2, a residual-stream channel every matrix it crosses,
+    a whole attention head head_dim rows of q, k, v and columns of o. Spatial size does not count."""
+    mass = np.zeros(len(an.prunable))
+    for v in an.graph.params.values():
+        if v.ndim >= 2:
+            for axis in range(v.ndim):
+                mass += np.bincount(an.component[an.elements(v, axis)], minlength=len(mass))
+    return np.maximum(mass, 1)
+
+
+def removed_and_zeroed(an: Analysis, gone: np.ndarray) -> tuple[dict, dict]:
+    """Per parameter name and axis: the indices removed, and those mask() zeroes (the producer rows)."""
+    removed_idx: dict[str, dict[int, list[int]]] = {}
+    zeroed_idx: dict[str, dict[int, list[int]]] = {}
+    for name, v in an.graph.params.items():
+        rem, zer = {}, {}
+        for axis in range(v.ndim):
+            ids = an.elements(v, axis)
+            hit = gone[an.component[ids]]
+            rem[axis] = hit
+            zer[axis] = hit & an.zeroed[ids]
+        if any(m.any() for m in rem.values()):
+            removed_idx[name] = indices_by_axis(rem)
+            z = indices_by_axis(zer)
+            if z:
+                zeroed_idx[name] = z
+    return removed_idx, zeroed_idx
+
+
+def gone_from_removed(an: Analysis, removed: dict[str, dict[int, list[int]]]) -> np.ndarray:
+    """The removed components of `an`, from a plan's removed indices by tensor name (names `an` lacks skipped)."""
+    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    for name, axes in removed.items():
+        v = an.graph.params.get(name)
+        if v is not None:
+            for axis, idx in axes.items():
+                gone[an.component[an.elements(v, int(axis))[idx]]] = True
+    return gone
+
+
+def _rewrites(an: Analysis, gone: np.ndarray) -> list[dict[str, Any]]:
+    """Width-holding module attributes the backend must update, one entry per module, kind and width."""
+    out: list[dict[str, Any]] = []
+    for r in an.records:
+        lo = an.space_offset[r.space]
+        before = int(an.space_size[r.space])
+        after = before - int(gone[an.component[lo:lo + before]].sum())
+        entry = {"kind": r.kind, "module": r.module, "before": before, "after": after, "head_dim": r.head_dim}
+        if r.offset:  # an RMS norm that scales by (offset + weight), such as Gemma's (1 + w)
+            entry["offset"] = r.offset
+        if after != before and entry not in out:
+            out.append(entry)
+    return out

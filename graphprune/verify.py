@@ -1,0 +1,242 @@
+"""Verification: does a pruned model reproduce the masked original?
+
+`compare_outputs` is the one rule both paths use (the ONNX path hands it ONNX Runtime's arrays). For PyTorch
+models, `apply_verified` (what `plan.apply(model)` and `prune()` run by default) applies a plan and proves it:
+the slimmed module must reproduce the masked original, or the recorded graph is regenerated (with batch and
+sequence sizes that follow the inputs, found by recording the model again at other sizes) and must, or
+graphprune raises. The user's model changes (inplace=True) only after the slimmed version passed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .backends.torch import apply_plan, mask_plan
+from .errors import BackendError, GraphPruneError, TraceError, UsageError
+from .ir.from_torch import eval_mode, normalize_inputs, trace
+from .ir.inputs import random_inputs, resized, tensors_of
+from .plan import PruningPlan, register_backend
+
+log = logging.getLogger(__name__)
+_TOLERANCE, _HALF_TOLERANCE = 1e-4, 2e-2  # relative; half precision rounds at about 1e-3 per op
+
+
+def compare_outputs(got: Sequence, want: Sequence, lossy: bool = False, dtypes: Sequence[str] | None = None
+                    ) -> str | None:
+    """None if `got` matches `want` output by output, else what differs, in words.
+
+    Outputs are arrays (or anything np.asarray takes). Shapes must always agree; values (relative to the
+    largest expected value) unless `lossy`. A NaN or infinity where the reference has none, or the other
+    way round, is a mismatch: a model full of NaN never verifies. `dtypes` names each output's original
+    precision when the arrays were upcast (bfloat16 has no numpy type), to pick the tolerance.
+    """
+    if len(got) != len(want):
+        return f"{len(got)} outputs instead of {len(want)}"
+    for k, (a, b) in enumerate(zip(got, want)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            return f"output {k} has shape {list(a.shape)} instead of {list(b.shape)}"
+        if not np.issubdtype(b.dtype, np.floating):
+            continue  # integers (argmax, ids) by shape only: a near-tie of the logits may flip them
+        if (np.isnan(a) != np.isnan(b)).any() or (np.isinf(a) != np.isinf(b)).any():
+            return f"output {k} is not finite in the same places (NaN or infinity in one of them)"
+        if np.isnan(b).all() and b.size:
+            return f"output {k} is NaN everywhere: nothing to compare"
+        if lossy or not b.size:
+            continue
+        finite = np.isfinite(b)
+        if (a[~finite] != b[~finite]).any():
+            return f"output {k} has infinities of the other sign"
+        a, b = a[finite].astype(np.float64), b[finite].astype(np.float64)
+        if not b.size:
+            continue
+        precision = dtypes[k] if dtypes is not None else str(b.dtype)
+        tolerance = _TOLERANCE if precision.removeprefix("torch.") in ("float32", "float64") else _HALF_TOLERANCE
+        scale = max(float(np.abs(b).max()), 1e-6)
+        err = float(np.abs(a - b).max())
+        if err > tolerance * scale:
+            return f"output {k} differs by {err:.3g} (largest value {scale:.3g}, tolerance {tolerance:g} relative)"
+    return None
+
+
+# what forward code raises when a width it holds no longer fits; anything else (a bug, out of memory) propagates
+_SHAPE_ERRORS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError, KeyError)
+
+
+def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, verify: bool = True,
+                   example_inputs: Any = None) -> nn.Module:
+    """The slimmed model, checked against plan.mask(model) on the example inputs (see module docstring)."""
+    if not verify:
+        return apply_plan(plan, model, inplace=inplace)
+    inputs = _inputs_for(plan, example_inputs)
+    expected = outputs(mask_plan(plan, model), inputs)
+    slim = apply_plan(plan, model)  # a copy, even for inplace=True: the user's object changes once this passed
+    problem = check(slim, inputs, expected, plan.lossy)
+    if problem is None and not inplace:
+        return slim
+    del slim
+    if problem is None:
+        return apply_plan(plan, model, inplace=True)  # deterministic: the module that was just checked
+    log.warning("the slimmed module does not match the plan (%s); regenerating the recorded graph", problem)
+    return _regenerated(plan, model, inputs, expected, problem)
+
+
+def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """Every tensor the model returns, in order, from one no-grad eval-mode run."""
+    args, kwargs = normalize_inputs(inputs)
+    with eval_mode(model), torch.no_grad():
+        out = model(*args, **kwargs)
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def check(model: nn.Module, inputs: Any, expected: list[torch.Tensor], lossy: bool) -> str | None:
+    """None if `model` reproduces `expected` (compare_outputs' rule), else what went wrong. An exception that
+    forward code raises on a width it cannot follow is a mismatch; any other is a BackendError."""
+    try:
+        got = outputs(model, inputs)
+    except (torch.OutOfMemoryError, MemoryError, GraphPruneError):
+        raise
+    except _SHAPE_ERRORS as exc:
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    except Exception as exc:
+        raise BackendError(f"the pruned model raised {type(exc).__name__} ({exc}), not a shape mismatch that a "
+                           "regenerated graph could fix; keep the layers it involves whole with ignore=[...]") from exc
+    return compare_outputs([_array(t) for t in got], [_array(t) for t in expected], lossy,
+                           dtypes=[str(t.dtype) for t in expected])
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.double() if t.is_floating_point() else t).numpy()
+
+
+def _inputs_for(plan: PruningPlan, example_inputs: Any) -> Any:
+    if example_inputs is not None:
+        return example_inputs
+    kept = getattr(plan, "_example_inputs", None)
+    if kept is not None:
+        return kept
+    if plan.inputs:
+        return random_inputs(plan.inputs)
+    raise UsageError("this plan records no example inputs to verify with (a plan file from an older version, or "
+                     "inputs that are not tensors): pass example_inputs=... or verify=False")
+
+
+def _regenerated(plan: PruningPlan, model: nn.Module, inputs: Any, expected: list[torch.Tensor],
+                 problem: str) -> nn.Module:
+    masked = mask_plan(plan, model)  # the source of the sliced weights (compensation applied)
+    an, gone = getattr(plan, "_analysis", None), getattr(plan, "_gone", None)
+    if an is None:  # a plan loaded from JSON: record the graph again
+        an, gone = _analysis_of(plan, masked, inputs)
+    module, follows, why = _dynamic_graph(plan, masked, an, gone, inputs)
+    if module is None:
+        module = _regenerate(plan, masked, an, gone, {}, inputs, problem)
+    second = check(module, inputs, expected, plan.lossy)
+    if second is not None:
+        raise BackendError(f"the slimmed model is wrong ({problem}), and so is the regenerated graph ({second}); "
+                           "keep the offending layers whole with ignore=[...]")
+    note = (f"regenerated as a torch.fx GraphModule: the module's forward code could not follow the new widths "
+            f"({problem}); ")
+    if follows:
+        note += f"it runs at any {' and '.join(follows)} (checked at other sizes)"
+    else:
+        note += "it replays the recorded shapes: give it inputs shaped like the example inputs"
+    if why:
+        note += f" ({'; '.join(why)})"
+    plan.notes.append(note)
+    module.graphprune_plan = plan
+    return module
+
+
+def _dynamic_graph(plan: PruningPlan, masked: nn.Module, an, gone, inputs: Any):
+    """(GraphModule whose batch / sequence sizes follow its inputs, which sizes, why not others), or (None, [],
+    why) when no size could be made to follow: the model is recorded again at other sizes and compared."""
+    from .backends.graph_module import dynamic_ints
+
+    variants, why = [], []
+    for symbol, label, axis_sizes in _variable_axes(inputs):
+        other = resized(inputs, axis_sizes)
+        try:
+            graph = trace(masked, other)[0]
+        except TraceError as exc:
+            why.append(f"the model does not run with another {label} ({str(exc)[:120]})")
+            continue
+        variants.append((symbol, label, axis_sizes[symbol[:2]], graph, other))
+    dynamic, reason = dynamic_ints(an.graph, [(s, n, g) for s, _, n, g, _ in variants])
+    if reason or not variants:
+        return None, [], why + ([reason] if reason else [])
+    module = _regenerate(plan, masked, an, gone, dynamic, inputs, "")
+    follows = []
+    for _symbol, label, size, _graph, other in variants:
+        wrong = check(module, other, outputs(masked, other), plan.lossy)
+        if wrong is not None:
+            return None, [], why + [f"at {label} {size}: {wrong}"]
+        follows.append(label)
+    return module, follows, why
+
+
+def _regenerate(plan: PruningPlan, masked: nn.Module, an, gone, dynamic: dict, inputs: Any, problem: str):
+    from .backends.graph_module import regenerate
+
+    try:
+        return regenerate(plan, masked, an, gone, dynamic, _input_names(inputs))
+    except GraphPruneError as exc:
+        raise BackendError(f"the slimmed model is wrong ({problem}) and the recorded graph could not be "
+                           f"regenerated ({exc}); keep the offending layers whole with ignore=[...]") from exc
+
+
+def _batch_axes(inputs: Any) -> dict[tuple[int, int], int]:
+    """(input, 0) -> batch size, for every input tensor whose first axis has the first input's size."""
+    tensors = tensors_of(inputs)
+    if not tensors or not tensors[0].ndim:
+        return {}
+    batch = tensors[0].shape[0]
+    return {(i, 0): batch for i, t in enumerate(tensors) if t.ndim and t.shape[0] == batch}
+
+
+def _variable_axes(inputs: Any):
+    """(symbol, label, {(input, axis): other size}) for the batch axis and, when token ids are among the inputs,
+    the sequence axis. A symbol is (input index, axis, size in the example)."""
+    tensors = tensors_of(inputs)
+    batch = _batch_axes(inputs)
+    if batch:
+        size = next(iter(batch.values()))
+        yield (0, 0, size), "batch size", {key: size + 1 for key in batch}
+    ids = [i for i, t in enumerate(tensors) if not t.is_floating_point() and t.ndim >= 2]
+    if ids:
+        first = tensors[ids[0]]
+        seq = first.shape[-1]
+        other = seq - 1 if seq > 2 else seq + 1
+        axes = {(i, a): other for i, t in enumerate(tensors) if not t.is_floating_point()
+                for a in range(1, t.ndim) if t.shape[a] == seq}
+        yield (ids[0], first.ndim - 1, seq), "sequence length", axes
+
+
+def _input_names(inputs: Any) -> list[str]:
+    args, kwargs = normalize_inputs(inputs)
+    names = [f"input_{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    return names + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+
+def _analysis_of(plan: PruningPlan, model: nn.Module, inputs: Any):
+    """The graph and removed components of a plan that has none in memory, from a new recording of `model`."""
+    from .analysis.channels import analyze
+
+    an = analyze(trace(model, inputs)[0], allow_lossy=True)
+    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    for name, axes in plan.removed.items():
+        v = an.graph.params.get(name)
+        if v is not None:
+            for axis, idx in axes.items():
+                gone[an.component[an.elements(v, int(axis))[idx]]] = True
+    return an, gone
+
+
+register_backend("apply", apply_verified)

@@ -1,0 +1,223 @@
+"""Every model graphprune returns works or graphprune raises: plan.apply verifies by default, falls back to a
+regenerated graph whose batch and sequence sizes follow its inputs, rejects NaN, and touches the user's object
+only once verified."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphprune
+from graphprune.verify import compare_outputs
+
+from .conftest import run, same_state, state_copy
+
+
+class SplitNet(nn.Module):
+    """A residual CNN that splits its channels with literal sizes: forward code the slim module cannot follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2, self.c3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c4 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        a, b = torch.split(h, [8, 8], dim=1)
+        h = torch.cat([self.c2(a), self.c3(b)], 1) + h
+        return self.fc(torch.relu(self.c4(h)).mean((2, 3)))
+
+
+class FlatNet(nn.Module):
+    """LeNet-style: a flatten written as a constant, after a one-channel-per-group GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(1, 6, 5), nn.GroupNorm(6, 6)
+        self.c2 = nn.Conv2d(6, 16, 5)
+        self.f1, self.f2 = nn.Linear(16 * 5 * 5, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.n1(self.c1(x))), 2)
+        x = F.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.f2(torch.relu(self.f1(x.view(-1, 16 * 5 * 5))))
+
+
+class TinyLM(nn.Module):
+    """Token ids in, logits out; attention written with a literal head count, positions sliced to the length."""
+
+    def __init__(self, vocab=50, dim=32, heads=4):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, dim), nn.Parameter(torch.randn(64, dim) * 0.1)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.up, self.down = nn.Linear(dim, 64), nn.Linear(64, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, input_ids):
+        b, s = input_ids.shape
+        x = self.emb(input_ids) + self.pos[:s]
+        q, k, v = self.qkv(x).view(b, s, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, 32)
+        x = x + self.out(a)
+        x = x + self.down(F.gelu(self.up(x)))
+        return self.head(x)
+
+
+def expected(plan, model, x):
+    return run(plan.mask(model), x)
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_apply_verifies_and_falls_back_where_the_module_cannot_follow():
+    model, x = SplitNet().eval(), torch.randn(1, 3, 16, 16)
+    plan = graphprune.plan(model, x, target_flops=0.6, importance="random")
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        run(plan.apply(model, verify=False), x)  # the module's own split cannot follow...
+    slim = plan.apply(model)  # ...so the verified apply hands back the regenerated graph
+    assert isinstance(slim, torch.fx.GraphModule)
+    assert "it runs at any batch size" in plan.summary()
+    for batch in (1, 4, 8):  # recorded at batch 1, used at others
+        xb = torch.randn(batch, 3, 16, 16)
+        assert rel(run(slim, xb), expected(plan, model, xb)) <= 1e-5
+
+
+def test_flatten_constant_and_group_norm_fallback_runs_at_other_batch_sizes():
+    model, x = FlatNet().eval(), torch.randn(2, 1, 32, 32)
+    slim = graphprune.prune(model, x, target_flops=0.3)
+    plan = slim.graphprune_plan
+    assert "n1.weight" in plan.removed  # GroupNorm(6, 6) lost channels
+    assert 0 in plan.removed["c2.weight"]  # the flattened conv too, which view(-1, 400) cannot follow
+    assert isinstance(slim, torch.fx.GraphModule)
+    for batch in (1, 3, 8):
+        xb = torch.randn(batch, 1, 32, 32)
+        assert rel(run(slim, xb), expected(plan, model, xb)) <= 1e-5
+
+
+def test_group_norm_one_channel_per_group_slims_the_module_itself():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(8, 8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    slim = graphprune.prune(model, x, target_flops=0.6)
+    assert isinstance(slim, nn.Sequential) and slim[1].num_groups == slim[1].num_channels == slim[0].out_channels < 8
+
+
+def test_language_model_fallback_follows_batch_and_sequence_length():
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    ids = torch.randint(0, 50, (2, 12))
+    slim = graphprune.prune(model, {"input_ids": ids}, target_flops=0.6)
+    plan = slim.graphprune_plan
+    assert isinstance(slim, torch.fx.GraphModule)
+    assert "batch size and sequence length" in plan.summary()
+    for shape in ((1, 12), (3, 7), (2, 30)):
+        other = {"input_ids": torch.randint(0, 50, shape)}
+        assert rel(run(slim, other), expected(plan, model, other)) <= 1e-5
+
+
+def test_loaded_plan_verifies_on_recorded_shapes_and_falls_back(tmp_path):
+    model, x = FlatNet().eval(), torch.randn(2, 1, 32, 32)
+    graphprune.plan(model, x, target_flops=0.3).save(tmp_path / "plan.json")
+    plan = graphprune.PruningPlan.load(tmp_path / "plan.json")
+    assert plan.inputs[0]["shape"] == [2, 1, 32, 32]
+    slim = plan.apply(model)  # no analysis in memory: recorded again on random inputs of the recorded shape
+    assert isinstance(slim, torch.fx.GraphModule)
+    xb = torch.randn(5, 1, 32, 32)
+    assert rel(run(slim, xb), expected(plan, model, xb)) <= 1e-5
+
+
+def test_inplace_changes_the_users_object_only_once_verified():
+    model, x = FlatNet().eval(), torch.randn(2, 1, 32, 32)
+    before = state_copy(model)
+    slim = graphprune.prune(model, x, target_flops=0.3, inplace=True)
+    assert isinstance(slim, torch.fx.GraphModule)  # the fallback: the user's module stays as it was
+    assert same_state(before, state_copy(model)) and model.c1.out_channels == 6
+    chain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    assert graphprune.prune(chain, torch.randn(1, 3, 8, 8), target_flops=0.6, inplace=True) is chain
+    assert chain[0].out_channels < 8
+
+
+class NaNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))) * float("nan")
+
+
+def test_nan_outputs_never_verify():
+    model, x = NaNNet().eval(), torch.randn(1, 3, 10, 10)
+    with pytest.raises(graphprune.BackendError, match="NaN"):
+        graphprune.prune(model, x, target_flops=0.6)
+
+
+def test_compare_outputs_rules():
+    a = np.ones((2, 3), dtype=np.float32)
+    assert compare_outputs([a], [a.copy()]) is None
+    assert "shape" in compare_outputs([a[:1]], [a])
+    b = a.copy()
+    b[0, 0] = np.inf
+    assert "not finite" in compare_outputs([a], [b])
+    assert "differs" in compare_outputs([a * 1.001], [a])
+    assert compare_outputs([a * 1.001], [a], dtypes=["torch.float16"]) is None  # half precision rounds more
+    assert compare_outputs([a * 2], [a], lossy=True) is None
+    assert "NaN everywhere" in compare_outputs([a * np.nan], [a * np.nan])
+
+
+class WidthLookup(nn.Module):
+    """Forward code that breaks on a new width with an error no shape mismatch raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        if h.shape[1] != 8:
+            raise ZeroDivisionError("not a shape error")
+        return self.c2(h)
+
+
+def test_errors_that_are_not_shape_mismatches_are_not_hidden_by_the_fallback():
+    model, x = WidthLookup().eval(), torch.randn(1, 3, 10, 10)
+    with pytest.raises(graphprune.BackendError, match="ZeroDivisionError"):
+        graphprune.prune(model, x, target_flops=0.6)
+
+
+def test_hf_config_that_cannot_describe_the_widths_refuses_save_pretrained(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slim = graphprune.prune(model, ids, target_flops=0.6)  # layers keep different widths
+    assert any("no longer matches" in str(w.message) for w in caught)
+    with pytest.raises(graphprune.UnsupportedModelError, match="graphprune.save"):
+        slim.save_pretrained(tmp_path / "slim")
+    assert not (tmp_path / "slim").exists()
+
+
+def test_regenerated_model_saves_and_loads_without_pickled_code(tmp_path):
+    model, x = FlatNet().eval(), torch.randn(2, 1, 32, 32)
+    slim = graphprune.prune(model, x, target_flops=0.3)
+    with torch.no_grad():
+        for p in slim.parameters():  # pretend it was fine-tuned
+            p.add_(0.01)
+    graphprune.save(slim, tmp_path / "slim.pt")
+    loaded = graphprune.load(tmp_path / "slim.pt", FlatNet)  # the plan is replayed and verified on a fresh FlatNet
+    assert isinstance(loaded, torch.fx.GraphModule)
+    xb = torch.randn(4, 1, 32, 32)
+    assert torch.allclose(run(loaded, xb), run(slim, xb), atol=1e-6)
