@@ -5,7 +5,7 @@ documentation text (`pydoc_data.topics`) so that perplexity means something. gra
 of its parameters with the best retraining-free setting measured (FLAP importance from calibration text,
 least-squares compensation, the same widths in every layer), and the result is saved with `save_pretrained`,
 reloaded with `from_pretrained` (no graphprune needed to load it) and asked to generate. (A model this small
-and this briefly trained leans on its embeddings and attention, so losing a third of the MLP barely moves its
+and this briefly trained leans on its embeddings and attention, so losing close to a third of the MLP barely moves its
 perplexity; the README's SmolLM2 results show the same setting on a real model.)
 
     python examples/prune_hf_llm.py [--out DIR]

@@ -38,7 +38,7 @@ def load(path: str | os.PathLike, model_factory: Callable[[], torch.nn.Module]) 
         raise GraphPruneError(f"{path} is not a graphprune save file (no plan inside)")
     plan = PruningPlan.from_dict(json.loads(data["graphprune_plan"]))
     fresh = model_factory()
-    slim = plan.apply(fresh, inplace=True)
+    slim = plan.apply(fresh, inplace=True, verify=bool(plan.inputs))  # plans saved before inputs were recorded
     slim.load_state_dict(data["state_dict"])
     slim.graphprune_plan = plan
     return slim

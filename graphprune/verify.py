@@ -186,7 +186,9 @@ def _regenerate(plan: PruningPlan, masked: nn.Module, an, gone, dynamic: dict, i
     from .backends.graph_module import regenerate
 
     try:
-        return regenerate(plan, masked, an, gone, dynamic, _input_names(inputs))
+        kwargs = normalize_inputs(inputs)[1]
+        options = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        return regenerate(plan, masked, an, gone, dynamic, _input_names(inputs), options)
     except GraphPruneError as exc:
         raise BackendError(f"the slimmed model is wrong ({problem}) and the recorded graph could not be "
                            f"regenerated ({exc}); keep the offending layers whole with ignore=[...]") from exc

@@ -471,14 +471,16 @@ class PickChannels(nn.Module):
         return self.c2(torch.relu(self.c1(x))[:, [0, 3, 5, 9]])
 
 
-def test_gather_of_pruned_channels(tmp_path):
-    """Removed channels that a 1-d Gather picked leave its index list (it once kept the old index shape)."""
-    plan, _, dst = prune_file(tmp_path, PickChannels(), torch.randn(1, 3, 4, 4), ratio=0.5)
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_gather_of_pruned_channels(tmp_path, dynamo):
+    """Removed channels that a 1-d Gather picked leave its index list (it once kept the old index shape); the
+    dynamo exporter writes the same selection as a GatherND of [k, 1] indices on the moved axis."""
+    plan, _, dst = prune_file(tmp_path, PickChannels(), torch.randn(1, 3, 4, 4), ratio=0.5, dynamo=dynamo)
     assert plan.removed["c2.weight"][1]  # gathered channels went
-    gathers = [n for n in onnx.load(dst).graph.node if n.op_type == "Gather"]
+    gathers = [n for n in onnx.load(dst).graph.node if n.op_type in ("Gather", "GatherND")]
     assert len(gathers) == 1
     index = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(dst).graph.initializer}[gathers[0].input[1]]
-    assert index.shape == (4 - len(plan.removed["c2.weight"][1]),)
+    assert index.shape[0] == 4 - len(plan.removed["c2.weight"][1])
 
 
 class ResidualStack(nn.Module):
@@ -561,3 +563,22 @@ def test_dynamic_batch_prunes_like_fixed_shapes(tmp_path):
         out = session(str(tmp_path / "slim.onnx")).run(None, {"input_0": np.random.randn(batch, 6, 32).astype(
             np.float32)})[0]
         assert out.shape == (batch, 6, 32)
+
+
+def test_gather_nd_of_several_coordinates_pins(tmp_path):
+    """GatherND indices [[0, 1], [0, 2]] pick whole (batch, channel) planes: the channels stay whole."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 3, 1, 1)).astype(np.float32), "w1")
+    idx = numpy_helper.from_array(np.array([[0, 1], [0, 2]], np.int64), "idx")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"]), helper.make_node("Relu", ["c"], ["h"]),
+             helper.make_node("GatherND", ["h", "idx"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 8])], [w1, idx])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    loaded = gonnx.read(tmp_path / "m.onnx")
+    an = loaded.an
+    comps = an.component[an.elements(loaded.og.graph.params["w1"], 0)]
+    assert not an.prunable[comps].any()
+    assert {an.pin_reasons[c][0] for c in comps} == {
+        "GatherND with indices computed at run time, several coordinates or batch dims"}

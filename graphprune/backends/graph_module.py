@@ -27,12 +27,14 @@ _SHAPE_ARG = {  # op packet -> position of the size argument that follows the ou
 
 
 def regenerate(plan: PruningPlan, model: nn.Module, an=None, gone: np.ndarray | None = None,
-               dynamic: dict | None = None, input_names: list[str] | None = None) -> fx.GraphModule:
+               dynamic: dict | None = None, input_names: list[str] | None = None,
+               options: dict | None = None) -> fx.GraphModule:
     """The recorded graph of `model` (the masked model: its weights are sliced) as a GraphModule.
 
     `an` / `gone` are the analysis and removed components (the plan's own by default); `dynamic` (from
     `dynamic_ints`) says which integer arguments are expressions of the input sizes, so they follow the
-    inputs' batch and sequence length instead of replaying the recorded ones.
+    inputs' batch and sequence length instead of replaying the recorded ones. The GraphModule takes the
+    tensors by `input_names` and, as keywords with their recorded values, the `options` (use_cache=False).
     """
     if an is None:
         an, gone = getattr(plan, "_analysis", None), getattr(plan, "_gone", None)
@@ -80,6 +82,8 @@ def regenerate(plan: PruningPlan, model: nn.Module, an=None, gone: np.ndarray | 
     names = input_names or [f"input_{i}" for i in range(len(graph.inputs))]
     for name, v in zip(names, graph.inputs):
         env[v.id] = fxg.placeholder(name)
+    for name, value in (options or {}).items():  # keyword inputs that are not tensors: accepted, as recorded
+        fxg.placeholder(name, default_value=value)
     sizes = _SizeExpressions(fxg, [env[v.id] for v in graph.inputs])
     for node in graph.nodes:
         if node.target is None:

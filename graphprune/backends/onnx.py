@@ -139,6 +139,8 @@ class _Editor:
             self._slice(irn)
         elif op == "Gather" and isinstance(args[1], Value) and args[1].kind == CONST:
             self._gather(irn)
+        elif op == "GatherND" and isinstance(args[1], Value) and args[1].kind == CONST and args[1].shape[-1:] == (1,):
+            self._gather(irn, nd=True)  # the rule pinned every other GatherND
         elif op == "Squeeze" and "axes" not in node.attributes and len(node.inputs) < 2:
             # without axes, every width-1 axis goes, and a channel axis pruned to one would go too
             axes = [a for a, n in enumerate(args[0].shape) if n == 1]
@@ -214,18 +216,20 @@ class _Editor:
         for pos, vec in ((1, [by_axis[a][0] for a in order]), (2, [by_axis[a][1] for a in order])):
             self.set_vector(node, pos, irn.args[pos], vec)
 
-    def _gather(self, irn) -> None:
+    def _gather(self, irn, nd: bool = False) -> None:
+        """Constant indices renumbered; GatherND (nd) indices hold one coordinate each, on axis 0."""
         node, data, index = irn.target, irn.args[0], irn.args[1]
-        axis = node.attributes["axis"].value % data.ndim if "axis" in node.attributes else 0
+        axis = 0 if nd or "axis" not in node.attributes else node.attributes["axis"].value % data.ndim
         kept = self.kept(data, axis)
         if len(kept) == data.shape[axis]:
             return
-        idx = np.asarray(index.data).reshape(-1) % data.shape[axis]
+        held = np.asarray(index.data)
+        idx = (held[..., 0] if nd else held).reshape(-1) % data.shape[axis]
         rank = {int(k): r for r, k in enumerate(kept)}
-        new = np.asarray([rank[int(i)] for i in idx if int(i) in rank], dtype=np.asarray(index.data).dtype)
-        # 1-d indices drop the removed channels they picked; others were pinned whole and keep their shape
-        node.replace_input_with(1, self.constant(node.inputs[1].name or "indices",
-                                                 new if index.ndim == 1 else new.reshape(index.shape)))
+        new = np.asarray([rank[int(i)] for i in idx if int(i) in rank], dtype=held.dtype)
+        # a 1-d selection drops the removed channels it picked; other indices were pinned whole and keep their shape
+        shape = ((-1, 1) if nd else (-1,)) if held.ndim == 1 + nd else held.shape
+        node.replace_input_with(1, self.constant(node.inputs[1].name or "indices", new.reshape(shape)))
 
 
 def _take(data: np.ndarray, keep: list[np.ndarray]) -> np.ndarray:

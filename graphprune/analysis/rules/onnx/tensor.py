@@ -1,4 +1,4 @@
-"""Concat, Split, Slice, Gather, Pad, pooling, Resize, reductions, Softmax, ArgMax/TopK, CumSum."""
+"""Concat, Split, Slice, Gather, GatherND, Pad, pooling, Resize, reductions, Softmax, ArgMax/TopK, CumSum."""
 
 from __future__ import annotations
 
@@ -78,7 +78,22 @@ def gather(ctx, node):
             ctx.handled.add((index.id, a))
         _tie_around(ctx, data, axis, out, index.ndim)
         return
-    idx = np.asarray(index.data).astype(np.int64) % max(data.shape[axis], 1)
+    _gather_fixed(ctx, data, axis, np.asarray(index.data).astype(np.int64), out)
+
+
+@onnx_rule("GatherND")
+def gather_nd(ctx, node):
+    """Constant indices of one coordinate each (shape [..., 1], no batch dims) are a Gather on axis 0: the dynamo
+    exporter writes x[:, [0, 3]] that way, after moving the indexed axis first. Other forms pin."""
+    data, index, out = node.args[0], node.args[1], node.outputs[0]
+    if index.kind != CONST or attr(node, "batch_dims", 0) or index.ndim < 1 or index.shape[-1] != 1:
+        pin_all(ctx, node, "GatherND with indices computed at run time, several coordinates or batch dims")
+        return
+    _gather_fixed(ctx, data, 0, np.asarray(index.data).astype(np.int64)[..., 0], out)
+
+
+def _gather_fixed(ctx, data: Value, axis: int, idx: np.ndarray, out: Value) -> None:
+    idx = idx % max(data.shape[axis], 1)
     if idx.ndim == 1 and len(np.unique(idx)) == len(idx):  # a fixed selection: positions follow the source
         ctx.tie(data, axis, out, axis, idx, None)
         ctx.set_state(out, axis, ctx.state(data, axis)[idx])
