@@ -172,7 +172,10 @@ def _dynamic_graph(plan: PruningPlan, masked: nn.Module, an, gone, inputs: Any):
     dynamic, reason = dynamic_ints(an.graph, [(s, n, g) for s, _, n, g, _ in variants])
     if reason or not variants:
         return None, [], why + ([reason] if reason else [])
-    module = _regenerate(plan, masked, an, gone, dynamic, inputs, "")
+    try:
+        module = _regenerate(plan, masked, an, gone, dynamic, inputs, "sizes that follow the inputs")
+    except BackendError as exc:
+        return None, [], why + [str(exc)]
     follows = []
     for _symbol, label, size, _graph, other in variants:
         wrong = check(module, other, outputs(masked, other), plan.lossy)
@@ -230,15 +233,10 @@ def _input_names(inputs: Any) -> list[str]:
 def _analysis_of(plan: PruningPlan, model: nn.Module, inputs: Any):
     """The graph and removed components of a plan that has none in memory, from a new recording of `model`."""
     from .analysis.channels import analyze
+    from .passes.pipeline import gone_from_removed
 
     an = analyze(trace(model, inputs)[0], allow_lossy=True)
-    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
-    for name, axes in plan.removed.items():
-        v = an.graph.params.get(name)
-        if v is not None:
-            for axis, idx in axes.items():
-                gone[an.component[an.elements(v, int(axis))[idx]]] = True
-    return an, gone
+    return an, gone_from_removed(an, plan.removed)
 
 
 register_backend("apply", apply_verified)

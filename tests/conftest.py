@@ -26,6 +26,18 @@ def oracle_error(plan, model, inputs) -> float:
     return float((a - b).abs().max() / scale)
 
 
+def applied_error(plan, model, inputs, *others, slim=None) -> float:
+    """Relative error of plan.apply(model) (verified: the slim module, or the regenerated graph where the module
+    cannot follow; `slim` if already applied) against plan.mask(model), the largest over `inputs` and others."""
+    slim, masked = slim or plan.apply(model, example_inputs=inputs), plan.mask(model)
+    worst = 0.0
+    for x in (inputs, *others):
+        a, b = run(slim, x), run(masked, x)
+        assert a.shape == b.shape
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)))
+    return worst
+
+
 def nonzero_params(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give all-zero parameters (zero-initialised heads, layer scales) random values so outputs are informative."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ import torchvision
 
 import graphprune
 
-from .conftest import nonzero_params, oracle_error, run
+from .conftest import applied_error, nonzero_params, run
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
 RESULTS: dict[str, tuple[float, str, float]] = {}
@@ -33,7 +33,7 @@ def report():
     yield
     path = os.environ.get("GRAPHPRUNE_ZOO_REPORT")
     if path and RESULTS:
-        ok = sum(1 for _, status, _ in RESULTS.values() if status == "ok")
+        ok = sum(1 for _, status, _ in RESULTS.values() if status.startswith("ok"))
         lines = ["# torchvision classification zoo at target_flops=0.5", "",
                  f"{ok} of {len(RESULTS)} models pruned and passed the exactness oracle "
                  "(random weights, CPU, `make zoo-report`).", "",
@@ -54,18 +54,23 @@ def test_zoo_model_prunes_to_half_and_is_exact(name):
     model = nonzero_params(torchvision.models.get_model(name).eval())
     size = input_size(name)
     x = torch.randn(1, 3, size, size)
+    batch3 = torch.randn(3, 3, size, size)
     try:
         plan = graphprune.plan(model, x, target_flops=0.5)
         assert abs(plan.flops_ratio - 0.5) <= 0.01
-        slim = plan.apply(model)
-        out, ref = run(slim, x), run(model, x)
-        assert out.shape == ref.shape
-        assert oracle_error(plan, model, x) <= 1e-5
+        slim = plan.apply(model)  # verified; the regenerated graph where the module cannot follow
+        assert run(slim, x).shape == run(model, x).shape
+        # the regenerated graph follows the batch size unless the recording says why not (maxvit_t: at batch 1,
+        # matmul's decomposition permutes other axes than at batch 3)
+        follows = not isinstance(slim, torch.fx.GraphModule) or "batch size" in plan.notes[-1]
+        assert follows or "replays the recorded shapes" in plan.notes[-1]
+        assert applied_error(plan, model, x, *([batch3] if follows else []), slim=slim) <= 1e-5
         assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
         spread = graphprune.plan(model, x, target_flops=0.5, importance="random")
         assert abs(spread.flops_ratio - 0.5) <= 0.01
-        assert oracle_error(spread, model, x) <= 1e-5
+        assert applied_error(spread, model, x) <= 1e-5
     except Exception as exc:
         RESULTS[name] = (float("nan"), f"failed: {type(exc).__name__}", time.perf_counter() - started)
         raise
-    RESULTS[name] = (plan.flops_ratio, "ok", time.perf_counter() - started)
+    status = "ok (regenerated graph)" if isinstance(slim, torch.fx.GraphModule) else "ok"
+    RESULTS[name] = (plan.flops_ratio, status, time.perf_counter() - started)
