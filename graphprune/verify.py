@@ -77,8 +77,12 @@ def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, v
         return apply_plan(plan, model, inplace=inplace)
     inputs = _inputs_for(plan, example_inputs)
     expected = outputs(mask_plan(plan, model), inputs)
-    slim = apply_plan(plan, model)  # a copy, even for inplace=True: the user's object changes once this passed
-    problem = check(slim, inputs, expected, plan.lossy)
+    try:
+        slim = apply_plan(plan, model)  # a copy, even for inplace=True: the user's object changes once this passed
+    except BackendError as exc:  # the module cannot be slimmed (an RMS norm without an eps attribute)
+        slim, problem = None, str(exc)
+    else:
+        problem = check(slim, inputs, expected, plan.lossy)
     if problem is None and not inplace:
         return slim
     del slim

@@ -70,6 +70,23 @@ class TinyLM(nn.Module):
         return self.head(x)
 
 
+class RMSNet(nn.Module):
+    """An RMS norm over a prunable hidden size, then a view with a literal group count: the fallback must keep
+    the norm's mean over the original width."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.weight = nn.Embedding(50, 32), nn.Parameter(torch.rand(32) + 0.5)
+        self.up, self.head = nn.Linear(32, 64), nn.Linear(64, 50)
+
+    def forward(self, input_ids):
+        x = self.emb(input_ids)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        b, s, _ = x.shape
+        h = torch.relu(self.up(x).view(b, s, 4, 16)).reshape(b, s, 64)
+        return self.head(h)
+
+
 def expected(plan, model, x):
     return run(plan.mask(model), x)
 
@@ -121,6 +138,17 @@ def test_language_model_fallback_follows_batch_and_sequence_length():
     for shape in ((1, 12), (3, 7), (2, 30)):
         other = {"input_ids": torch.randint(0, 50, shape), "use_cache": False}
         assert rel(run(slim, other), expected(plan, model, other)) <= 1e-5
+
+
+def test_rms_norm_in_the_regenerated_graph_is_exact():
+    torch.manual_seed(0)
+    model, ids = RMSNet().eval(), torch.randint(0, 50, (2, 9))
+    plan = graphprune.plan(model, ids, target_flops=0.5, importance="random")
+    assert 1 in plan.removed["emb.weight"] and 0 in plan.removed["up.weight"]  # hidden size and groups go
+    slim = plan.apply(model)
+    assert isinstance(slim, torch.fx.GraphModule)
+    other = torch.randint(0, 50, (3, 5))
+    assert rel(run(slim, other), expected(plan, model, other)) <= 1e-5
 
 
 def test_loaded_plan_verifies_on_recorded_shapes_and_falls_back(tmp_path):

@@ -251,8 +251,17 @@ class _SizeExpressions:
         return self.made[key]
 
 
+def _mean_at_original_width(x, dim, keepdim=False, dtype=None, *, count: int):
+    """A mean over axes that lost channels, divided by the original width: the removed channels were zeros in
+    the masked model, so this is what it computed (no rescaled weight or epsilon needed)."""
+    return torch.sum(x, dim, keepdim=keepdim, dtype=dtype) / count
+
+
 def _bind_outputs(fxg: fx.Graph, node, target, call: fx.Node, env: dict) -> None:
-    returns = target._schema.returns if hasattr(target, "_schema") else []
+    if not hasattr(target, "_schema"):  # one of our own functions: one tensor out
+        env[node.outputs[0].id] = call
+        return
+    returns = target._schema.returns
     single = len(returns) == 1 and not str(returns[0].type).startswith("List")
     if single:
         if node.outputs:
@@ -315,6 +324,11 @@ def _rewrite(node, args: list, kwargs: dict, kept, shape):
         if args[6] == args[4]:  # one channel per group (the only prunable case): groups follow the channels
             args[6] = shape(src)[1]
         args[4] = shape(src)[1]
+    elif packet == "mean" and src is not None and len(args) > 1 and args[1]:
+        dims = [d % src.ndim for d in args[1]]
+        if any(len(kept(src, d)) != src.shape[d] for d in dims):  # an RMS norm's mean of squares
+            kwargs["count"] = int(np.prod([src.shape[d] for d in dims]))
+            return _mean_at_original_width
     elif packet == "arange" and out is not None and shape(out) != list(out.shape):
         raise BackendError(f"arange over a pruned axis at {node.where()}")
     return node.target
