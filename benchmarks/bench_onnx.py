@@ -5,7 +5,7 @@
 resnet50 (torchvision, random weights with distinct values as in a trained model, seeded) is exported to
 ONNX once (dynamo exporter). graphprune then prunes the .onnx file itself to 50 % of its FLOPs with
 ``graphprune.onnx.prune`` (the function behind ``graphprune prune``; default settings, whose widths are
-multiples of 8, and round_to=1 for exact channel counts),
+multiples of 8 in layers of 32 channels or more, and round_to=1 for exact channel counts),
 timed end to end (read + shapes + analysis + plan + write + checker + ORT verification). The baseline is
 torch-pruning on the PyTorch model (global magnitude pruning, its channel ratio bisected to the same
 FLOPs) exported the same way. All files are timed together by ``graphprune.onnx.bench`` (the function
@@ -53,8 +53,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_onnx_")
     dense = export_onnx(model, x, os.path.join(tmp, "resnet50.onnx"), dynamo=True)
     rows = [("original", dense, None)]
-    for label, options in (("graphprune (default, round_to=8)", {}), ("graphprune round_to=1", {"round_to": 1})):
-        out = os.path.join(tmp, f"resnet50_graphprune_round_to{options.get('round_to', 8)}.onnx")
+    for label, options in (("graphprune (default)", {}), ("graphprune round_to=1", {"round_to": 1})):
+        out = os.path.join(tmp, f"resnet50_graphprune_round_to{options.get('round_to', 'auto')}.onnx")
         t = time.perf_counter()
         plan = gonnx.prune(dense, out, target_flops=0.5, **options)
         how = f"{time.perf_counter() - t:.1f} s ONNX to ONNX, verified; plan FLOPs {plan.flops_ratio:.3f}"
