@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
+from . import verify  # noqa: F401  (registers the verifying backend behind plan.apply)
 from .api import count_flops, plan, prune
 from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError, UsageError
 from .plan import PruningPlan
 from .serialization import load, save
-from . import verify  # noqa: F401  (registers the verifying backend behind plan.apply)
 
 __version__ = "0.1.0"
 

@@ -226,20 +226,16 @@ def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
     """Removed components of this file's analysis, from a plan's removed indices by initializer name.
     Initializers the file lacks (batch norms an exporter folded) are skipped; a channel the plan removes
     from one of its tensors but not another is refused."""
-    an = loaded.an
-    gone = np.zeros(int(an.component.max()) + 1, dtype=bool)
-    matched = 0
-    for name, axes in the_plan.removed.items():
-        v = loaded.og.graph.params.get(name)
-        if v is None:
-            continue
-        if list(v.shape) != list(the_plan.fingerprint.get(name, v.shape)):
+    from .passes.pipeline import gone_from_removed
+
+    an, params = loaded.an, loaded.og.graph.params
+    matched = [name for name in the_plan.removed if name in params]
+    for name in matched:
+        if list(params[name].shape) != list(the_plan.fingerprint.get(name, params[name].shape)):
             raise UsageError(f"the plan was made for a model whose '{name}' is {the_plan.fingerprint[name]}, not "
-                             f"{list(v.shape)}; plan this file instead")
-        for axis, idx in axes.items():
-            gone[an.component[an.elements(v, int(axis))[idx]]] = True
-            matched += 1
-    for name, v in loaded.og.graph.params.items():
+                             f"{list(params[name].shape)}; plan this file instead")
+    gone = gone_from_removed(an, the_plan.removed)
+    for name, v in params.items():
         if name not in the_plan.fingerprint:
             continue
         for axis in range(v.ndim):
