@@ -104,6 +104,19 @@ def test_llama_gqa_heads_go_with_their_query_heads_exactly():
     assert {r["kind"] for r in plan.rewrites} == {"heads"}
 
 
+def test_eager_attention_at_batch_3_keeps_heads_prunable():
+    """Eager attention's torch.matmul decomposes into a bmm over (batch x heads) folded into one axis for batch > 1;
+    recorded whole, heads still go, and the slim model matches the mask at other batch sizes and lengths."""
+    torch.manual_seed(0)
+    model = _causal(T.LlamaForCausalLM, T.LlamaConfig, attn_implementation="eager")().eval()
+    x = {"input_ids": torch.randint(0, V, (3, 12))}
+    plan = graphprune.plan(model, x, target_flops=0.9, ignore=["model.layers.0.mlp", "model.layers.1.mlp"])
+    assert any(r["kind"] == "heads" and r["after"] < r["before"] for r in plan.rewrites)
+    slim, masked = plan.apply(model), plan.mask(model)
+    for other in (x, {"input_ids": torch.randint(0, V, (2, 7))}):
+        assert torch.allclose(run(slim, other)[0], run(masked, other)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_llama_rms_normalized_hidden_size_goes_exactly():
     _, model, x = _build("llama")
     plan = graphprune.plan(model, x, target_flops=0.5)

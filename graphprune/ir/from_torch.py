@@ -127,11 +127,14 @@ class _Recorder(TorchDispatchMode):
 
 
 _SDPA_PARAMS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 class _WholeOps(TorchFunctionMode):
-    """Records some functions as one node instead of their decomposition: scaled_dot_product_attention
-    may run as a math path whose 1/sqrt(head_dim) scale would otherwise look like a plain constant."""
+    """Records some functions as one node instead of their decomposition. scaled_dot_product_attention may run
+    as a math path whose 1/sqrt(head_dim) scale would otherwise look like a plain constant; matmul and einsum
+    decompose into a bmm over (batch x heads) folded into one axis, with other permutations at batch 1 than
+    above it, so whole they keep heads prunable at any batch size and a regenerated graph that follows it."""
 
     def __init__(self, recorder: _Recorder):
         super().__init__()
@@ -139,16 +142,28 @@ class _WholeOps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention or self.recorder.paused:
+        whole = func is torch.nn.functional.scaled_dot_product_attention or (
+            func in _MATMUL and len(args) == 2 and not kwargs and all(isinstance(a, torch.Tensor) for a in args)) or (
+            func is torch.einsum and args and isinstance(args[0], str) and not kwargs)
+        if not whole or self.recorder.paused:
             return func(*args, **kwargs)
         self.recorder.paused += 1
         try:
             out = func(*args, **kwargs)
         finally:
             self.recorder.paused -= 1
+        value_of = self.recorder.value_of
+        if func is torch.einsum:  # einsum(eq, a, b) or einsum(eq, [a, b])
+            operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            self.recorder.record("aten.einsum.default", (args[0], _map_tensors(list(operands), value_of)), {}, out,
+                                 target=torch.ops.aten.einsum.default)
+            return out
+        if func in _MATMUL:
+            self.recorder.record("aten.matmul.default", _map_tensors(tuple(args), value_of), {}, out,
+                                 target=torch.ops.aten.matmul.default)
+            return out
         named = dict(zip(_SDPA_PARAMS, args[3:]))
         named.update(kwargs)
-        value_of = self.recorder.value_of
         self.recorder.record("aten.scaled_dot_product_attention.default",
                              _map_tensors(tuple(args[:3]), value_of), _map_tensors(named, value_of), out,
                              target=torch.ops.aten.scaled_dot_product_attention.default)

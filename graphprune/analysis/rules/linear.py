@@ -5,6 +5,7 @@ baddbmm, and embedding. They own an output space (weight rows: producers) and co
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -114,6 +115,107 @@ def _matmul_2d(ctx, a: Value, b: Value, out: Value, bias=None, batch: bool = Fal
     if batch:
         factors.insert(0, (a, 0))
     ctx.add_flops(2, factors)
+
+
+@rule("aten.matmul")
+def matmul(ctx, node):
+    """torch.matmul / ONNX MatMul (recorded whole, not as the bmm its decomposition picks for these shapes):
+    batch axes broadcast, a's last axis contracts with b's second-last (1-d operands get a unit axis that is
+    then dropped)."""
+    a, b, out = node.args[0], node.args[1], node.outputs[0]
+    if a.ndim == 1 or b.ndim == 1:
+        if a.ndim == 1 and b.ndim == 1:
+            _contract(ctx, a, 0, b, 0)
+            return
+        if b.ndim == 1:  # (..., m, k) @ (k) -> (..., m)
+            _contract(ctx, a, -1, b, 0)
+            for j in range(out.ndim):
+                ctx.tie(a, j, out, j)
+                ctx.set_state(out, j, ctx.state(a, j))
+            ctx.add_flops(2, [(a, k) for k in range(a.ndim)])
+        else:  # (k) @ (..., k, n) -> (..., n)
+            _contract(ctx, a, 0, b, -2)
+            for j in range(out.ndim - 1):
+                ctx.tie(b, j, out, j)
+                ctx.set_state(out, j, ctx.state(b, j))
+            ctx.tie(b, -1, out, -1)
+            ctx.set_state(out, -1, ctx.state(b, -1))
+            ctx.add_flops(2, [(b, k) for k in range(b.ndim)])
+        return
+    batch = out.ndim - 2
+    for j in range(batch):
+        states = []
+        for t in (a, b):
+            k = t.ndim - 2 - (batch - j)
+            if k >= 0 and t.shape[k] == out.shape[j]:
+                ctx.tie(t, k, out, j)
+                states.append(ctx.state(t, k))
+            else:
+                if k >= 0:
+                    ctx.handled.add((t.id, k))
+                states.append(np.int8(ctx.whole(t)))
+        if not any(isinstance(s, np.ndarray) for s in states):
+            states[0] = np.full(out.shape[j], states[0], dtype=np.int8)
+        ctx.set_state(out, j, combine_mul(states))
+    _contract(ctx, a, a.ndim - 1, b, b.ndim - 2)
+    ctx.tie(a, a.ndim - 2, out, out.ndim - 2)
+    ctx.tie(b, b.ndim - 1, out, out.ndim - 1)
+    ctx.set_state(out, out.ndim - 2, ctx.state(a, a.ndim - 2))
+    ctx.set_state(out, out.ndim - 1, ctx.state(b, b.ndim - 1))
+    ctx.add_flops(2, [(out, j) for j in range(batch)] + [(a, a.ndim - 2), (a, a.ndim - 1), (b, b.ndim - 1)])
+
+
+@rule("aten.einsum")
+def einsum(ctx, node):
+    """torch.einsum / ONNX Einsum, explicit equations without ellipsis: letters in the output tie across
+    operands; a letter summed away contracts (two operands) or reduces (one), which needs removed channels to be
+    exact zeros. Recorded whole, as its decomposition folds axes differently at batch 1."""
+    eq, ops = node.args[0].replace(" ", ""), [v for v in node.args[1] if isinstance(v, Value)]
+    out = node.outputs[0]
+    if "..." in eq or "->" not in eq or len(ops) > 2:
+        pin_all(ctx, node, "einsum with an ellipsis, an implicit output or more than two operands")
+        return
+    lhs, rhs = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops) or any(len(t) != v.ndim or len(set(t)) != len(t) for t, v in zip(terms, ops)) or \
+            len(rhs) != out.ndim or not re.fullmatch(r"[A-Za-z]*", rhs):
+        pin_all(ctx, node, f"einsum equation {eq!r} does not match its operands")
+        return
+    size = {}
+    for t, v in zip(terms, ops):
+        for letter, n in zip(t, v.shape):
+            size[letter] = max(size.get(letter, 1), n)
+    for j, letter in enumerate(rhs):
+        states = []
+        for t, v in zip(terms, ops):
+            k = t.find(letter)
+            if k < 0:
+                states.append(np.int8(ctx.whole(v)))
+            elif v.shape[k] == out.shape[j]:
+                ctx.tie(v, k, out, j)
+                states.append(ctx.state(v, k))
+            else:
+                ctx.handled.add((v.id, k))
+                states.append(np.int8(ctx.whole(v)))
+        if not any(isinstance(s, np.ndarray) for s in states):
+            states[0] = np.full(out.shape[j], states[0], dtype=np.int8)
+        ctx.set_state(out, j, combine_mul(states))
+    for letter in set("".join(terms)) - set(rhs):
+        where = [(v, t.index(letter)) for t, v in zip(terms, ops) if letter in t]
+        if len(where) == 2 and where[0][0].shape[where[0][1]] == where[1][0].shape[where[1][1]]:
+            _contract(ctx, where[0][0], where[0][1], where[1][0], where[1][1])
+        else:
+            for v, k in where:
+                ctx.require_zero(v, k, "einsum sum")
+    if len(ops) == 2:  # 2 x the product of every letter's size, as for a matmul
+        factors, seen = [], set()
+        for t, v in zip(terms, ops):
+            for k, letter in enumerate(t):
+                if letter not in seen and v.shape[k] == size[letter]:
+                    seen.add(letter)
+                    factors.append((v, k))
+        coef = 2 * math.prod(n for letter, n in size.items() if letter not in seen)
+        ctx.add_flops(coef, factors)
 
 
 @rule("aten.mm")
