@@ -60,8 +60,7 @@ def test_zoo_model_prunes_to_half_and_is_exact(name):
         assert abs(plan.flops_ratio - 0.5) <= 0.01
         slim = plan.apply(model)  # verified; the regenerated graph where the module cannot follow
         assert run(slim, x).shape == run(model, x).shape
-        # the regenerated graph follows the batch size unless the recording says why not (maxvit_t: at batch 1,
-        # matmul's decomposition permutes other axes than at batch 3)
+        # the regenerated graph follows the batch size, unless its note says why not
         follows = not isinstance(slim, torch.fx.GraphModule) or "batch size" in plan.notes[-1]
         assert follows or "replays the recorded shapes" in plan.notes[-1]
         assert applied_error(plan, model, x, *([batch3] if follows else []), slim=slim) <= 1e-5
