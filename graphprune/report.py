@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from .analysis.cost import CostModel
 
 
-def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray) -> list[dict[str, Any]]:
+def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray,
+               readers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per layer: FLOPs by the op's scope, parameters by the module that owns them, or, for a tensor whose
+    name names no layer (an ONNX initializer), by the scope of the op that reads it (`readers`)."""
     rows: dict[str, dict[str, Any]] = {}
 
     def row(label: str) -> dict[str, Any]:
@@ -28,11 +31,13 @@ def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray) -> list
     pairs = zip(params.labels, params.per_term(kept=kept_full), params.per_term(kept=kept_now))
     for i, (label, before, after) in enumerate(pairs):
         module, _, leaf = label.rpartition(".")
+        spaces = [s for s in params.factors[i] if s != params.sentinel]
+        if module not in rows and label in (readers or {}):
+            module, leaf = readers[label], "weight" if len(spaces) >= 2 else "bias"
         r = row(module)
         r["params_before"] += before
         r["params_after"] += after
         if leaf == "weight":
-            spaces = [s for s in params.factors[i] if s != params.sentinel]
             r["shape_before"] = [int(kept_full[s]) for s in spaces]
             r["shape_after"] = [int(kept_now[s]) for s in spaces]
     return [r for r in rows.values() if r["params_before"] or r["flops_before"]]

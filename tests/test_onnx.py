@@ -248,6 +248,9 @@ def test_plan_json_round_trip_and_report(tmp_path):
     assert onnx.load(tmp_path / "a.onnx").graph.initializer[0] == onnx.load(tmp_path / "b.onnx").graph.initializer[0]
     page = (tmp_path / "r.html").read_text()
     assert "<svg" in page and "<rect" in page and "FLOPs" in page
+    convs = [r for r in plan.layers if r["flops_before"] and r["shape_before"] and len(r["shape_before"]) == 4]
+    assert len(convs) == 4  # each Conv node's row carries its weight (initializers named by no layer)
+    assert all(r["params_before"] > 0 and r["params_after"] <= r["params_before"] for r in convs)
 
 
 def _cli(*args, cwd=None):

@@ -138,7 +138,12 @@ class Build(Pass):
             notes=list(job.notes),
         )
         job.plan._analysis, job.plan._gone = an, gone  # in memory only, for the regenerated-graph fallback
-        job.plan.layers = layer_rows(job.flops, job.params, removed)
+        readers: dict[str, str] = {}
+        for node in an.graph.nodes:
+            for v in node.tensor_inputs():
+                if v.name is not None:
+                    readers.setdefault(v.name, node.scope or node.op)
+        job.plan.layers = layer_rows(job.flops, job.params, removed, readers)
         job.plan.groups = family_rows(an, gone)
         job.plan.pinned = pinned_rows(an)
 
