@@ -229,3 +229,15 @@ def test_default_widths_round_to_8_in_wide_layers_and_stay_exact_in_narrow_ones(
     assert plan.apply(narrow)[0].out_channels == 7  # 7/12 of the FLOPs: narrow layers keep exact widths
     with pytest.raises(graphprune.UsageError, match="round_to"):
         graphprune.plan(resnet, X, target_flops=0.5, round_to="eight")
+
+
+def test_a_plan_far_under_its_target_says_why(caplog):
+    """Whole groups of a grouped convolution are the only units here: the plan cannot land near 0.9 and says so."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 3, padding=1, groups=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 8, 1)).eval()
+    plan = graphprune.plan(model, torch.randn(1, 3, 8, 8), target_flops=0.9, round_to=None)
+    assert plan.flops_ratio < 0.89
+    assert any("too coarse" in n for n in plan.notes) and "too coarse" in caplog.text
+    close = graphprune.plan(model, torch.randn(1, 3, 8, 8), target_flops=plan.flops_ratio, round_to=None)
+    assert not any("too coarse" in n for n in close.notes)

@@ -199,6 +199,7 @@ def test_compare_outputs_rules():
     assert compare_outputs([a * 1.001], [a], dtypes=["torch.float16"]) is None  # half precision rounds more
     assert compare_outputs([a * 2], [a], lossy=True) is None
     assert "NaN everywhere" in compare_outputs([a * np.nan], [a * np.nan])
+    assert "integers" in compare_outputs([np.array([1, 37, 8, 8])], [np.array([1, 48, 8, 8])])
 
 
 class WidthLookup(nn.Module):
@@ -249,3 +250,82 @@ def test_regenerated_model_saves_and_loads_without_pickled_code(tmp_path):
     assert isinstance(loaded, torch.fx.GraphModule)
     xb = torch.randn(4, 1, 32, 32)
     assert torch.allclose(run(loaded, xb), run(slim, xb), atol=1e-6)
+
+
+class MaskedAttention(nn.Module):
+    """SDPA with a tensor attn_mask keyword, and a width written as a constant: regenerated with the keyword."""
+
+    def __init__(self, dim=32, heads=4, n=8):
+        super().__init__()
+        self.inp, self.qkv, self.proj = nn.Linear(6, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias, self.heads, self.out = nn.Parameter(torch.randn(1, heads, n, n)), heads, nn.Linear(dim, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, n, c = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias * 2.0)
+        return self.out(h + self.proj(a.transpose(1, 2).reshape(b, n, 32)))
+
+
+class StridedChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 48, 3, padding=1), nn.Conv2d(24, 8, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))[:, ::2])
+
+
+@pytest.mark.parametrize("model, x", [(MaskedAttention, torch.randn(1, 8, 6)),
+                                      (StridedChannels, torch.randn(1, 3, 8, 8))], ids=["attn-mask", "strided"])
+def test_regenerated_graph_keeps_keyword_tensors_and_strided_channel_slices(model, x):
+    torch.manual_seed(0)
+    model = model().eval()
+    slim = graphprune.prune(model, x, target_flops=0.6)
+    assert isinstance(slim, torch.fx.GraphModule)
+    plan = slim.graphprune_plan
+    other = torch.randn(3, *x.shape[1:])
+    with torch.enable_grad():  # outside no_grad attention may return other strides than where it was recorded
+        assert rel(run(slim, other), expected(plan, model, other)) <= 1e-5
+        assert rel(slim(x), plan.mask(model)(x)) <= 1e-5
+
+
+def test_positions_from_arange_keep_their_channels():
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            return self.c2(h * torch.arange(h.shape[1], dtype=h.dtype).view(1, -1, 1, 1))
+
+    model = Positions().eval()
+    with pytest.raises(graphprune.BudgetError):
+        graphprune.plan(model, torch.randn(1, 3, 8, 8), target_flops=0.6)
+    assert "arange holds positions" in graphprune.plan(model, torch.randn(1, 3, 8, 8), target_flops=1.0).explain()
+
+
+class MixFFN(nn.Module):
+    """pvt_v2 / Segformer style: a linear layer reads a transposed conv output, which records other ops at batch 1
+    than at batch 2; the width of the reshape is a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.dw, self.fc2 = nn.Linear(32, 64), nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.fc1(x).transpose(1, 2).reshape(x.shape[0], 64, 4, 4)
+        return x + self.fc2(F.gelu(self.dw(h).flatten(2).transpose(1, 2)))
+
+
+def test_batch_one_recording_that_decomposes_otherwise_is_recorded_again_at_batch_two():
+    torch.manual_seed(0)
+    model, x = MixFFN().eval(), torch.randn(1, 16, 32)
+    slim = graphprune.prune(model, x, target_flops=0.6)
+    note = slim.graphprune_plan.notes[-1]
+    assert "it runs at any batch size" in note and "recorded again at batch 2" in note
+    for batch in (1, 3):
+        other = torch.randn(batch, 16, 32)
+        assert rel(run(slim, other), expected(slim.graphprune_plan, model, other)) <= 1e-5

@@ -19,6 +19,7 @@ from ..ir.graph import CONST, Value
 from ..plan import PruningPlan, named_tensors
 from .torch import sliced
 
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 _SHAPE_ARG = {  # op packet -> position of the size argument that follows the output shape
     "view": 1, "_unsafe_view": 1, "reshape": 1, "_reshape_alias": 1, "view_copy": 1, "expand": 1,
     "zeros": 0, "ones": 0, "empty": 0, "full": 0, "rand": 0, "randn": 0,
@@ -77,8 +78,12 @@ def regenerate(plan: PruningPlan, model: nn.Module, an=None, gone: np.ndarray | 
             return node_of(obj)
         if isinstance(obj, (list, tuple)):
             return type(obj)(mapped(o) for o in obj)
+        if isinstance(obj, dict):  # keyword arguments (an attention mask)
+            return {k: mapped(o) for k, o in obj.items()}
         return obj
 
+    written = {v.id for node in graph.nodes if node.op == "graphprune.mutation" or node.op.split(".")[1].endswith("_")
+               for v in node.tensor_inputs()[:1]}  # a view of these must stay a view: writes go through it
     names = input_names or [f"input_{i}" for i in range(len(graph.inputs))]
     for name, v in zip(names, graph.inputs):
         env[v.id] = fxg.placeholder(name)
@@ -90,8 +95,8 @@ def regenerate(plan: PruningPlan, model: nn.Module, an=None, gone: np.ndarray | 
             raise BackendError(f"cannot regenerate {node.where()}")
         args, kwargs = list(mapped(node.args)), dict(mapped(node.kwargs))
         target = _rewrite(node, args, kwargs, kept, shape)
-        if node.id in dynamic.get("reshape", ()):
-            target = torch.ops.aten.reshape.default
+        if target in _VIEWS and not ({v.id for v in node.tensor_inputs() + node.outputs} & written):
+            target = torch.ops.aten.reshape.default  # a view needs the strides of this recording, a reshape not
         for path, expression in dynamic.get("ints", {}).get(node.id, {}).items():
             _put(args, kwargs, node, path, sizes.node(expression, _get(args, kwargs, node, path)))
         call = fxg.call_function(target, tuple(args), kwargs)
@@ -110,13 +115,11 @@ def regenerate(plan: PruningPlan, model: nn.Module, an=None, gone: np.ndarray | 
 def dynamic_ints(base, variants: list[tuple[tuple[int, int, int], int, object]]) -> tuple[dict, str | None]:
     """Which recorded integers follow the input sizes. `variants` holds, per varied symbol (input, axis,
     example size), its other size and the graph recorded with it. Returns ({"ints": {node id: {path:
-    expression}}, "reshape": node ids}, None), or ({}, why) when a variant's graph differs in structure or an
-    integer follows no simple rule. "reshape" lists views that need a copy at other sizes: at batch 1 a
-    reshape is a view, at batch 2 a clone and a view."""
+    expression}}}, None), or ({}, why) when a variant's graph differs in structure or an integer follows no
+    simple rule. A reshape is a view at batch 1 and a clone and a view above: the two line up."""
     found: dict[int, dict[tuple, dict]] = {}
-    reshape: set[int] = set()
     for symbol, size, graph in variants:
-        pairs = _aligned(base.nodes, graph.nodes, reshape)
+        pairs = _aligned(base.nodes, graph.nodes)
         if pairs is None:
             return {}, f"other ops run when input {symbol[0]} axis {symbol[1]} is {size}"
         for a, b in pairs:
@@ -136,10 +139,10 @@ def dynamic_ints(base, variants: list[tuple[tuple[int, int, int], int, object]])
                 return {}, (f"{node.where()}: an integer ({info['recorded']}) follows the input sizes in a way "
                             "graphprune does not model")
             ints.setdefault(node_id, {})[path] = expression
-    return {"ints": ints, "reshape": reshape}, None
+    return {"ints": ints}, None
 
 
-def _aligned(base: list, other: list, reshape: set[int]) -> list | None:
+def _aligned(base: list, other: list) -> list | None:
     """Pairs of the same op in two recordings; a view in `base` may be a clone + _unsafe_view in `other`."""
     pairs, j = [], 0
     for a in base:
@@ -149,7 +152,6 @@ def _aligned(base: list, other: list, reshape: set[int]) -> list | None:
         elif (a.op == "aten.view.default" and j + 1 < len(other) and other[j].op == "aten.clone.default"
               and other[j + 1].op == "aten._unsafe_view.default"):
             pairs.append((a, other[j + 1]))
-            reshape.add(a.id)
             j += 2
         else:
             return None
@@ -251,6 +253,11 @@ class _SizeExpressions:
         return self.made[key]
 
 
+def _take(x, dim: int, positions: list[int]):
+    """x's positions along dim (a strided slice of channels, some of which are gone)."""
+    return x.index_select(dim, torch.tensor(positions, dtype=torch.long, device=x.device))
+
+
 def _mean_at_original_width(x, dim, keepdim=False, dtype=None, *, count: int):
     """A mean over axes that lost channels, divided by the original width: the removed channels were zeros in
     the masked model, so this is what it computed (no rescaled weight or epsilon needed)."""
@@ -303,11 +310,16 @@ def _rewrite(node, args: list, kwargs: dict, kept, shape):
             start = start + src.shape[dim] if start < 0 else start
             new_start = _count_before(keep, min(start, src.shape[dim]))
             width = shape(out)[dim]
+            step = args[4] if len(args) > 4 and packet != "narrow" else 1
             if packet == "narrow":
                 args[2], args[3] = new_start, width
+            elif step != 1:  # every step-th of the original channels: the kept ones by position instead
+                end = args[3] if len(args) > 3 and args[3] is not None else src.shape[dim]
+                taken = np.arange(src.shape[dim])[slice(args[2], end, step)][kept(out, dim)]
+                del args[2:]
+                args[1:] = [dim, np.searchsorted(keep, taken).tolist()]
+                return _take
             else:
-                if (args[4] if len(args) > 4 else 1) != 1:
-                    raise BackendError(f"strided slice over a pruned axis at {node.where()}")
                 args[2:4] = [new_start, new_start + width]
     elif packet == "select" and src is not None:
         dim = args[1] % src.ndim

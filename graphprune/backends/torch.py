@@ -163,7 +163,8 @@ def _update_attributes(module: nn.Module, old: dict[str, tuple[int, ...]]) -> No
     elif w is not None and w.ndim == 2 and hasattr(module, "nf") and hasattr(module, "nx"):
         module.nx, module.nf = w.shape  # transformers' Conv1D (GPT-2): a linear layer with weight [in, out]
     elif isinstance(module, nn.MultiheadAttention):
-        raise BackendError("MultiheadAttention widths cannot change (its heads are pinned); this is a bug")
+        raise BackendError("nn.MultiheadAttention cannot change its width (its forward derives head_dim from "
+                           "embed_dim and packs q/k/v in one weight)")
 
 
 # attributes forward code reads head counts and head-derived widths from (HF, timm, torchvision names)

@@ -25,6 +25,7 @@ from .select import select
 log = logging.getLogger(__name__)
 
 ROUND_AUTO = "auto"  # multiples of 8 for layers of at least 32 channels, exact below (see select.py)
+MISS = 0.01  # a plan further than this under its target says so
 
 
 @dataclass
@@ -107,11 +108,18 @@ class Select(Pass):
     ensures = ("removed",)
 
     def __call__(self, job: Job) -> None:
+        name = "FLOPs" if job.kind == "flops" else "parameters"
         job.removed = select(job.an, job.scores, job.budget, job.ratio, max_ratio=job.max_ratio,
-                             round_to=job.round_to, keep=job.keep, lockstep=job.lockstep,
-                             budget_name="FLOPs" if job.kind == "flops" else "parameters",
+                             round_to=job.round_to, keep=job.keep, lockstep=job.lockstep, budget_name=name,
                              mass=weight_slices_per_component(job.an),
                              normalize=not getattr(job.scorer, "absolute", False))
+        achieved = job.budget.total(job.removed) / max(job.budget.total(), 1e-300)
+        if job.ratio - achieved > MISS:
+            note = (f"landed at {achieved:.3f} of the {name} for a target of {job.ratio:.3f}: the units left to "
+                    "remove (whole groups of a grouped convolution, heads, round_to multiples) are too coarse to "
+                    "land closer (with round_to, round_to=None may)")
+            log.warning(note)
+            job.notes.append(note)
 
 
 class Build(Pass):

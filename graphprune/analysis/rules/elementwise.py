@@ -176,3 +176,6 @@ def creation(ctx, node):
     for out in node.outputs:
         for a in range(out.ndim):
             ctx.set_state(out, a, DEP if out.depends_on_input else INDEP)
+    if node.op.startswith(("aten.arange", "aten.linspace", "aten.eye")):  # values are positions
+        for out in node.outputs:
+            ctx.pin(out, reason=f"{node.op.split('.')[1]} holds positions: removing one would change the others")
