@@ -135,6 +135,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     else:
         result = dataclasses.replace(the_plan, notes=list(the_plan.notes))  # the caller's plan stays as it was
         gone = gone_from_plan(the_plan, loaded)
+        _check_replayed(result, loaded, gone)
     say(f"writing the pruned model ({result.flops_ratio:.3f} of the FLOPs, {result.params_ratio:.3f} of the "
         "parameters)")
     from .backends import onnx as backend
@@ -143,8 +144,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if verify:
         say("verifying in ONNX Runtime against the masked original")
         original = load_model(src, check=False)
-        check_feeds = feeds if feeds is not None else example_feeds(
-            original, {k: v.shape for k, v in loaded.og.feeds.items()}, seed=1)
+        check_feeds = loaded.og.feeds if feeds is not None else example_feeds(  # recorded: cast to the model's
+            original, {k: v.shape for k, v in loaded.og.feeds.items()}, seed=1)  # dtypes
         from .passes.pipeline import removed_and_zeroed
 
         zeroed = removed_and_zeroed(loaded.an, gone)[1]  # this file's producer rows (a plan may name others)
@@ -187,6 +188,8 @@ def _check_paths(src: str, data_files: set[str], dst: str, *others) -> None:
         raise UsageError(f"no ONNX file at {src}; check the path")
     outputs = [os.fspath(p) for p in (dst, dst + ".data", *others) if p is not None]
     for path in outputs:
+        if os.path.isdir(path):
+            raise UsageError(f"cannot write {path}: it is a directory; give a file name")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UsageError(f"cannot write {path}: directory {directory} does not exist; create it first")
@@ -220,6 +223,22 @@ def _refuse_weight_changes(the_plan: PruningPlan) -> None:
                          "channel removals apply here. Plan the file itself (graphprune.onnx.prune(src, dst, "
                          "target_flops=...)), or export the slimmed PyTorch model instead: "
                          "torch.onnx.export(plan.apply(model), ...)")
+
+
+def _check_replayed(result: PruningPlan, loaded: Loaded, gone: np.ndarray) -> None:
+    """A plan replayed on a file whose exporter renamed tensors (weights behind MatMul, merged biases) removes
+    only what it found: refuse unless the file loses what the plan says, then count the file's own cost."""
+    removed = np.nonzero(gone)[0]
+    flops, params = loaded.flops.total(), loaded.params.total()
+    ratio = loaded.flops.total(removed) / flops if flops else 1.0
+    if abs(ratio - result.flops_ratio) > 0.01:
+        found = sum(name in loaded.og.graph.params for name in result.removed)
+        raise UsageError(f"this file keeps {ratio:.3f} of its FLOPs under the plan, which promises "
+                         f"{result.flops_ratio:.3f}: only {found} of the plan's {len(result.removed)} pruned tensors "
+                         "are initializers of this file (the exporter renamed or merged them); plan this file "
+                         "instead (graphprune.onnx.prune(src, dst, target_flops=...))")
+    result.flops = {"before": flops, "after": loaded.flops.total(removed)}
+    result.params = {"before": params, "after": loaded.params.total(removed)}
 
 
 def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:

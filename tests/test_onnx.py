@@ -292,6 +292,7 @@ def test_bad_input(tmp_path):
         (("prune", good, "-o", tmp_path / "no" / "such" / "dir.onnx", "--target-flops", "0.5"), 2, "does not exist"),
         (("prune", good, "-o", out), 2, "give a budget"),
         (("prune", good, "-o", good, "--target-flops", "0.5"), 2, "never overwrites its input"),
+        (("prune", good, "-o", tmp_path, "--target-flops", "0.5"), 2, "is a directory"),
     ]
     for args, code, text in cases:
         done = _cli(*args)
@@ -585,3 +586,36 @@ def test_gather_nd_of_several_coordinates_pins(tmp_path):
     assert not an.prunable[comps].any()
     assert {an.pin_reasons[c][0] for c in comps} == {
         "GatherND with indices computed at run time, several coordinates or batch dims"}
+
+
+class TwoBranches(nn.Module):
+    """Two MLP branches; one has no biases, so once its weights are renamed nothing of it keeps its name."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64, bias=False), nn.Linear(64, 8, bias=False)
+        self.c, self.d = nn.Linear(16, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))) + self.d(torch.relu(self.c(x)))
+
+
+def test_plan_whose_tensors_the_exporter_renamed_is_refused(tmp_path):
+    """The TorchScript exporter stores the weight of a linear layer on 3-d inputs transposed, for a MatMul, under
+    another name: a PyTorch plan would prune only what it finds, so it is refused instead of writing a file that
+    keeps more than the plan says."""
+    model, x = distinct_params(TwoBranches()), torch.randn(2, 5, 16)
+    plan = graphprune.plan(model, x, target_flops=0.5)
+    src = export_onnx(model, x, tmp_path / "m.onnx")
+    renamed = [n for n in plan.removed if n not in {i.name for i in onnx.load(src).graph.initializer}]
+    assert renamed  # the premise: some pruned tensors are not initializers of the file under their names
+    with pytest.raises(UsageError, match="plan this file instead"):
+        gonnx.prune(src, tmp_path / "slim.onnx", the_plan=plan)
+    assert not (tmp_path / "slim.onnx").exists()
+
+
+def test_feeds_of_another_dtype_are_cast_for_the_verification(tmp_path):
+    src = export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    feeds = {"input_0": np.random.default_rng(0).standard_normal((1, 3, 16, 16))}  # float64, numpy's default
+    plan = gonnx.prune(src, tmp_path / "slim.onnx", target_flops=0.5, feeds=feeds)
+    assert "verified against the masked original in ONNX Runtime" in plan.notes
