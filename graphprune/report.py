@@ -32,7 +32,7 @@ def layer_rows(flops: CostModel, params: CostModel, removed: np.ndarray,
     for i, (label, before, after) in enumerate(pairs):
         module, _, leaf = label.rpartition(".")
         spaces = [s for s in params.factors[i] if s != params.sentinel]
-        if module not in rows and label in (readers or {}):
+        if module not in rows and (readers or {}).get(label, module) != module:
             module, leaf = readers[label], "weight" if len(spaces) >= 2 else "bias"
         r = row(module)
         r["params_before"] += before
