@@ -229,15 +229,15 @@ def _check_replayed(result: PruningPlan, loaded: Loaded, gone: np.ndarray) -> No
     """A plan replayed on a file whose exporter renamed tensors (weights behind MatMul, merged biases) removes
     only what it found: refuse unless the file loses what the plan says, then count the file's own cost."""
     removed = np.nonzero(gone)[0]
-    flops, params = loaded.flops.total(), loaded.params.total()
-    ratio = loaded.flops.total(removed) / flops if flops else 1.0
+    flops, params, after = loaded.flops.total(), loaded.params.total(), loaded.flops.total(removed)
+    ratio = after / flops if flops else 1.0
     if abs(ratio - result.flops_ratio) > 0.01:
         found = sum(name in loaded.og.graph.params for name in result.removed)
         raise UsageError(f"this file keeps {ratio:.3f} of its FLOPs under the plan, which promises "
                          f"{result.flops_ratio:.3f}: only {found} of the plan's {len(result.removed)} pruned tensors "
                          "are initializers of this file (the exporter renamed or merged them); plan this file "
                          "instead (graphprune.onnx.prune(src, dst, target_flops=...))")
-    result.flops = {"before": flops, "after": loaded.flops.total(removed)}
+    result.flops = {"before": flops, "after": after}
     result.params = {"before": params, "after": loaded.params.total(removed)}
 
 

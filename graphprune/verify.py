@@ -146,9 +146,10 @@ def _regenerated(plan: PruningPlan, model: nn.Module, inputs: Any, expected: lis
     if module is None and batch and next(iter(batch.values())) == 1:
         # some ops decompose otherwise at batch 1 (a linear layer on a transposed input): record at batch 2
         at_two = resized(inputs, dict.fromkeys(batch, 2))
-        again, follows, why_two = _dynamic_graph(plan, masked, *_analysis_of(plan, masked, at_two), at_two)
+        again, follows_two, why_two = _dynamic_graph(plan, masked, *_analysis_of(plan, masked, at_two), at_two)
         if again is not None and check(again, inputs, expected, plan.lossy) is None:
-            module, why = again, why_two + ["recorded again at batch 2: at batch 1 other ops run"]
+            module, follows = again, follows_two
+            why = why_two + ["recorded again at batch 2: at batch 1 other ops run"]
     if module is None:
         module = _regenerate(plan, masked, an, gone, {}, inputs, problem)
     second = check(module, inputs, expected, plan.lossy)

@@ -8,6 +8,7 @@ shapes are those of the example inputs.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -161,9 +162,7 @@ def _aligned(base: list, other: list) -> list | None:
 def _fit(recorded: int, moves: list) -> tuple | None:
     """The simplest expression that explains every move: a product with each moved symbol, or a sum."""
     symbols = [m[0] for m in moves]
-    product = 1
-    for s in symbols:
-        product *= s[2]
+    product = math.prod(s[2] for s in symbols)
     if recorded % product == 0 and all(y * s[2] == recorded * n for s, n, y in moves):
         return (tuple(symbols), recorded, "*")
     if len(moves) == 1 and moves[0][2] - recorded == moves[0][1] - symbols[0][2]:
@@ -234,9 +233,7 @@ class _SizeExpressions:
             if how == "+":
                 self.made[key] = self.fxg.call_function(operator.add, (sizes[0], now - symbols[0][2]))
             else:
-                at_example = 1
-                for s in symbols:
-                    at_example *= s[2]
+                at_example = math.prod(s[2] for s in symbols)
                 if now % at_example:
                     raise BackendError(f"a pruned size {now} does not scale with the inputs ({symbols})")
                 value = sizes[0]
