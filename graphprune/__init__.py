@@ -10,6 +10,7 @@ from .api import count_flops, plan, prune
 from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError, UsageError
 from .plan import PruningPlan
 from .serialization import load, save
+from .train import HESSO
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
            "BackendError",
            "BudgetError",
            "GraphPruneError",
+           "HESSO",
            "PruningPlan",
            "TraceError",
            "UnsupportedModelError",

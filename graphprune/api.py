@@ -22,7 +22,7 @@ from .plan import PruningPlan, named_tensors
 
 log = logging.getLogger(__name__)
 
-CALIBRATED = ("wanda", "flap", "taylor")
+CALIBRATED = ("wanda", "flap", "obs", "taylor")
 
 
 def count_flops(model: torch.nn.Module, example_inputs: Any) -> int:
@@ -44,8 +44,11 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameter count to keep, instead of target_flops.
-        importance: "l2" (default), "l1", "random"; "wanda" or "flap" (need `calibration`); "taylor" (needs
-            `calibration` and `loss_fn`); or a callable (analysis, tensors) -> scores.
+        importance: "l2" (default), "l1", "random"; "wanda" or "flap" (need `calibration`); "obs" (needs
+            `calibration`: structured Optimal Brain Surgeon, the output error each component leaves once the
+            layers reading it are least-squares compensated, as compensate=True then does; X^T X per reading
+            layer, C_in^2 floats each); "taylor" (needs `calibration` and `loss_fn`); or a callable
+            (analysis, tensors) -> scores.
         ignore: modules or parameter names whose parameters are kept whole.
         round_to: keep each layer's width a multiple of this; "auto" (default): multiples of 8 for layers of 32
             channels or more (kernels run such widths fastest: resnet50 at half the FLOPs runs 1.7x faster in
@@ -102,9 +105,9 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         lockstep, whole = lockstep_groups(an, probe(model))
         keep = whole if keep is None else keep | whole
     tensors = named_tensors(model)
-    needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap"))
-    readers = collect(model, an, calibration, tensors) if needs_readers else []
-    if scorer is None:  # wanda / flap read the statistics just gathered
+    needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs"))
+    readers = collect(model, an, calibration, tensors, grams=importance == "obs") if needs_readers else []
+    if scorer is None:  # wanda / flap / obs read the statistics just gathered
         scorer = CalibratedImportance(importance, readers, compensate)
     job = Job(an, tensors, kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep,
               target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})

@@ -63,8 +63,8 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
          calibration: list[dict[str, np.ndarray]] | None = None, loaded: Loaded | None = None,
          progress: Progress | None = None) -> PruningPlan:
     """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan
-    (the same planning core: passes/pipeline.py). importance="wanda" or "flap" needs `calibration`: batches of
-    real inputs (dicts of arrays by input name)."""
+    (the same planning core: passes/pipeline.py). importance="wanda", "flap" or "obs" needs `calibration`:
+    batches of real inputs (dicts of arrays by input name)."""
     from .passes.importance import get_importance
     from .passes.pipeline import PLAN, Job, check_options, parse_budget, run
 
@@ -72,18 +72,18 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
     kind, ratio = parse_budget(target_flops, target_params)
     round_to = check_options(round_to, max_ratio)
     loaded = loaded or read(path, input_shapes, allow_lossy)
-    if importance in ("wanda", "flap"):
+    if importance in ("wanda", "flap", "obs"):
         from .passes.calibration import CalibratedImportance
         from .passes.onnx_calibration import collect
 
         if calibration is None:
             raise UsageError(f"importance={importance!r} needs calibration inputs (--calibration FILE.npz)")
-        scorer = CalibratedImportance(importance, collect(loaded, calibration, progress))
+        scorer = CalibratedImportance(importance, collect(loaded, calibration, progress, grams=importance == "obs"))
     else:
         try:
             scorer = get_importance(importance)
         except ValueError as exc:
-            raise UsageError(f"{exc}; for ONNX files also 'wanda' and 'flap' (with calibration)") from exc
+            raise UsageError(f"{exc}; for ONNX files also 'wanda', 'flap' and 'obs' (with calibration)") from exc
     job = Job(loaded.an, _torch_tensors(loaded.og.tensors), kind, ratio, scorer, round_to=round_to,
               max_ratio=max_ratio, flops=loaded.flops, params=loaded.params,
               target={"importance": str(importance), "source": os.fspath(path)})

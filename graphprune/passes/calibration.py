@@ -14,6 +14,21 @@ Compensation, for layers that are a channel's only reader:
   ls:    ridge regression of the removed inputs on the kept ones, folded into the kept weights and the
          bias: W_K' = W_K + W_P A, b' = b + W_P (E[x_P] - A E[x_K]), A = S_PK (S_KK + lambda I)^-1 with S
          the input covariance. Exact when the removed inputs are linear in the kept ones.
+
+obs (structured Optimal Brain Surgeon: SPA / OBSPA, ZipLM, SlimGPT), the error ls leaves, as the score:
+  Treat the bias as the weight of a constant input 1 that is never removed, so H = E[x~ x~^T] over
+  x~ = [x; 1]. Removing columns P and updating the rest optimally costs err(P) = tr(W_P [(H^-1)_PP]^-1 W_P^T)
+  with update dW_K = -W_P [(H^-1)_PP]^-1 (H^-1)_PK. Eliminating the constant row (Schur complement) makes the
+  x block of H^-1 the inverse covariance S^-1, and block inversion gives [(S^-1)_PP]^-1 (S^-1)_PK =
+  -S_PK S_KK^-1 = -A: dW_K = W_P A and the bias column's update W_P (E[x_P] - A E[x_K]) are exactly ls above,
+  so compensate=True reuses that code. err(P) = tr(W_P [(S^-1)_PP]^-1 W_P^T) is _errors' ls branch: one
+  implementation; "obs" differs from flap in collecting X^T X for every reader (multi-reader channels and
+  convolutions too: one float64 C_in x C_in matrix per reader, fine for CNNs and small transformers, not for
+  billion-parameter LLMs) and in scoring this way whatever `compensate` is. Both sides use the same ridge
+  (RIDGE x mean input variance), so they agree up to it. A component's columns in one reader are removed
+  together (a head's head_dim columns: the block form). Convolutions take each pixel's channel vector as a
+  sample with the kernel taps as extra output rows: spatial correlations between neighbouring pixels are
+  not modelled, and zero padding sees the bias shift too.
 """
 
 from __future__ import annotations
@@ -90,8 +105,10 @@ def _reader_kind(module: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, torch.Tensor]) -> list[Reader]:
-    """Run the calibration batches through the dense model once and gather every reader's statistics."""
+def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, torch.Tensor],
+            grams: bool = False) -> list[Reader]:
+    """Run the calibration batches through the dense model once and gather every reader's statistics;
+    grams=True: X^T X for every reader (importance="obs"), not only where compensation needs it."""
     if batches is None or isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise GraphPruneError("calibration must be a list (or other iterable) of batches, each shaped like "
                               "example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs")
@@ -113,7 +130,8 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
         hooks.append(module.register_forward_pre_hook(lambda _m, args, r=reader: r.add(args[0])))
     readers_of = _readers_per_component(readers, len(an.prunable))
     for r in readers:  # compensation needs X^T X only where this layer is a channel's only reader
-        r.want_gram = bool((readers_of[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
+        sole = bool((readers_of[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
+        r.want_gram = grams or sole
     started = time.perf_counter()
     count = 0
     try:
@@ -148,19 +166,20 @@ def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader) -> torch.Tensor
 
 
 class CalibratedImportance:
-    """Wanda, or FLAP-style output error, per component; inf where no reader was seen.
+    """Wanda, FLAP-style or OBS output error, per component; inf where no reader was seen.
 
     "flap" scores a component by the error its removal leaves in the reading layer's output, under the
     compensation that will follow: E||W_P x_P||^2 with none, tr(W_P Cov_PP W_P^T) once the mean goes into
     the bias (FLAP's fluctuation, with the cross terms between a head's columns), and with least squares
     the covariance of x_P given the kept inputs, (Cov^-1)_PP^-1 (an optimal-brain-surgeon score). Readers
-    without X^T X (a residual-stream channel read by many layers) use the per-column diagonal.
+    without X^T X (a residual-stream channel read by many layers) use the per-column diagonal. "obs" is
+    that last score on every reader, whatever the compensation (see the module docstring).
     """
 
     absolute = True  # scores share one unit across layers: select compares them raw
 
     def __init__(self, criterion: str, readers: list[Reader], compensate: str | bool = False):
-        if criterion not in ("wanda", "flap"):
+        if criterion not in ("wanda", "flap", "obs"):
             raise ValueError(f"unknown calibrated criterion {criterion!r}")
         self.criterion, self.readers, self.compensate = criterion, readers, compensate or "none"
 
@@ -173,6 +192,8 @@ class CalibratedImportance:
             if self.criterion == "wanda":
                 col = (w.abs().mean(0) * (r.s2 / r.n).sqrt()).numpy()
             elif r.gram is None:
+                if self.criterion == "obs":
+                    raise ValueError(f"importance='obs' needs X^T X of {r.module or r.weight}: collect(grams=True)")
                 moment = r.s2 / r.n if self.compensate == "none" else r.var
                 col = (moment * (w * w).sum(0)).numpy()
             else:
@@ -188,7 +209,7 @@ class CalibratedImportance:
         cov = second - torch.outer(r.mean, r.mean)
         moment = second if self.compensate == "none" else cov
         precision = None
-        if self.compensate == "ls":
+        if self.compensate == "ls" or self.criterion == "obs":
             lam = RIDGE * float(cov.diagonal().mean().clamp_min(1e-12))
             precision = torch.linalg.inv(cov + lam * torch.eye(len(cov), dtype=cov.dtype))
         out = np.zeros(len(r.columns))
@@ -199,9 +220,15 @@ class CalibratedImportance:
             cols = torch.from_numpy(order[lo:hi])
             if not an.prunable[comps[order[lo]]]:
                 continue
-            block = torch.linalg.inv(precision[cols][:, cols]) if precision is not None else moment[cols][:, cols]
+            if precision is None:
+                block = moment[cols][:, cols]
+            else:
+                block = torch.linalg.inv(precision[cols][:, cols])
+                if self.criterion == "obs":  # less what the ridge adds: the error of the update ls makes
+                    a = block @ precision[cols]  # [I, A] over (P, K), A the ls coefficients
+                    block = block - lam * (a @ a.T)
             m = w[:, cols]
-            out[order[lo]] = float(((m @ block) * m).sum())
+            out[order[lo]] = max(float(((m @ block) * m).sum()), 0.0)
         return out
 
 
@@ -250,6 +277,8 @@ def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: d
 def _back_to_layout(w: torch.Tensor, like: torch.Tensor, r: Reader) -> torch.Tensor:
     if r.kind == "conv1d_hf":
         w = w.T
+    elif r.kind == "conv":  # undo _weight_columns: [out * taps, in] -> [out, in, *kernel]
+        w = w.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
     return w.to(like.dtype).contiguous()
 
 

@@ -2,7 +2,7 @@
 squares), filled from ONNX Runtime runs that also return every reading layer's input.
 
 Readers are the nodes that read channels through a weight initializer: Conv without groups, Gemm and
-MatMul with a 2-d weight. Their scores are the same Wanda / FLAP criteria as for PyTorch models.
+MatMul with a 2-d weight. Their scores are the same Wanda / FLAP / OBS criteria as for PyTorch models.
 """
 
 from __future__ import annotations
@@ -44,14 +44,16 @@ def readers_of(loaded) -> list[tuple[Reader, str]]:
     return found
 
 
-def collect(loaded, batches: list[dict[str, np.ndarray]], progress=None) -> list[Reader]:
+def collect(loaded, batches: list[dict[str, np.ndarray]], progress=None, grams: bool = False) -> list[Reader]:
     """Run the batches through the original model (not yet edited: planning comes before the backend) once
-    and gather every reader's input statistics."""
+    and gather every reader's input statistics (and X^T X with grams=True, for importance="obs")."""
     from ..ir.from_onnx import check_feeds, session_returning
 
     if not batches:
         raise UsageError("calibration is empty: give at least one batch of inputs")
     pairs = readers_of(loaded)
+    for reader, _ in pairs:
+        reader.want_gram = grams
     model = loaded.og.model
     sess = session_returning(model, sorted({name for _, name in pairs}))
     started = time.perf_counter()

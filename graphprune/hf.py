@@ -1,0 +1,72 @@
+"""Hugging Face integration: HESSO inside a transformers Trainer run.
+
+    trainer = Trainer(model, args, train_dataset=ds,
+                      callbacks=[graphprune.hf.HESSOCallback(example_inputs, target_params=0.7,
+                                                             start_step=100, pruning_steps=400)])
+    trainer.train()
+    slim = trainer.callback_handler.callbacks[-1].hesso.slim()     # or keep the callback object
+
+The callback wraps the optimizer the Trainer built (its param groups, weight decay and scheduler stay as they
+are) through torch's optimizer step hooks, so HESSO acts exactly when the Trainer's optimizer steps: not on
+accumulation micro-steps, not on steps the fp16 GradScaler skips. HESSO's own state (schedule, chosen units,
+scores) is written beside each checkpoint as hesso.pt and read back when training resumes from one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .files import atomic_write
+from .train import HESSO
+
+STATE_FILE = "hesso.pt"
+
+
+class HESSOCallback(TrainerCallback):
+    """Builds graphprune.HESSO on the Trainer's model and optimizer when training begins.
+
+    Args:
+        example_inputs: one batch of model inputs (a dict such as {"input_ids": ..., "attention_mask": ...}).
+        **options: HESSO's arguments (target_flops or target_params, start_step, pruning_steps, ...).
+    """
+
+    def __init__(self, example_inputs: Any, **options: Any):
+        self.example_inputs, self.options = example_inputs, options
+        self.hesso: HESSO | None = None
+        self._before = None
+        self._hooks: list[Any] = []
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        base = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        if self.hesso is None or self.hesso.base is not base:
+            for h in self._hooks:
+                h.remove()
+            self.hesso = HESSO(model, self.example_inputs, base, **self.options)
+            self._hooks = [base.register_step_pre_hook(self._pre), base.register_step_post_hook(self._post)]
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if state.global_step > 0 and os.path.isfile(saved):
+            self.hesso.load_state_dict(torch.load(saved, weights_only=True))
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        self._before = self.hesso.before_step()
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        self.hesso.after_step(self._before)
+        self._before = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.hesso is not None and state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                import io
+
+                buf = io.BytesIO()
+                torch.save(self.hesso.state_dict(), buf)
+                atomic_write(os.path.join(folder, STATE_FILE), buf.getvalue())
+
+
+__all__ = ["HESSOCallback"]
