@@ -154,22 +154,26 @@ def fit(model, train, test, epochs, recipe, seed, opt=None, after_backward=None)
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 10) -> float:
-    model.eval()
-    for _ in range(warmup):
-        model(x)
-    times = []
+def latencies_ms(models: list[nn.Module], x: torch.Tensor, runs: int = 30, warmup: int = 10) -> list[float]:
+    """Median forward time of each model; the models take turns, so load changes on the machine hit all alike."""
+    for m in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+        for m, t in zip(models, times):
+            t0 = time.perf_counter()
+            m(x)
+            t.append(time.perf_counter() - t0)
+    return [1000.0 * statistics.median(t) for t in times]
 
 
 def measure(model, ctx, curve, started, **extra) -> dict:
+    """Accuracy, FLOPs ratio and curve; latency is timed later, for all of a seed's models together."""
     flops = graphprune.count_flops(model, ctx["example"]) / ctx["dense_flops"]
-    return dict(acc=accuracy(model, ctx["test"]), flops=flops, lat=latency_ms(model, ctx["test"][0][:64]),
-                curve=curve, seconds=time.perf_counter() - started, **extra)
+    return dict(acc=accuracy(model, ctx["test"]), flops=flops, model=model, curve=curve,
+                seconds=time.perf_counter() - started, **extra)
 
 
 # ----- methods -----------------------------------------------------------------------------------------
@@ -314,10 +318,13 @@ def run_dataset(name, epochs, seeds, methods) -> dict:
                 add(target, method, r)
                 extra = "".join(f", {k} {r[k]:.3g}" for k in ("pruned_acc", "trained_acc", "slim_diff", "tp_ratio")
                                 if k in r)
-                say(f"[{name} seed {seed}] {target} {method}: {r['acc']:.2f}%, FLOPs {r['flops']:.3f}, "
-                    f"{r['lat']:.2f} ms{extra} ({r['seconds']:.0f} s)")
+                say(f"[{name} seed {seed}] {target} {method}: {r['acc']:.2f}%, FLOPs {r['flops']:.3f}{extra} "
+                    f"({r['seconds']:.0f} s)")
                 if "status" in r:
                     say(f"    hesso status: {r['status']}")
+        rows = [rs[-1] for rs in results.values()]
+        for r, ms in zip(rows, latencies_ms([r.pop("model") for r in rows], test[0][:64])):
+            r["lat"] = ms
     return results
 
 

@@ -97,6 +97,7 @@ class HESSO(torch.optim.Optimizer):
             raise UsageError("the model has no prunable units outside `ignore` (plan.explain() on graphprune.plan "
                              "with the same arguments says why each was kept whole)")
         self._check_optimizer()
+        run([Score(), Select()], self._job(self.ratio, self.candidates.astype(np.float64)))  # BudgetError now, not later
         self.saliency = Saliency(self.slices)
         self.step_count = 0
         self.decisions = 0  # decisions taken so far
@@ -149,6 +150,11 @@ class HESSO(torch.optim.Optimizer):
     @torch.no_grad()
     def before_step(self) -> dict[str, torch.Tensor] | None:
         """Zero the gradients of units already at zero; keep what the saliency's update direction needs."""
+        name = next(iter(self.slices.axes))
+        if self.module.get_parameter(name) is not self.params_by_name[name]:
+            raise UsageError(f"the model's parameter {name} was replaced after HESSO was built (FSDP sharding, or "
+                             "a reload that assigns new tensors): build HESSO on the model as it trains; FSDP is "
+                             "not supported, use DistributedDataParallel")
         for name, mask in self.held.items():
             g = self.params_by_name[name].grad
             if g is not None:

@@ -258,10 +258,18 @@ def test_transformer_heads_and_gqa_groups_train_into_an_exact_slim_model():
     with torch.no_grad():
         ref, got = model(input_ids=other).logits, slim(input_ids=other).logits
     assert float((got - ref).norm() / ref.norm()) <= 1e-5
-    kept_kv = {m.k_proj.out_features for m in (layer.self_attn for layer in slim.model.layers)}
-    kept_heads = {m.q_proj.out_features for m in (layer.self_attn for layer in slim.model.layers)}
-    widths = {layer.mlp.up_proj.out_features for layer in slim.model.layers}
-    assert max(widths) < 128 or max(kept_kv) < 32 or max(kept_heads) < 64 or slim.model.norm.weight.numel() < 64
+    attention = [layer.self_attn for layer in slim.model.layers]
+    assert any(a.k_proj.out_features < 32 for a in attention), "no KV group was removed"
+    assert all(a.q_proj.out_features == 2 * a.k_proj.out_features for a in attention)  # whole GQA groups go
+    assert slim.model.norm.weight.numel() < 64 and max(layer.mlp.up_proj.out_features for layer in slim.model.layers) < 128
+
+
+def test_an_unreachable_budget_is_refused_before_training():
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    with pytest.raises(graphprune.BudgetError, match="out of reach"):
+        graphprune.HESSO(model, {"input_ids": ids}, torch.optim.AdamW(model.parameters()), target_params=0.8,
+                         ignore=["model.embed_tokens", "model.layers.0.mlp", "model.layers.1.mlp"])
 
 
 def test_hf_trainer_callback_prunes_a_bert_run(tmp_path):
@@ -298,3 +306,39 @@ def test_hf_trainer_callback_prunes_a_bert_run(tmp_path):
                                    train_dataset=rows, callbacks=[again])
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-5"))
     assert again.hesso.step_count == 12 and np.array_equal(again.hesso.gone, opt.gone)
+
+
+FSDP = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist, graphprune
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from graphprune.demo import DigitsNet
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    x = torch.randn(2, 1, 8, 8)
+    model = DigitsNet()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    try:
+        graphprune.HESSO(model, x, torch.optim.SGD(model.parameters(), lr=0.1), target_flops=0.5)
+    except graphprune.UsageError as exc:
+        assert "FSDP" in str(exc), exc
+    else:
+        sys.exit("FSDP before HESSO was not refused")
+    model = DigitsNet()
+    opt = graphprune.HESSO(model, x, torch.optim.SGD(model.parameters(), lr=0.1), target_flops=0.5, start_step=5)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    try:
+        opt.step()
+    except graphprune.UsageError as exc:
+        assert "replaced after HESSO was built" in str(exc), exc
+    else:
+        sys.exit("FSDP after HESSO was not refused")
+    dist.destroy_process_group()
+""")
+
+
+def test_fsdp_is_refused_with_the_way_out(tmp_path):
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(28500 + os.getpid() % 1000))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
