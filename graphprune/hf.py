@@ -14,6 +14,7 @@ scores) is written beside each checkpoint as hesso.pt and read back when trainin
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -62,8 +63,6 @@ class HESSOCallback(TrainerCallback):
         if self.hesso is not None and state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
-                import io
-
                 buf = io.BytesIO()
                 torch.save(self.hesso.state_dict(), buf)
                 atomic_write(os.path.join(folder, STATE_FILE), buf.getvalue())
