@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--target-flops", type=_ratio, metavar="R", help="fraction of the FLOPs to keep, in (0, 1]")
     budget.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the parameters to keep")
     budget.add_argument("--plan", metavar="PLAN.json", help="apply this plan (graphprune plan JSON) instead")
-    prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random", "wanda", "flap"],
-                       help="how channels are ranked (default: %(default)s; wanda and flap read --calibration)")
+    prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random", "wanda", "flap", "obs"],
+                       help="how channels are ranked (default: %(default)s; wanda, flap and obs read --calibration)")
     prune.add_argument("--round-to", type=_round_to, default="auto", metavar="N",
                        help="keep every layer's width a multiple of N, which kernels run fastest (default: "
                             "%(default)s: multiples of 8 for layers of 32 channels or more, exact below; 1 keeps "

@@ -3,7 +3,8 @@ batches, and the importance and compensation built on them.
 
 Forward pre-hooks on every layer that reads channels through a weight (nn.Linear, transformers' Conv1D,
 convolutions without groups) accumulate, per input column: the count, sum x and sum x^2; and X^T X for
-layers whose removed inputs can be compensated (the layer is the only reader of those channels).
+layers whose removed inputs can be compensated (the layer is the only reader of those channels), or for
+every reader with importance="obs".
 
 Criteria (higher = keep), all in units of the reading layer's output, so they compare across layers:
   wanda: mean_i |W_ij| * rms(x_j)            (Wanda, structured: summed over a channel's columns)
@@ -24,11 +25,15 @@ obs (structured Optimal Brain Surgeon: SPA / OBSPA, ZipLM, SlimGPT), the error l
   so compensate=True reuses that code. err(P) = tr(W_P [(S^-1)_PP]^-1 W_P^T) is _errors' ls branch: one
   implementation; "obs" differs from flap in collecting X^T X for every reader (multi-reader channels and
   convolutions too: one float64 C_in x C_in matrix per reader, fine for CNNs and small transformers, not for
-  billion-parameter LLMs) and in scoring this way whatever `compensate` is. Both sides use the same ridge
-  (RIDGE x mean input variance), so they agree up to it. A component's columns in one reader are removed
-  together (a head's head_dim columns: the block form). Convolutions take each pixel's channel vector as a
-  sample with the kernel taps as extra output rows: spatial correlations between neighbouring pixels are
-  not modelled, and zero padding sees the bias shift too.
+  billion-parameter LLMs), in scoring this way whatever `compensate` is, and in taking out what the ridge
+  adds: with M = (S + lam I)^-1, [M_PP]^-1 = S_PP + lam I - S_PK (S_KK + lam I)^-1 S_KP, and the error
+  of ls's ridge update is that less lam (I + A A^T), A = [M_PP]^-1 M_PK (the plain dampened score
+  overstates it by about lam ||W_P||^2, a magnitude term that swamps small conditional variances). Each
+  component is scored with the others kept (one-shot OBS, no re-scoring as neighbours go). Its columns in
+  one reader go together (a head's head_dim columns: the block form). Convolutions take each pixel's
+  channel vector as a sample, kernel taps as extra output rows: spatial correlations between neighbouring
+  pixels are not modelled, and zero padding sees the bias shift too. With X^T X, ls also rewrites a
+  convolution that is its channels' only reader (the same A at every pixel and kernel tap).
 """
 
 from __future__ import annotations
@@ -224,8 +229,8 @@ class CalibratedImportance:
                 block = moment[cols][:, cols]
             else:
                 block = torch.linalg.inv(precision[cols][:, cols])
-                if self.criterion == "obs":  # less what the ridge adds: the error of the update ls makes
-                    a = block @ precision[cols]  # [I, A] over (P, K), A the ls coefficients
+                if self.criterion == "obs":  # less what the ridge adds: the error of ls's ridge update
+                    a = block @ precision[cols]  # [I, A] over (P, K): a @ a.T = I + A A^T
                     block = block - lam * (a @ a.T)
             m = w[:, cols]
             out[order[lo]] = max(float(((m @ block) * m).sum()), 0.0)
