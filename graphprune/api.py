@@ -93,17 +93,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         scorer = TaylorImportance(model, calibration, loss_fn)
     else:
         scorer = None if importance in CALIBRATED else get_importance(importance)
-    ignored = _resolve_ignore(model, ignore)
-    graph, _ = _tracer(tracer)(model, example_inputs)
-    an = analyze(graph, allow_lossy=allow_lossy)
-    keep = _ignored_components(an, ignored)
-    lockstep = None
-    if uniform:
-        from .ir.hf_config import probe
-        from .passes.uniform import lockstep_groups
-
-        lockstep, whole = lockstep_groups(an, probe(model))
-        keep = whole if keep is None else keep | whole
+    an, keep, lockstep = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
     tensors = named_tensors(model)
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs"))
     readers = collect(model, an, calibration, tensors, grams=importance == "obs") if needs_readers else []
@@ -123,6 +113,24 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     result.inputs, result._example_inputs = input_specs(example_inputs), example_inputs
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
+
+
+def analyse(model: torch.nn.Module, example_inputs: Any, ignore: Any, uniform: bool, allow_lossy: bool,
+            tracer: str) -> tuple[Analysis, np.ndarray | None, list[list[int]] | None]:
+    """The channel analysis, the components kept whole (ignore=, uniform's inexpressible widths) and the
+    families that move in lockstep (uniform=True): what plan() and HESSO select from."""
+    ignored = _resolve_ignore(model, ignore)
+    graph, _ = _tracer(tracer)(model, example_inputs)
+    an = analyze(graph, allow_lossy=allow_lossy)
+    keep = _ignored_components(an, ignored)
+    lockstep = None
+    if uniform:
+        from .ir.hf_config import probe
+        from .passes.uniform import lockstep_groups
+
+        lockstep, whole = lockstep_groups(an, probe(model))
+        keep = whole if keep is None else keep | whole
+    return an, keep, lockstep
 
 
 def _plan_with_depth(model, example_inputs, kind: str, ratio: float, depth: int, options: dict) -> PruningPlan:

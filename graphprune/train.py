@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import _ignored_components, _resolve_ignore, _tracer
-from .analysis.channels import analyze
+from .api import analyse
 from .errors import UsageError
 from .ir.inputs import input_specs
 from .passes.hesso import NEEDS_UPDATE, Saliency, Schedule, Slices, term_weights
@@ -73,20 +72,13 @@ class HESSO(torch.optim.Optimizer):
         self.process_group = process_group
         self._init_optimizer_hooks()
 
-        graph, _ = _tracer(tracer)(self.module, example_inputs)
-        self.an = an = analyze(graph, allow_lossy=allow_lossy)
+        self.an, self.keep, self.lockstep = analyse(self.module, example_inputs, ignore, uniform, allow_lossy, tracer)
+        an = self.an
         self.tensors = named_tensors(self.module)
-        self.keep = _ignored_components(an, _resolve_ignore(self.module, ignore))
-        self.lockstep = None
-        if uniform:
-            from .ir.hf_config import probe
-            from .passes.uniform import lockstep_groups
-
-            self.lockstep, whole = lockstep_groups(an, probe(self.module))
-            self.keep = whole if self.keep is None else self.keep | whole
         self.example_inputs = example_inputs
-        self.target = {"importance": importance if isinstance(importance, (str, dict)) else "callable", "uniform": uniform, "hesso": {
-            "start_step": start_step, "pruning_steps": pruning_steps, "pruning_periods": pruning_periods}}
+        self.target = {"importance": importance if isinstance(importance, (str, dict)) else "callable",
+                       "uniform": uniform, "hesso": {"start_step": start_step, "pruning_steps": pruning_steps,
+                                                     "pruning_periods": pruning_periods}}
         costs = Job(an, self.tensors, self.kind, self.ratio, None, self.target)
         CostModels()(costs)
         self.flops, self.params = costs.flops, costs.params

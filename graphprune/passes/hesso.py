@@ -56,7 +56,7 @@ class Slices:
     def __init__(self, an: Analysis, params: dict[str, torch.Tensor]):
         self.n = int(an.component.max()) + 1
         self.axes: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for name, t in params.items():
+        for name in params:
             v = an.graph.params.get(name)
             if v is None or v.kind != "param":
                 continue
