@@ -9,8 +9,10 @@ every training phase, per-dataset LR and batch size):
 
 * dense:          E epochs.
 * gp-<imp>:       E/2 dense epochs, ``graphprune.prune(model, x, target_flops=R, importance=imp)`` with
-                  imp in l2, taylor (calibration (x, y) batches + loss_fn), obs (calibration x batches), then
-                  E/2 epochs of fine-tuning the slim model. The E/2-epoch dense model is shared by the rows.
+                  imp in l2, taylor (calibration (x, y) batches + loss_fn), obs (calibration x batches; 512
+                  training samples), and obs+ls (obs with compensate=True, the least-squares update that
+                  obs's score assumes), then E/2 epochs of fine-tuning the slim model. The E/2-epoch dense
+                  model is shared by these rows.
 * gp-hesso:       ``graphprune.HESSO`` around the same SGD for E epochs: dense warm-up E/4 epochs, pruning
                   periods over E/2 epochs, E/4 epochs holding the pruned channels at zero; the result is
                   ``opt.slim()`` (checked to compute what the trained model computes).
@@ -26,7 +28,8 @@ initialization and the data order, not the data. Everything runs on 2 torch thre
 
 Run (from the repository root):
 
-    .venv/bin/python benchmarks/bench_train.py             # 3 seeds, both datasets (~20 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py             # 3 seeds, both datasets, E = 10 (~4 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py --epochs 40 # a long budget: every method recovers (~12 min)
     .venv/bin/python benchmarks/bench_train.py --quick     # smoke run: 1 seed, 8 epochs, mnist1d, no files
 
 Prints the table; a full run writes it to benchmarks/results_train.md and the accuracy-per-epoch curves
@@ -53,11 +56,16 @@ import graphprune
 HERE = os.path.dirname(os.path.abspath(__file__))
 THREADS = 2
 TARGETS = (0.5, 0.3)
-IMPORTANCES = ("l2", "taylor", "obs")
+IMPORTANCES = ("l2", "taylor", "obs", "obs+ls")
 RECIPES = {"mnist1d": dict(lr=0.1, batch=128), "digits": dict(lr=0.05, batch=64)}
 TP_REG = 5e-4
 HESSO_PERIODS = 10
 CALIB_SAMPLES = 512
+NOTES = ("FLOPs by `graphprune.count_flops` for every model. Latency: batch 64, eval, no_grad, median of 30 runs (a "
+         "seed's models in turns) on 2 threads of a shared machine. 'after pruning' is the test accuracy right after "
+         "the cut (before fine-tuning); for gp-hesso the column compares `opt.slim()`'s accuracy with the trained "
+         "(zeroed, unsliced) model's and gives their largest logit difference over the test set and seeds. "
+         "gp-obs+ls: importance='obs' with compensate=True. Curves (mean over seeds): train_curves.png.")
 
 
 def say(*parts) -> None:
@@ -185,31 +193,41 @@ def run_dense(ctx, seed):
     return measure(model, ctx, curve, t0)
 
 
-def pretrain(ctx, seed):
-    """The E/2-epoch dense model the one-shot rows start from (shared by every importance and target)."""
+def first_half(ctx, seed, regularize=False):
+    """The E/2-epoch model that the two-phase rows start from, shared by their targets: dense (graphprune
+    one-shot) or trained with DepGraph's group-norm regularization after every backward (tp-groupnorm)."""
+    import torch_pruning as tp
     t0 = time.perf_counter()
-    model = make_model(ctx["name"], seed)
-    curve = fit(model, ctx["train"], ctx["test"], ctx["E"] // 2, ctx["recipe"], seed)
+    model, hook = make_model(ctx["name"], seed), None
+    if regularize:
+        pruner = tp.pruner.GroupNormPruner(model, ctx["example"], tp.importance.GroupMagnitudeImportance(p=2),
+                                           reg=TP_REG, global_pruning=True, ignored_layers=[model.fc])
+        pruner.update_regularizer()
+        hook = lambda: pruner.regularize(model)  # noqa: E731
+    curve = fit(model, ctx["train"], ctx["test"], ctx["E"] // 2, ctx["recipe"], seed, after_backward=hook)
     return model, curve, time.perf_counter() - t0
 
 
-def run_oneshot(ctx, seed, pre, target, importance):
-    model, pre_curve, pre_seconds = pre
+def second_half(ctx, seed, start, slim, t0, **extra):
+    """Fine-tune the pruned model for the other E/2 epochs and measure it (wall time includes the first half)."""
+    pruned = accuracy(slim, ctx["test"])
+    curve = fit(slim, ctx["train"], ctx["test"], ctx["E"] - ctx["E"] // 2, ctx["recipe"], seed + 1)
+    result = measure(slim, ctx, start[1] + curve, t0, pruned_acc=pruned, **extra)
+    result["seconds"] += start[2]
+    return result
+
+
+def run_oneshot(ctx, seed, start, target, importance):
     t0 = time.perf_counter()
-    x, y = ctx["train"]
-    bs = ctx["recipe"]["batch"]
+    (x, y), bs = ctx["train"], ctx["recipe"]["batch"]
     calib = [(x[i:i + bs], y[i:i + bs]) for i in range(0, min(len(x), CALIB_SAMPLES), bs)]
-    options = dict(target_flops=target, importance=importance)
+    importance, _, ls = importance.partition("+")
+    options = dict(target_flops=target, importance=importance, compensate=bool(ls))
     if importance == "taylor":
         options.update(calibration=calib, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     elif importance == "obs":
         options.update(calibration=[b[0] for b in calib])
-    slim = graphprune.prune(model, ctx["example"], **options)
-    pruned = accuracy(slim, ctx["test"])
-    curve = fit(slim, ctx["train"], ctx["test"], ctx["E"] - ctx["E"] // 2, ctx["recipe"], seed + 1)
-    result = measure(slim, ctx, pre_curve + curve, t0, pruned_acc=pruned)
-    result["seconds"] += pre_seconds
-    return result
+    return second_half(ctx, seed, start, graphprune.prune(start[0], ctx["example"], **options), t0)
 
 
 def run_hesso(ctx, seed, target):
@@ -227,19 +245,6 @@ def run_hesso(ctx, seed, target):
         model.eval(), slim.eval()
         diff = float((model(ctx["test"][0]) - slim(ctx["test"][0])).abs().max())
     return measure(slim, ctx, curve, t0, trained_acc=trained_acc, slim_diff=diff, status=status)
-
-
-def tp_regularized(ctx, seed):
-    """E/2 epochs of DepGraph sparse learning (group-norm regularization); shared by both targets."""
-    import torch_pruning as tp
-    t0 = time.perf_counter()
-    model = make_model(ctx["name"], seed)
-    pruner = tp.pruner.GroupNormPruner(model, ctx["example"], tp.importance.GroupMagnitudeImportance(p=2),
-                                       reg=TP_REG, global_pruning=True, ignored_layers=[model.fc])
-    pruner.update_regularizer()
-    curve = fit(model, ctx["train"], ctx["test"], ctx["E"] // 2, ctx["recipe"], seed,
-                after_backward=lambda: pruner.regularize(model))
-    return model, curve, time.perf_counter() - t0
 
 
 def tp_prune_to(model, ctx, target, trials: int = 14):
@@ -265,15 +270,10 @@ def tp_prune_to(model, ctx, target, trials: int = 14):
     return best, hi
 
 
-def run_tp(ctx, seed, reg, target):
-    model, reg_curve, reg_seconds = reg
+def run_tp(ctx, seed, start, target):
     t0 = time.perf_counter()
-    slim, ratio = tp_prune_to(model, ctx, target)
-    pruned = accuracy(slim, ctx["test"])
-    curve = fit(slim, ctx["train"], ctx["test"], ctx["E"] - ctx["E"] // 2, ctx["recipe"], seed + 1)
-    result = measure(slim, ctx, reg_curve + curve, t0, pruned_acc=pruned, tp_ratio=ratio)
-    result["seconds"] += reg_seconds
-    return result
+    slim, ratio = tp_prune_to(start[0], ctx, target)
+    return second_half(ctx, seed, start, slim, t0, tp_ratio=ratio)
 
 
 # ----- the benchmark -----------------------------------------------------------------------------------
@@ -282,6 +282,10 @@ def available_methods() -> list[str]:
     methods = ["dense"]
     x = torch.randn(4, 1, 40)
     for imp in IMPORTANCES:
+        if "+" in imp:
+            if f"gp-{imp.partition('+')[0]}" in methods:
+                methods.append(f"gp-{imp}")
+            continue
         try:
             graphprune.plan(MNIST1DNet(), x[:1], target_flops=0.5, importance=imp, calibration=[x],
                             loss_fn=lambda m, b: m(b).sum())
@@ -305,8 +309,8 @@ def run_dataset(name, epochs, seeds, methods) -> dict:
         r = run_dense(ctx, seed)
         add(1.0, "dense", r)
         say(f"[{name} seed {seed}] dense: {r['acc']:.2f}% ({r['seconds']:.0f} s)")
-        pre = pretrain(ctx, seed) if any(m.startswith("gp-") and m != "gp-hesso" for m in methods) else None
-        reg = tp_regularized(ctx, seed)
+        pre = first_half(ctx, seed) if any(m.startswith("gp-") and m != "gp-hesso" for m in methods) else None
+        reg = first_half(ctx, seed, regularize=True)
         for target in TARGETS:
             for method in methods[1:]:
                 if method == "gp-hesso":
@@ -338,12 +342,10 @@ def table(results) -> str:
     lines = ["| dataset | target | method | accuracy % (mean ± std) | FLOPs ratio | latency ms (batch 64) "
              "| after pruning, before fine-tune % | wall s per seed |", "|---|---|---|---|---|---|---|---|"]
     for (name, target, method), rs in results.items():
-        after = [r["pruned_acc"] for r in rs if "pruned_acc" in r]
+        after = pm([r["pruned_acc"] for r in rs]) if "pruned_acc" in rs[0] else ""
         if "trained_acc" in rs[0]:
-            after = "slim = trained model: " + ", ".join(
-                f"{r['acc']:.2f} / {r['trained_acc']:.2f} (max diff {r['slim_diff']:.1e})" for r in rs)
-        else:
-            after = pm(after) if after else ""
+            after = (f"slim() {pm([r['acc'] for r in rs])}, trained model {pm([r['trained_acc'] for r in rs])}; "
+                     f"max logit diff {max(r['slim_diff'] for r in rs):.1e}")
         lines.append(f"| {name} | {'—' if target == 1.0 else target} | {method} | {pm([r['acc'] for r in rs])} | "
                      f"{pm([r['flops'] for r in rs], '{:.3f}')} | {pm([r['lat'] for r in rs], '{:.3f}')} | "
                      f"{after} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
@@ -374,28 +376,27 @@ def plot(results, path: str) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    import subprocess
+
     import torch_pruning as tp
-    return (f"{cpu}, {os.cpu_count()} CPUs, {THREADS} torch threads; torch {torch.__version__}, torch-pruning "
-            f"{tp.__version__}, Python {platform.python_version()}; load average at start {os.getloadavg()[0]:.2f}")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return (f"graphprune: the working tree at run time, on git {head.stdout.strip() or '?'}; "
+            f"{os.cpu_count()} CPUs ({platform.machine()}), {THREADS} torch threads; torch {torch.__version__}, "
+            f"torch-pruning {tp.__version__}, Python {platform.python_version()}; load average at start "
+            f"{os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 8 epochs, mnist1d only, writes no files")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
-    ap.add_argument("--epochs", type=int, default=None, help="total epochs E per row (default 24, quick 8)")
+    ap.add_argument("--epochs", type=int, default=None, help="total epochs E per row (default 10, quick 8)")
     ap.add_argument("--datasets", nargs="+", choices=sorted(RECIPES), default=None)
     ap.add_argument("--out", default=None, help="markdown output (default benchmarks/results_train.md; none if quick)")
     ap.add_argument("--png", default=None, help="curves output (default benchmarks/train_curves.png; none if quick)")
     args = ap.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
-    epochs = args.epochs or (8 if args.quick else 24)
+    epochs = args.epochs or (8 if args.quick else 10)
     datasets = args.datasets or (["mnist1d"] if args.quick else ["mnist1d", "digits"])
     out = args.out or (None if args.quick else os.path.join(HERE, "results_train.md"))
     png = args.png or (None if args.quick else os.path.join(HERE, "train_curves.png"))
@@ -413,18 +414,15 @@ def main(argv=None) -> None:
         command = "benchmarks/bench_train.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
         with open(out, "w") as f:
             f.write(f"# Training-aware pruning quality (bench_train.py)\n\n`.venv/bin/python {command}` — "
-                    f"{time.strftime('%Y-%m-%d %H:%M')}, {minutes:.1f} min in all\n\n{host}\n\n"
+                    f"{time.strftime('%Y-%m-%d %H:%M')}, {minutes:.1f} min in all\n\n{host}, at end "
+                    f"{os.getloadavg()[0]:.2f} (other people's jobs share the machine: wall times vary)\n\n"
                     f"{seeds} seeds (mean ± std; they change init and data order), E = {epochs} epochs for every "
                     f"row; recipes {RECIPES} (SGD, momentum 0.9, Nesterov, weight decay 5e-4, cosine LR per "
                     f"phase). One-shot and tp-groupnorm: E/2 = {epochs // 2} epochs (dense / regularized, reg "
                     f"{TP_REG}) + {epochs - epochs // 2} fine-tune epochs; gp-hesso: warm-up {epochs // 4} epochs, "
                     f"{min(HESSO_PERIODS, epochs // 2)} pruning periods over {epochs // 2} epochs, the rest held. "
                     f"Methods not listed were unavailable (see the run's notes).\n\n{text}\n\n"
-                    "FLOPs by `graphprune.count_flops` for every model. Latency: batch 64, eval, no_grad, median "
-                    "of 30 runs on 2 threads of a shared machine. 'after pruning' is the test accuracy right "
-                    "after the cut (before fine-tuning); for gp-hesso the column compares `opt.slim()`'s "
-                    "accuracy with the trained model's, per seed, and their largest logit difference. Curves: "
-                    "train_curves.png.\n")
+                    f"{NOTES}\n")
     if png:
         plot(results, png)
 

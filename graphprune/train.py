@@ -203,9 +203,8 @@ class HESSO(torch.optim.Optimizer):
     def _decide(self) -> None:
         k = self.decisions
         ratio = self.schedule.ratio(k, self.ratio)
-        scores = self._scores()
-        scores[self.gone] = 0.0  # units already chosen rank first
-        job = self._job(ratio, scores)
+        job = self._job(ratio, self._scores())
+        job.force = self.gone
         run([Score(), Select()], job)
         chosen = self.gone.copy()
         chosen[job.removed] = True

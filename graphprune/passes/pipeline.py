@@ -42,6 +42,7 @@ class Job:
     max_ratio: float = 0.9
     keep: np.ndarray | None = None  # components kept whole (ignore=, uniform's inexpressible widths)
     lockstep: list[list[int]] | None = None  # families that lose the same widths (uniform=True)
+    force: np.ndarray | None = None  # components removed already (HESSO's earlier decisions), taken first
     flops: CostModel | None = None
     params: CostModel | None = None
     scores: np.ndarray | None = None
@@ -112,7 +113,7 @@ class Select(Pass):
         job.removed = select(job.an, job.scores, job.budget, job.ratio, max_ratio=job.max_ratio,
                              round_to=job.round_to, keep=job.keep, lockstep=job.lockstep, budget_name=name,
                              mass=weight_slices_per_component(job.an),
-                             normalize=not getattr(job.scorer, "absolute", False))
+                             normalize=not getattr(job.scorer, "absolute", False), force=job.force)
         achieved = job.budget.total(job.removed) / max(job.budget.total(), 1e-300)
         if job.ratio - achieved > MISS:
             note = (f"landed at {achieved:.3f} of the {name} for a target of {job.ratio:.3f}: the units left to "

@@ -42,12 +42,15 @@ _FILL_LIMIT = 4096  # units examined at most for the last picks
 def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: float, *,
            max_ratio: float = 1.0, round_to: int | str | None = None, keep: np.ndarray | None = None,
            budget_name: str = "FLOPs", mass: np.ndarray | None = None,
-           lockstep: list[list[int]] | None = None, normalize: bool = True) -> np.ndarray:
+           lockstep: list[list[int]] | None = None, normalize: bool = True,
+           force: np.ndarray | None = None) -> np.ndarray:
     """Return the ids of the components to remove.
 
     lockstep: groups of family indices that lose the same number of channels (uniform widths, see
     passes/uniform.py); families in no group move alone. normalize=False compares raw
-    importance across families (for scores already on one scale, such as calibration-based ones)."""
+    importance across families (for scores already on one scale, such as calibration-based ones).
+    force: components removed already (HESSO's earlier decisions, a bool per component): each family takes
+    them first, and the units holding them rank before every other unit."""
     base = cost.total()
     if base <= 0:
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
@@ -60,6 +63,9 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     for f, (fams, n_all) in enumerate(_lockstep_groups(an, keep, lockstep)):
         # unit j of a group is the j-th least important component of each member family
         norms = [_normalized(importance[fam].astype(np.float64), mass, fam, normalize) for fam in fams]
+        if force is not None:
+            for norm, fam in zip(norms, fams):
+                norm[force[fam]] = -1.0  # below any importance: first in the family's order
         orders = [np.argsort(norm, kind="stable") for norm in norms]
         n_free = len(fams[0])
         limit = min(n_free, n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
@@ -76,6 +82,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         thinning = n_all / np.maximum(n_all - starts - chunk / 2, 1)
         with np.errstate(divide="ignore"):
             score = np.where(chunk_saving > 0, thinning * chunk_norm / np.maximum(chunk_saving, 1e-300), np.inf)
+        if force is not None:
+            score[np.add.reduceat(force[taken].any(axis=1).astype(np.int64), starts) > 0] = -1.0
         score = np.maximum.accumulate(score)  # keep the family's own order
         finite = np.isfinite(score)
         scores.append(score[finite])
@@ -119,7 +127,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         log.info("multiples of %d land %.3f under the target: exact widths instead", AUTO_ROUND,
                  (target - cost.total(chosen)) / base)
         return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
-                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize)
+                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
