@@ -1,5 +1,5 @@
 """Command line: ``graphprune prune IN.onnx -o OUT.onnx --target-flops R``, ``graphprune inspect IN.onnx``,
-``graphprune bench A.onnx B.onnx``, ``graphprune demo``, ``graphprune version``.
+``graphprune bench A.onnx B.onnx``, ``graphprune inspect-hf MODEL_DIR``, ``graphprune demo``, ``graphprune version``.
 
 Exit codes: 0 success, 2 usage error (a bad argument, a missing input file or output directory), 1 any
 other error; errors are one line on stderr with a hint (``--debug`` shows the traceback). Only argument
@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
                                          "FLOPs and parameters, and the channels kept whole with the reasons.")
     inspect.add_argument("input", help="the .onnx file")
 
+    inspect_hf = sub.add_parser(
+        "inspect-hf", help="what could be pruned in a Hugging Face LLM, from its config.json alone",
+        description="Read a Hugging Face model directory's config.json (weights are never read, so they need not "
+                    "be downloaded) and show the prunable groups and their widths per layer role, FLOPs per token "
+                    "and parameters (total and per role), and the channels kept whole with the reasons.")
+    inspect_hf.add_argument("input", metavar="MODEL_DIR", help="a directory holding config.json (or the file itself)")
+    inspect_hf.add_argument("--seq-len", type=_positive, default=128, metavar="N",
+                            help="tokens in the traced forward; FLOPs per token include attention at this "
+                                 "length (default: %(default)s)")
+
     bench = sub.add_parser("bench", help="ONNX Runtime latency of ONNX models side by side",
                            description="Time ONNX models in ONNX Runtime on the CPU (fixed threads, warm-up, "
                                        "median and p90 over the runs, the same input for all) and show their "
@@ -87,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                              type=_input_shape, help="shape for an input with unknown dimensions (repeatable)")
 
     version = sub.add_parser("version", help="print the version", description="Print graphprune's version.")
-    for command in (demo, prune, inspect, bench, version):  # --debug works before or after the command name
+    for command in (demo, prune, inspect, inspect_hf, bench, version):  # --debug works before or after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -159,6 +169,11 @@ def _run(args) -> None:
 
         demo.run(target_flops=args.target_flops, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                  seed=args.seed)
+        return
+    elif args.command == "inspect-hf":
+        from .hf_inspect import inspect_pretrained
+
+        print(inspect_pretrained(args.input, seq_len=args.seq_len))
         return
     from . import onnx as gonnx
 

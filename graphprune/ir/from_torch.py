@@ -41,10 +41,12 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 
 def zero_buffers(model: torch.nn.Module) -> set[str]:
     """Buffers that are exactly zero in every instance the model's code builds: all zeros and
-    non-persistent, so no load_state_dict can change them (EVA's k_bias)."""
+    non-persistent, so no load_state_dict can change them (EVA's k_bias). A buffer on the meta device (a model
+    built without weights) holds no values, so it is never taken for zero."""
     transient = {f"{prefix}.{leaf}" if prefix else leaf for prefix, m in model.named_modules()
                  for leaf in m._non_persistent_buffers_set}
-    return {name for name, b in model.named_buffers() if name in transient and b.numel() and not bool(b.any())}
+    return {name for name, b in model.named_buffers() if name in transient and b.numel() and not b.is_meta
+            and not bool(b.any())}
 
 
 @contextlib.contextmanager
@@ -172,7 +174,9 @@ class _WholeOps(TorchFunctionMode):
 
 def _storage_key(t: torch.Tensor) -> int:
     try:
-        return t.untyped_storage().data_ptr()
+        storage = t.untyped_storage()
+        # meta tensors own no memory (every data_ptr is 0): their storage object itself tells them apart
+        return storage._cdata if t.is_meta else storage.data_ptr()
     except Exception:  # noqa: BLE001 - tensors without storage cannot alias
         return -1
 
