@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .errors import UsageError
 from .files import atomic_write
 from .train import HESSO
 
@@ -32,11 +33,13 @@ class HESSOCallback(TrainerCallback):
 
     Args:
         example_inputs: one batch of model inputs (a dict such as {"input_ids": ..., "attention_mask": ...}).
+        resume_from: the checkpoint directory training resumes from, when it is not in the run's output_dir
+            (the Trainer does not tell callbacks where it resumed from).
         **options: HESSO's arguments (target_flops or target_params, start_step, pruning_steps, ...).
     """
 
-    def __init__(self, example_inputs: Any, **options: Any):
-        self.example_inputs, self.options = example_inputs, options
+    def __init__(self, example_inputs: Any, resume_from: str | os.PathLike | None = None, **options: Any):
+        self.example_inputs, self.options, self.resume_from = example_inputs, options, resume_from
         self.hesso: HESSO | None = None
         self._before = None
         self._hooks: list[Any] = []
@@ -48,8 +51,13 @@ class HESSOCallback(TrainerCallback):
                 h.remove()
             self.hesso = HESSO(model, self.example_inputs, base, **self.options)
             self._hooks = [base.register_step_pre_hook(self._pre), base.register_step_post_hook(self._post)]
-        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-        if state.global_step > 0 and os.path.isfile(saved):
+        if state.global_step > 0:  # resuming: HESSO's schedule must resume too, never restart silently
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            saved = os.path.join(folder, STATE_FILE)
+            if not os.path.isfile(saved):
+                raise UsageError(f"training resumes at step {state.global_step} but {saved} does not exist: pass "
+                                 "HESSOCallback(..., resume_from=<the checkpoint directory>) when it is not in "
+                                 "output_dir, or start the run over")
             self.hesso.load_state_dict(torch.load(saved, weights_only=True))
 
     def _pre(self, optimizer, args, kwargs) -> None:

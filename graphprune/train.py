@@ -14,6 +14,7 @@ anyway and the ranks compare a hash of their decision, so every rank removes the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
@@ -22,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 from .api import analyse
-from .errors import UsageError
+from .errors import BudgetError, UsageError
 from .ir.inputs import input_specs
 from .passes.hesso import NEEDS_UPDATE, Saliency, Schedule, Slices, term_weights
 from .passes.pipeline import Build, CostModels, Job, Score, Select, check_options, parse_budget, run
@@ -61,6 +63,10 @@ class HESSO(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, HESSO):
             raise UsageError(f"optimizer must be a torch.optim optimizer over the model's parameters (SGD, Adam, "
                              f"AdamW, ...), got {type(optimizer).__name__}")
+        if allow_lossy:
+            raise UsageError("HESSO drives units to zero so that removing them changes nothing, and a channel a "
+                             "LayerNorm normalizes never gets there (the zeros still count in its mean and "
+                             "variance): prune such axes one-shot with graphprune.prune(..., allow_lossy=True)")
         self.module = _unwrap(model)
         self.kind, self.ratio = parse_budget(target_flops, target_params)
         self.round_to = check_options(round_to, max_ratio)
@@ -89,12 +95,19 @@ class HESSO(torch.optim.Optimizer):
             raise UsageError("the model has no prunable units outside `ignore` (plan.explain() on graphprune.plan "
                              "with the same arguments says why each was kept whole)")
         self._check_optimizer()
-        run([Score(), Select()], self._job(self.ratio, self.candidates.astype(np.float64)))  # BudgetError now, not later
+        sparse = [n for n, m in self.module.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse:
+            raise UsageError(f"{sparse[0]} makes sparse gradients, which HESSO cannot hold at zero in place: build "
+                             "the embedding with sparse=False")
         self.saliency = Saliency(self.slices)
         self.step_count = 0
         self.decisions = 0  # decisions taken so far
         self.gone = np.zeros(self.slices.n, dtype=bool)  # every unit chosen so far (ramping or zero)
         self.ramping = np.zeros(self.slices.n, dtype=bool)  # chosen at the last decision, not yet zero
+        self.notes: list[str] = []  # the last selection's notes; final_notes: those of the end state
+        self.final_notes: list[str] = []
+        with _quiet():  # BudgetError now, not hours into training
+            self._select(self.ratio, self.candidates.astype(np.float64), self.keep)
         self._masks()
         if self.schedule.decision(0) == 0:
             self._decide()
@@ -152,6 +165,9 @@ class HESSO(torch.optim.Optimizer):
             if g is not None:
                 g.masked_fill_(mask, 0)
         if self.weights is not None and self.schedule.scoring(self.step_count + 1):
+            if not any(term in NEEDS_UPDATE for term in self.weights):  # magnitudes only: no copy needed
+                self.saliency.add({n: self.params_by_name[n].detach() for n in self.slices.axes}, None)
+                return None
             return {n: self.params_by_name[n].detach().clone() for n in self.slices.axes}
         return None
 
@@ -160,9 +176,7 @@ class HESSO(torch.optim.Optimizer):
         self.step_count += 1
         t = self.step_count
         if before is not None:
-            needs_d = any(term in NEEDS_UPDATE for term in self.weights)
-            d = {n: self.params_by_name[n] - x for n, x in before.items()} if needs_d else None
-            self.saliency.add(before, d)
+            self.saliency.add(before, {n: self.params_by_name[n] - x for n, x in before.items()})
         if self.ramping.any():
             end = self.schedule.decision(self.decisions)
             factor = (end - t) / (end - t + 1)  # x_t = x_decision * (end - t) / (end - decision) when lr is 0
@@ -195,19 +209,30 @@ class HESSO(torch.optim.Optimizer):
                 raise UsageError(f"the importance callable returned {scores.shape} scores, expected one per "
                                  f"unit ({self.slices.n})")
         else:
+            weights = self.weights
             if self.saliency.count == 0:  # a decision at step 0, or magnitude terms only: read them now
                 self.saliency.add({n: self.params_by_name[n].detach() for n in self.slices.axes}, None)
-            scores = self.saliency.scores(self.weights, self.candidates)
+                if not any(t in weights for t in ("magnitude", "avg_magnitude")):
+                    log.warning("HESSO: no update has been made yet (start_step=0), so %s cannot be scored; the "
+                                "first decision ranks by magnitude", self.importance)
+                    weights = {"magnitude": 1.0}
+            scores = self.saliency.scores(weights, self.candidates)
         return np.maximum(_all_reduce_mean(scores, self.process_group), 0)
 
     def _decide(self) -> None:
+        """Choose where the run ends with what is known now, then take this period's share of it, least
+        important first: an early period never uses up the fine-grained units the final budget needs."""
         k = self.decisions
-        ratio = self.schedule.ratio(k, self.ratio)
-        job = self._job(ratio, self._scores())
-        job.force = self.gone
-        run([Score(), Select()], job)
-        chosen = self.gone.copy()
-        chosen[job.removed] = True
+        scores = self._scores()
+        chosen = self._select(self.ratio, scores, self.keep)
+        self.final_notes = self.notes
+        if k < self.schedule.periods - 1:
+            outside = ~chosen if self.keep is None else ~chosen | self.keep
+            try:
+                with _quiet():
+                    chosen = self._select(self.schedule.ratio(k, self.ratio), scores, outside)
+            except BudgetError:  # rounded units of that end state cannot stop at this period's cost
+                chosen = self._select(self.schedule.ratio(k, self.ratio), scores, self.keep)
         chosen = _agree(chosen, self.process_group)
         self.ramping = chosen & ~self.gone
         self.gone = chosen
@@ -216,6 +241,16 @@ class HESSO(torch.optim.Optimizer):
         self._masks()
         log.info("HESSO step %d: decision %d of %d chose %d units (%s)", self.step_count, self.decisions,
                  self.schedule.periods, int(self.ramping.sum()), self._progress())
+
+    def _select(self, ratio: float, scores: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+        """The units to have removed at `ratio` of the cost (a bool per unit), those chosen before included."""
+        job = self._job(ratio, scores)
+        job.keep, job.force = keep, self.gone
+        run([Score(), Select()], job)
+        self.notes = job.notes
+        chosen = self.gone.copy()
+        chosen[job.removed] = True
+        return chosen
 
     def _job(self, ratio: float, scores: np.ndarray | None) -> Job:
         job = Job(self.an, self.tensors, self.kind, ratio, lambda an, tensors: scores, target=self.target,
@@ -241,19 +276,26 @@ class HESSO(torch.optim.Optimizer):
                              f"{self.schedule.decision(self.schedule.periods - 1)}; now at step {self.step_count}")
         job = self._job(self.ratio, None)
         job.removed = np.nonzero(self.gone)[0]
+        job.notes = list(self.final_notes) + [
+            f"trained into this form by HESSO over {self.schedule.end} steps ({self.schedule.periods} periods)"]
         Build()(job)
         job.plan.inputs = input_specs(self.example_inputs)
         job.plan._example_inputs = self.example_inputs
         return job.plan
 
     @torch.no_grad()
-    def slim(self, verify: bool = True) -> torch.nn.Module:
-        """A physically slimmed copy of the trained model (same classes), verified to compute what it computes."""
+    def slim(self, verify: bool = True, example_inputs: Any = None) -> torch.nn.Module:
+        """A physically slimmed copy of the trained model (same classes), verified on `example_inputs` (default:
+        those HESSO was built with, moved to the model's device and floating dtype) to compute what it computes."""
         if not self.finished:
             raise UsageError(f"the model is not in its slim form yet: every chosen unit is zero after step "
                              f"{self.schedule.end}; now at step {self.step_count} (see status())")
         self._hold()
-        return self.plan.apply(self.module, verify=verify, example_inputs=self.example_inputs)
+        if example_inputs is None:
+            like = next(iter(self.params_by_name.values()))
+            example_inputs = tree_map(lambda t: t.to(like.device, like.dtype if t.is_floating_point() else t.dtype)
+                                      if isinstance(t, torch.Tensor) else t, self.example_inputs)
+        return self.plan.apply(self.module, verify=verify, example_inputs=example_inputs)
 
     def status(self) -> dict[str, Any]:
         """Where training stands: step, phase, the cost of what is chosen, sparsity, the norm being driven down."""
@@ -302,8 +344,22 @@ class HESSO(torch.optim.Optimizer):
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.an.component).tobytes())
+        h.update(np.ascontiguousarray(self.candidates).tobytes())
+        h.update(repr(self.lockstep).encode())
         h.update(repr((self.kind, self.ratio, self.schedule, self.target, self.round_to, self.max_ratio)).encode())
         return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Selection's own progress lines, muted for the selections the user does not need to read about."""
+    logger = logging.getLogger("graphprune.passes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

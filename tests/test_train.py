@@ -3,7 +3,9 @@ process, two-process DDP on gloo, a transformer's heads and GQA groups, and the 
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -184,6 +186,10 @@ def test_state_dict_from_another_setup_is_refused():
         opt.slim()
     with pytest.raises(graphprune.UsageError, match="pruning_periods"):
         graphprune.HESSO(model, batch(0)[0][:2], opt.base, target_flops=0.5, pruning_steps=3, pruning_periods=4)
+    with pytest.raises(graphprune.UsageError, match="LayerNorm"):
+        graphprune.HESSO(model, batch(0)[0][:2], opt.base, target_flops=0.5, allow_lossy=True)
+    with pytest.raises(graphprune.UsageError, match="not all zero"):
+        graphprune.HESSO(model, batch(0)[0][:2], opt.base, target_flops=0.5, importance={"magnitude": 0})
     with pytest.raises(graphprune.UsageError, match="holds none of this model's parameters"):
         graphprune.HESSO(model, batch(0)[0][:2], torch.optim.SGD(DigitsNet().parameters(), lr=0.1),
                          target_flops=0.5)
@@ -301,12 +307,24 @@ def test_hf_trainer_callback_prunes_a_bert_run(tmp_path):
     with torch.no_grad():
         ref, got = model(input_ids=x).logits, slim(input_ids=x).logits
     assert float((got - ref).norm() / ref.norm()) <= 1e-5
-    # resuming from the mid-run checkpoint restores HESSO's schedule, then ends with the same decisions
-    torch.manual_seed(0)
-    again = HESSOCallback(example, target_flops=0.6, start_step=2, pruning_steps=6, pruning_periods=2)
-    trainer = transformers.Trainer(model=transformers.BertForSequenceClassification(config), args=args,
-                                   train_dataset=rows, callbacks=[again])
-    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-5"))
+    # resuming from the mid-run checkpoint, moved elsewhere, restores HESSO's schedule and ends with the same
+    # decisions; without being told where the checkpoint is, the callback refuses instead of restarting
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run" / "checkpoint-5", moved)
+    for resume_from in (None, moved):
+        torch.manual_seed(0)
+        again = HESSOCallback(example, resume_from=resume_from, target_flops=0.6, start_step=2, pruning_steps=6,
+                              pruning_periods=2)
+        args = transformers.TrainingArguments(str(tmp_path / "second"), max_steps=12, per_device_train_batch_size=8,
+                                              learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                              logging_steps=100, disable_tqdm=True)
+        trainer = transformers.Trainer(model=transformers.BertForSequenceClassification(config), args=args,
+                                       train_dataset=rows, callbacks=[again])
+        if resume_from is None:
+            with pytest.raises(graphprune.UsageError, match="resume_from"):
+                trainer.train(resume_from_checkpoint=str(moved))
+        else:
+            trainer.train(resume_from_checkpoint=str(moved))
     assert again.hesso.step_count == 12 and np.array_equal(again.hesso.gone, opt.gone)
 
 
@@ -366,3 +384,48 @@ def test_earlier_decisions_are_kept_and_rounded_widths_still_land_on_the_target(
         fresh = select(an, scores, costs.flops, 0.5, round_to=round_to, max_ratio=0.9)
         ratio, fresh_ratio = (costs.flops.total(c) / costs.flops.total() for c in (chosen, fresh))
         assert ratio <= 0.5 and ratio >= min(fresh_ratio, 0.49), (round_to, ratio, fresh_ratio)
+
+
+def test_coarse_units_do_not_make_early_periods_overspend_and_odd_setups_are_handled(caplog):
+    class Net(torch.nn.Module):  # a grouped conv (4 coarse groups), a depthwise conv, fine pointwise channels
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32)
+            self.g, self.b2 = torch.nn.Conv2d(32, 64, 3, padding=1, groups=4), torch.nn.BatchNorm2d(64)
+            self.dw, self.pw = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64), torch.nn.Conv2d(64, 48, 1)
+            self.fc = torch.nn.Linear(48, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.b2(self.g(torch.relu(self.b1(self.c1(x))))))
+            return self.fc(torch.relu(self.pw(torch.relu(self.dw(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 16, 16)
+    one_shot = graphprune.plan(model, x, target_flops=0.5, round_to=None).flops_ratio
+    opt = graphprune.HESSO(model, x, torch.optim.SGD(model.parameters(), lr=0.0), target_flops=0.5, start_step=1,
+                           pruning_steps=2, pruning_periods=2, round_to=None, importance="l2")
+    for _ in range(3):
+        opt.step()
+    assert opt.finished and opt.status()["flops_ratio"] >= one_shot - 0.005  # not two whole groups too many
+    assert any("too coarse" in n for n in opt.plan.notes)
+
+    # an update-based criterion cannot score before the first update: magnitude, said so
+    with caplog.at_level(logging.WARNING, logger="graphprune.train"):
+        model = DigitsNet()
+        graphprune.HESSO(model, batch(0)[0][:2], torch.optim.SGD(model.parameters(), lr=0.1), target_flops=0.5,
+                         start_step=0, pruning_steps=4, pruning_periods=2, importance="taylor")
+    assert "ranks by magnitude" in caplog.text
+
+    # a model cast after HESSO was built: slim() verifies on inputs cast alike
+    model = DigitsNet()
+    opt = graphprune.HESSO(model, batch(0)[0][:2], torch.optim.SGD(model.parameters(), lr=0.05), target_flops=0.5,
+                           start_step=1, pruning_steps=2, pruning_periods=1)
+    model.double()
+    for step in range(3):
+        x, y = batch(step)
+        F.cross_entropy(model(x.double()), y).backward()
+        opt.step(), opt.zero_grad()
+    slim = opt.slim()
+    x = batch(9, n=5)[0].double()
+    model.eval(), slim.eval()
+    assert float((slim(x) - model(x)).norm() / model(x).norm()) <= 1e-10

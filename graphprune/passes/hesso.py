@@ -15,6 +15,7 @@ to remove are chosen by graphprune's budgeted selection, so a budget is a cost, 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +44,10 @@ def term_weights(importance) -> dict[str, float] | None:
         return dict(NAMED[importance])
     if isinstance(importance, dict):
         bad = [k for k in importance if k not in TERMS]
-        if bad or not importance or any(not isinstance(w, (int, float)) or w < 0 for w in importance.values()):
-            raise UsageError(f"importance weights must map terms of {list(TERMS)} to non-negative numbers, got "
+        if bad or any(not isinstance(w, numbers.Real) or w < 0 for w in importance.values()) or not any(
+                importance.values()):
+            raise UsageError(f"importance weights must map terms of {list(TERMS)} to non-negative numbers, not all "
+                             f"zero, got "
                              f"{importance!r}")
         return {k: float(w) for k, w in importance.items() if w > 0}
     raise UsageError(f"importance must be a name, a dict of term weights or a callable, got {type(importance).__name__}")
@@ -157,9 +160,10 @@ class Schedule:
     def __post_init__(self):
         for name in ("start", "steps", "periods"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise UsageError(f"{'start_step' if name == 'start' else 'pruning_' + name} must be a non-negative "
                                  f"integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.periods < 1 or self.steps < self.periods:
             raise UsageError(f"pruning_periods must be at least 1 and at most pruning_steps (each period needs a "
                              f"step to ramp in), got {self.periods} periods over {self.steps} steps")

@@ -118,7 +118,7 @@ class Select(Pass):
         if job.ratio - achieved > MISS:
             note = (f"landed at {achieved:.3f} of the {name} for a target of {job.ratio:.3f}: the units left to "
                     "remove (whole groups of a grouped convolution, heads, round_to multiples) are too coarse to "
-                    "land closer (with round_to, round_to=None may)")
+                    "land closer" + (" (round_to=None may)" if job.round_to else ""))
             log.warning(note)
             job.notes.append(note)
 
