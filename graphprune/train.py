@@ -50,7 +50,8 @@ class HESSO(torch.optim.Optimizer):
         pruning_periods: decisions in that span; each removes an equal share of the cost.
         importance: "hesso" (the five-term mix, equal weights), "l2", "taylor", a {term: weight} dict over
             passes.hesso.TERMS, or a callable (analysis, tensors) -> one score per unit (higher = keep).
-        ignore, round_to, max_ratio, uniform, allow_lossy, tracer: as for graphprune.plan.
+        ignore, round_to, max_ratio, uniform, tracer: as for graphprune.plan (allow_lossy is refused: a channel a
+            LayerNorm normalizes never becomes exactly removable).
         process_group: the group the ranks agree in (default: the world, when torch.distributed is set up).
     """
 
@@ -140,6 +141,12 @@ class HESSO(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and param_groups
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"HESSO({type(self.base).__name__}, target_{self.kind}={self.ratio}, step {self.step_count})"

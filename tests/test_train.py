@@ -3,6 +3,7 @@ process, two-process DDP on gloo, a transformer's heads and GQA groups, and the 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -180,6 +181,12 @@ def test_state_dict_from_another_setup_is_refused():
                              pruning_steps=10, pruning_periods=2)
     with pytest.raises(graphprune.UsageError, match="another model, budget or schedule"):
         other.load_state_dict(opt.state_dict())
+    ignoring = graphprune.HESSO(model, batch(0)[0][:2], torch.optim.SGD(model.parameters(), lr=0.1),
+                                target_flops=0.5, pruning_steps=10, pruning_periods=2, ignore=["conv1"])
+    with pytest.raises(graphprune.UsageError, match="another model, budget or schedule"):
+        ignoring.load_state_dict(opt.state_dict())
+    twin = copy.deepcopy(opt)  # e.g. a checkpointing wrapper copying the optimizer
+    assert twin.step_count == 0 and np.array_equal(twin.gone, opt.gone)
     with pytest.raises(graphprune.UsageError, match="not a HESSO state_dict"):
         opt.load_state_dict(opt.base.state_dict())
     with pytest.raises(graphprune.UsageError, match="not in its slim form"):
