@@ -93,13 +93,14 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         scorer = TaylorImportance(model, calibration, loss_fn)
     else:
         scorer = None if importance in CALIBRATED else get_importance(importance)
-    an, keep, lockstep = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
+    an, keep, lockstep, multiple = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
     tensors = named_tensors(model)
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs"))
     readers = collect(model, an, calibration, tensors, grams=importance == "obs") if needs_readers else []
     if scorer is None:  # wanda / flap / obs read the statistics just gathered
         scorer = CalibratedImportance(importance, readers, compensate)
     job = Job(an, tensors, kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep,
+              multiple=multiple,
               target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})
     passes = PLAN + ([Compensate(readers, compensate)] if compensate else [])
     try:
@@ -116,21 +117,22 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
 
 
 def analyse(model: torch.nn.Module, example_inputs: Any, ignore: Any, uniform: bool, allow_lossy: bool,
-            tracer: str) -> tuple[Analysis, np.ndarray | None, list[list[int]] | None]:
-    """The channel analysis, the components kept whole (ignore=, uniform's inexpressible widths) and the
-    families that move in lockstep (uniform=True): what plan() and HESSO select from."""
+            tracer: str) -> tuple[Analysis, np.ndarray | None, list[list[int]] | None, dict[int, int]]:
+    """The channel analysis, the components kept whole (ignore=, uniform's inexpressible widths), the
+    families that move in lockstep (uniform=True) and the unit counts a config makes some families lose at a
+    time: what plan() and HESSO select from."""
     ignored = _resolve_ignore(model, ignore)
     graph, _ = _tracer(tracer)(model, example_inputs)
     an = analyze(graph, allow_lossy=allow_lossy)
     keep = _ignored_components(an, ignored)
-    lockstep = None
+    lockstep, multiple = None, {}
     if uniform:
         from .ir.hf_config import probe
         from .passes.uniform import lockstep_groups
 
-        lockstep, whole = lockstep_groups(an, probe(model))
+        lockstep, whole, multiple = lockstep_groups(an, probe(model))
         keep = whole if keep is None else keep | whole
-    return an, keep, lockstep
+    return an, keep, lockstep, multiple
 
 
 def _plan_with_depth(model, example_inputs, kind: str, ratio: float, depth: int, options: dict) -> PruningPlan:

@@ -79,7 +79,8 @@ class HESSO(torch.optim.Optimizer):
         self.process_group = process_group
         self._init_optimizer_hooks()
 
-        self.an, self.keep, self.lockstep = analyse(self.module, example_inputs, ignore, uniform, allow_lossy, tracer)
+        self.an, self.keep, self.lockstep, self.multiple = analyse(self.module, example_inputs, ignore, uniform,
+                                                                   allow_lossy, tracer)
         an = self.an
         self.tensors = named_tensors(self.module)
         self.example_inputs = example_inputs
@@ -261,7 +262,8 @@ class HESSO(torch.optim.Optimizer):
 
     def _job(self, ratio: float, scores: np.ndarray | None) -> Job:
         job = Job(self.an, self.tensors, self.kind, ratio, lambda an, tensors: scores, target=self.target,
-                  round_to=self.round_to, max_ratio=self.max_ratio, keep=self.keep, lockstep=self.lockstep)
+                  round_to=self.round_to, max_ratio=self.max_ratio, keep=self.keep, lockstep=self.lockstep,
+                  multiple=self.multiple)
         job.flops, job.params = self.flops, self.params
         return job
 

@@ -376,7 +376,7 @@ def test_earlier_decisions_are_kept_and_rounded_widths_still_land_on_the_target(
     from graphprune.passes.select import select
 
     model = DigitsNet()
-    an, _, _ = graphprune.api.analyse(model, batch(0)[0][:2], None, False, False, "dispatch")
+    an, _, _, _ = graphprune.api.analyse(model, batch(0)[0][:2], None, False, False, "dispatch")
     costs = graphprune.passes.pipeline.Job(an, {}, "flops", 0.5, None, {})
     graphprune.passes.pipeline.CostModels()(costs)
     rng = np.random.default_rng(0)

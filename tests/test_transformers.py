@@ -162,6 +162,21 @@ def test_compensated_uniform_llama_round_trips_through_save_pretrained(tmp_path)
     assert torch.allclose(run(loaded, x)[0], run(slim, x)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_uniform_hidden_width_stays_a_multiple_the_config_accepts(tmp_path):
+    """LLaMA's config requires hidden_size to be a multiple of the head count even with head_dim explicit: the
+    hidden width loses whole multiples of 4 heads' worth, so save_pretrained / from_pretrained still work."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = T.LlamaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))}
+    slim = graphprune.prune(model, x, target_params=0.5, uniform=True)
+    assert slim.config.hidden_size < 64 and slim.config.hidden_size % 4 == 0
+    slim.save_pretrained(tmp_path)
+    loaded = T.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(run(loaded, x)[0], run(slim, x)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_compensated_llama_with_layers_of_different_widths_keeps_its_config():
     """No config describes per-layer widths: the added biases stay the only new tensors, the config is left
     as it was, and the model matches the masked one (graphprune.save is the way to store it)."""

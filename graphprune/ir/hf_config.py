@@ -31,6 +31,19 @@ class Probe:
     shapes: Shapes  # as built from `config`
     fields: dict[str, tuple[int, dict[tuple[str, int], float]]]  # field -> (value, {(tensor, axis): per unit})
 
+    def valid(self, changes: dict[str, int]) -> bool:
+        """Whether the config with `changes` passes its own validation (LLaMA: hidden_size a multiple of the
+        head count) and builds the architecture: a linear solution alone is not enough."""
+        config = copy.deepcopy(self.config)
+        try:
+            for key, value in changes.items():
+                setattr(config, key, value)
+            if hasattr(config, "validate"):
+                config.validate()
+        except Exception:  # noqa: BLE001 - the config refuses these values
+            return False
+        return _build(self.cls, config) is not None
+
     def controlled(self) -> dict[tuple[str, int], set[str]]:
         out: dict[tuple[str, int], set[str]] = {}
         for key, (_, axes) in self.fields.items():

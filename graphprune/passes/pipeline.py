@@ -43,6 +43,7 @@ class Job:
     keep: np.ndarray | None = None  # components kept whole (ignore=, uniform's inexpressible widths)
     lockstep: list[list[int]] | None = None  # families that lose the same widths (uniform=True)
     force: np.ndarray | None = None  # components removed already (HESSO's earlier decisions), taken first
+    multiple: dict[int, int] = field(default_factory=dict)  # family -> units it loses at a time (uniform)
     flops: CostModel | None = None
     params: CostModel | None = None
     scores: np.ndarray | None = None
@@ -113,7 +114,8 @@ class Select(Pass):
         job.removed = select(job.an, job.scores, job.budget, job.ratio, max_ratio=job.max_ratio,
                              round_to=job.round_to, keep=job.keep, lockstep=job.lockstep, budget_name=name,
                              mass=weight_slices_per_component(job.an),
-                             normalize=not getattr(job.scorer, "absolute", False), force=job.force)
+                             normalize=not getattr(job.scorer, "absolute", False), force=job.force,
+                             multiple=job.multiple)
         achieved = job.budget.total(job.removed) / max(job.budget.total(), 1e-300)
         if job.ratio - achieved > MISS:
             note = (f"landed at {achieved:.3f} of the {name} for a target of {job.ratio:.3f}: the units left to "

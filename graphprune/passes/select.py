@@ -43,14 +43,15 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
            max_ratio: float = 1.0, round_to: int | str | None = None, keep: np.ndarray | None = None,
            budget_name: str = "FLOPs", mass: np.ndarray | None = None,
            lockstep: list[list[int]] | None = None, normalize: bool = True,
-           force: np.ndarray | None = None) -> np.ndarray:
+           force: np.ndarray | None = None, multiple: dict[int, int] | None = None) -> np.ndarray:
     """Return the ids of the components to remove.
 
     lockstep: groups of family indices that lose the same number of channels (uniform widths, see
     passes/uniform.py); families in no group move alone. normalize=False compares raw
     importance across families (for scores already on one scale, such as calibration-based ones).
     force: components removed already (HESSO's earlier decisions, a bool per component): each family takes
-    them first, and the units holding them rank before every other unit."""
+    them first, and the units holding them rank before every other unit.
+    multiple: per family index, the number of components it must lose at a time (a config's divisibility)."""
     base = cost.total()
     if base <= 0:
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
@@ -60,7 +61,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         return np.zeros(0, dtype=np.int64)
     saving = cost.first_order_saving()
     scores, family_of, rank_of, members, sizes = [], [], [], [], []
-    for f, (fams, n_all) in enumerate(_lockstep_groups(an, keep, lockstep)):
+    for f, (fams, n_all, ids) in enumerate(_lockstep_groups(an, keep, lockstep)):
         # unit j of a group is the j-th least important component of each member family
         norms = [_normalized(importance[fam].astype(np.float64), mass, fam, normalize) for fam in fams]
         if force is not None:
@@ -69,7 +70,9 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         orders = [np.argsort(norm, kind="stable") for norm in norms]
         n_free = len(fams[0])
         limit = min(n_free, n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
-        chunk = np.asarray(_chunks(n_all, n_free, limit, _unit_round(cost, fams[0], n_all, round_to)),
+        unit = _unit_round(cost, fams[0], n_all, round_to) or 1
+        unit = math.lcm(unit, max((multiple or {}).get(i, 1) for i in ids))
+        chunk = np.asarray(_chunks(n_all, n_free, limit, unit if unit > 1 else None),
                            dtype=np.int64)
         if len(chunk) == 0:
             continue
@@ -127,7 +130,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         log.info("multiples of %d land %.3f under the target: exact widths instead", AUTO_ROUND,
                  (target - cost.total(chosen)) / base)
         return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
-                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force)
+                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force,
+                      multiple=multiple)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
@@ -143,7 +147,8 @@ def _normalized(imp: np.ndarray, mass: np.ndarray | None, fam: np.ndarray, norma
 
 
 def _lockstep_groups(an: Analysis, keep: np.ndarray | None, lockstep: list[list[int]] | None):
-    """(member families, full family size) per group; a family whose free count differs moves alone."""
+    """(member families, full family size, family indices) per group; a family whose free count differs moves
+    alone."""
     free = [fam if keep is None else fam[~keep[fam]] for fam in an.families]
     grouped: set[int] = set()
     for group in lockstep or []:
@@ -153,10 +158,10 @@ def _lockstep_groups(an: Analysis, keep: np.ndarray | None, lockstep: list[list[
         for (n_all, n_free), fs in by_size.items():
             grouped.update(fs)
             if n_free:
-                yield [free[f] for f in fs], n_all
+                yield [free[f] for f in fs], n_all, fs
     for f, fam in enumerate(free):
         if f not in grouped and len(fam):
-            yield [fam], len(an.families[f])
+            yield [fam], len(an.families[f]), [f]
 
 
 def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], families: np.ndarray, target: float,

@@ -17,15 +17,21 @@ from ..analysis.channels import Analysis
 from ..ir.hf_config import Probe, solve_changes
 
 
-def lockstep_groups(an: Analysis, probe: Probe | None) -> tuple[list[list[int]], np.ndarray]:
-    """Groups of family indices that move together, and a per-component mask of what must stay whole."""
+MAX_MULTIPLE = 64  # the largest unit count a config may require a group to lose at a time
+
+
+def lockstep_groups(an: Analysis, probe: Probe | None) -> tuple[list[list[int]], np.ndarray, dict[int, int]]:
+    """Groups of family indices that move together, a per-component mask of what must stay whole, and per
+    family the number of units it must lose at a time for the config to stay valid (LLaMA's hidden size is a
+    multiple of its head count)."""
     keep = np.zeros(int(an.component.max()) + 1, dtype=bool)
+    multiple: dict[int, int] = {}
     by_role: dict[str, list[int]] = {}
     for f in range(len(an.families)):
         by_role.setdefault(re.sub(r"\.\d+\.", ".#.", an.family_role[f]), []).append(f)
     groups = list(by_role.values())
     if probe is None:
-        return groups, keep
+        return groups, keep, multiple
     axes = _family_axes(an)
     controlled = probe.controlled()
     fields_of = [set().union(*[controlled.get(w, set()) for f in g for w in axes[f]]) for g in groups]
@@ -33,12 +39,16 @@ def lockstep_groups(an: Analysis, probe: Probe | None) -> tuple[list[list[int]],
     out = []
     for g in merged:
         sizes = {len(an.families[f]) for f in g}
-        if len(sizes) == 1 and _describable(probe, [axes[f] for f in g]):
-            out.append(g)
-        else:
+        step = next((k for k in range(1, min(MAX_MULTIPLE, min(sizes) - 1) + 1)
+                     if _describable(probe, [axes[f] for f in g], k)), None) if len(sizes) == 1 else None
+        if step is None:
             for f in g:
                 keep[an.families[f]] = True
-    return out, keep
+            continue
+        out.append(g)
+        if step > 1:
+            multiple.update(dict.fromkeys(g, step))
+    return out, keep, multiple
 
 
 def _family_axes(an: Analysis) -> list[dict[tuple[str, int], int]]:
@@ -82,12 +92,13 @@ def _merge_sharing(groups: list[list[int]], fields: list[set[str]]) -> list[list
     return list(merged.values())
 
 
-def _describable(probe: Probe, member_axes: list[dict[tuple[str, int], int]]) -> bool:
-    """Would one unit fewer in every member family still be a config the architecture builds from?"""
+def _describable(probe: Probe, member_axes: list[dict[tuple[str, int], int]], units: int) -> bool:
+    """Would `units` fewer in every member family still be a valid config the architecture builds from?"""
     target = dict(probe.shapes)
     for axes in member_axes:
         for (name, axis), n in axes.items():
             shape = list(target[name])
-            shape[axis] -= n
+            shape[axis] -= n * units
             target[name] = tuple(shape)
-    return bool(solve_changes(probe, target))
+    changes = solve_changes(probe, target)
+    return bool(changes) and probe.valid(changes)
