@@ -12,6 +12,17 @@ call (config read, meta builds, traces, analyses; imports excluded) and the proc
 
     .venv/bin/python benchmarks/bench_scale.py            # the extrapolated analysis, about 10 s
     .venv/bin/python benchmarks/bench_scale.py --full     # also the whole-model trace (about 45 s, 8 GB)
+
+``--in-memory`` measures instead what in-memory ``graphprune.prune()`` costs above the model it prunes: a random
+LLaMA (default hidden 2048, intermediate 5632, 8 layers, 16 / 4 GQA heads, vocabulary 32000: 492 M parameters,
+1.83 GiB in float32) is built and loaded, the process's peak resident memory is reset (``/proc/self/clear_refs``),
+and prune() runs at target_params=0.8 on one 1 x 128-token example, plain and with ``importance="flap"``, four
+calibration batches of 4 x 128 tokens, ``compensate=True``, ``uniform=True``. The table gives the peak (VmHWM)
+less the resident memory just before the call, as a multiple of the weights' size; verification stays on.
+Each case runs in its own interpreter (2 torch threads).
+
+    .venv/bin/python benchmarks/bench_scale.py --in-memory                       # 492 M, a few minutes
+    .venv/bin/python benchmarks/bench_scale.py --in-memory --hidden 1024 --intermediate 2816   # ~150 M
 """
 
 from __future__ import annotations
@@ -53,6 +64,67 @@ print(json.dumps({"seconds": seconds, "rss_gb": resource.getrusage(resource.RUSA
 """
 
 
+PRUNE_CHILD = r"""
+import gc, json, sys, time, torch, transformers
+torch.set_num_threads(2)
+import graphprune
+from graphprune.plan import named_tensors
+hidden, inter, layers, case = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                  num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+model = transformers.LlamaForCausalLM(config).eval()
+weights = sum(t.numel() * t.element_size() for t in named_tensors(model).values())
+ids = torch.randint(0, 32000, (1, 128))
+options = {}
+if case == "flap":
+    options = dict(importance="flap", calibration=[torch.randint(0, 32000, (4, 128)) for _ in range(4)],
+                   compensate=True, uniform=True)
+gc.collect()
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) restarts at the current resident size
+base = status("VmRSS")
+start = time.perf_counter()
+slim = graphprune.prune(model, ids, target_params=0.8, **options)
+seconds = time.perf_counter() - start
+peak = status("VmHWM")
+print(json.dumps({"seconds": seconds, "weights": weights, "params": sum(p.numel() for p in model.parameters()),
+                  "above": (peak - base) / weights, "ratio": slim.graphprune_plan.params_ratio}))
+"""
+
+
+def run_prune(args, case: str) -> dict:
+    cmd = [sys.executable, "-c", PRUNE_CHILD, str(args.hidden), str(args.intermediate), str(args.layers), case]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def in_memory(args) -> None:
+    cases = {"plain": "prune(target_params=0.8)", "flap": "flap + calibration + compensate + uniform"}
+    rows = {case: run_prune(args, case) for case in cases}
+    first = next((r for r in rows.values() if "error" not in r), None)
+    if first:
+        print(f"random LLaMA, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers: "
+              f"{first['params'] / 1e6:.0f} M parameters, {first['weights'] / 2**30:.2f} GiB of weights")
+    print(f"{'prune()':<44} {'time s':>7} {'peak above model (x weights)':>29} {'params kept':>12}")
+    for case, label in cases.items():
+        r = rows[case]
+        if "error" in r:
+            print(f"{label:<44} {r['error']}")
+            continue
+        print(f"{label:<44} {r['seconds']:>7.1f} {r['above']:>29.2f} {r['ratio']:>12.3f}")
+
+
 def run(path: str, mode: str, seq_len: int, timeout: int) -> dict:
     try:
         done = subprocess.run([sys.executable, "-c", CHILD, path, mode, str(seq_len)], capture_output=True,
@@ -68,8 +140,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="also trace the whole 80-layer model (8 GB)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens traced (default: %(default)s)")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per case (default: %(default)s)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per case (default: %(default)s)")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="peak memory of in-memory prune() on a random LLaMA, above the loaded model")
+    parser.add_argument("--hidden", type=int, default=2048, help="--in-memory: hidden size (default: %(default)s)")
+    parser.add_argument("--intermediate", type=int, default=5632,
+                        help="--in-memory: MLP width (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=8, help="--in-memory: layers (default: %(default)s)")
     args = parser.parse_args()
+    if args.in_memory:
+        in_memory(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "Llama-3-70B")
         os.makedirs(folder)

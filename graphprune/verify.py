@@ -2,7 +2,8 @@
 
 `compare_outputs` is the one rule both paths use (the ONNX path hands it ONNX Runtime's arrays). For PyTorch
 models, `apply_verified` (what `plan.apply(model)` and `prune()` run by default) applies a plan and proves it:
-the slimmed module must reproduce the masked original, or the recorded graph is regenerated (with batch and
+the slimmed module must reproduce the masked original (the user's model masked in place for one run and restored
+bit-identically, so no masked copy of a large model is made), or the recorded graph is regenerated (with batch and
 sequence sizes that follow the inputs, found by recording the model again at other sizes) and must, or
 graphprune raises. The user's model changes (inplace=True) only after the slimmed version passed.
 """
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .backends.torch import apply_plan, mask_plan
+from .backends.torch import apply_plan, mask_plan, masked_in_place
 from .errors import BackendError, GraphPruneError, TraceError, UsageError
 from .ir.from_torch import eval_mode, normalize_inputs, trace
 from .ir.inputs import random_inputs, resized, tensors_of
@@ -26,6 +27,7 @@ from .plan import PruningPlan, register_backend
 
 log = logging.getLogger(__name__)
 _TOLERANCE, _HALF_TOLERANCE = 1e-4, 2e-2  # relative; half precision rounds at about 1e-3 per op
+_SLAB = 1 << 20  # elements compared at a time
 
 
 def compare_outputs(got: Sequence, want: Sequence, lossy: bool = False, dtypes: Sequence[str] | None = None
@@ -47,22 +49,34 @@ def compare_outputs(got: Sequence, want: Sequence, lossy: bool = False, dtypes: 
             if not lossy and not np.array_equal(a, b):
                 return f"output {k} (integers) differs in {int((a != b).sum())} of {b.size} places"
             continue
-        if (np.isnan(a) != np.isnan(b)).any() or (np.isinf(a) != np.isinf(b)).any():
+        # a slab at a time: a large vocabulary's logits are compared without several float64 copies of them
+        a, b = a.reshape(-1), b.reshape(-1)
+        placed, all_nan, signs, largest, err, finite_any = True, True, True, 0.0, 0.0, False
+        for lo in range(0, max(b.size, 1), _SLAB):
+            x, y = a[lo:lo + _SLAB], b[lo:lo + _SLAB]
+            nan_y = np.isnan(y)
+            placed &= not ((np.isnan(x) != nan_y).any() or (np.isinf(x) != np.isinf(y)).any())
+            all_nan &= bool(nan_y.all())
+            finite = np.isfinite(y)
+            signs &= not (x[~finite] != y[~finite]).any()
+            if finite.any():
+                x, y = x[finite].astype(np.float64), y[finite].astype(np.float64)
+                finite_any = True
+                largest = max(largest, float(np.abs(y).max()))
+                err = max(err, float(np.abs(x - y).max()))
+        if not placed:
             return f"output {k} is not finite in the same places (NaN or infinity in one of them)"
-        if np.isnan(b).all() and b.size:
+        if all_nan and b.size:
             return f"output {k} is NaN everywhere: nothing to compare"
         if lossy or not b.size:
             continue
-        finite = np.isfinite(b)
-        if (a[~finite] != b[~finite]).any():
+        if not signs:
             return f"output {k} has infinities of the other sign"
-        a, b = a[finite].astype(np.float64), b[finite].astype(np.float64)
-        if not b.size:
+        if not finite_any:
             continue
         precision = dtypes[k] if dtypes is not None else str(b.dtype)
         tolerance = _TOLERANCE if precision.removeprefix("torch.") in ("float32", "float64") else _HALF_TOLERANCE
-        scale = max(float(np.abs(b).max()), 1e-6)
-        err = float(np.abs(a - b).max())
+        scale = max(largest, 1e-6)
         if err > tolerance * scale:
             return f"output {k} differs by {err:.3g} (largest value {scale:.3g}, tolerance {tolerance:g} relative)"
     return None
@@ -78,7 +92,7 @@ def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, v
     if not verify:
         return apply_plan(plan, model, inplace=inplace)
     inputs = _inputs_for(plan, example_inputs)
-    expected = outputs(mask_plan(plan, model), inputs)
+    expected = masked_outputs(plan, model, inputs)
     try:
         slim = apply_plan(plan, model)  # a copy, even for inplace=True: the user's object changes once this passed
     except BackendError as exc:  # the module cannot be slimmed (an RMS norm without an eps attribute)
@@ -92,6 +106,20 @@ def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, v
         return apply_plan(plan, model, inplace=True)  # deterministic: the module that was just checked
     log.warning("the slimmed module does not match the plan (%s); regenerating the recorded graph", problem)
     return _regenerated(plan, model, inputs, expected, problem)
+
+
+def masked_outputs(plan: PruningPlan, model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """outputs(plan.mask(model), inputs) without a masked copy of the model: the user's model is masked in
+    place for the one run and comes back bit-identical (backends/torch.py masked_in_place). A plan that
+    removes whole blocks is masked on a copy."""
+    if plan.blocks:
+        return outputs(mask_plan(plan, model), inputs)
+    with masked_in_place(plan, model):
+        got = outputs(model, inputs)
+        shared = {t.untyped_storage().data_ptr() for t in model.parameters()}
+        shared |= {t.untyped_storage().data_ptr() for t in model.buffers()}
+        # an output that is a model tensor (or a view of one) is copied before the model is restored
+        return [t.clone() if t.numel() and t.untyped_storage().data_ptr() in shared else t for t in got]
 
 
 def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
@@ -119,8 +147,12 @@ def check(model: nn.Module, inputs: Any, expected: list[torch.Tensor], lossy: bo
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
+    """As numpy, in a precision numpy has that holds every value exactly (bfloat16 and half go to float32;
+    compare_outputs takes float64 a slab at a time)."""
     t = t.detach().cpu()
-    return (t.double() if t.is_floating_point() else t).numpy()
+    if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.numpy()
 
 
 def _inputs_for(plan: PruningPlan, example_inputs: Any) -> Any:

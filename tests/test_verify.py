@@ -329,3 +329,111 @@ def test_batch_one_recording_that_decomposes_otherwise_is_recorded_again_at_batc
     for batch in (1, 3):
         other = torch.randn(batch, 16, 32)
         assert rel(run(slim, other), expected(slim.graphprune_plan, model, other)) <= 1e-5
+
+
+# ----- verification masks the user's model in place, for one run, and restores it bit-identically -----------
+
+class BiasFreeMLP(nn.Module):
+    """Bias-free linear layers and a running-statistics buffer: compensation adds a bias to `down`, and the
+    forward updates a buffer that must come back as it was."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48, bias=False), nn.Linear(48, 16, bias=False)
+        self.head = nn.Linear(16, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def _snapshot(model):
+    """Every tensor object with its exact bytes, and what each module holds under `bias`."""
+    tensors = {n: (t, t.detach().clone()) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    biases = {n: ("bias" in m._parameters, m._parameters.get("bias"), "bias" in m.__dict__)
+              for n, m in model.named_modules()}
+    return tensors, biases
+
+
+def _unchanged(model, snapshot) -> bool:
+    tensors, biases = snapshot
+    now = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    if now.keys() != tensors.keys():
+        return False
+    for name, (obj, value) in tensors.items():  # the same objects, bit for bit (NaN-safe: compare bytes)
+        if now[name] is not obj or value.dtype != now[name].dtype or value.shape != now[name].shape:
+            return False
+        if value.numel() and value.reshape(-1).view(torch.uint8).ne(now[name].detach().reshape(-1).view(torch.uint8)).any():
+            return False
+    return biases == {n: ("bias" in m._parameters, m._parameters.get("bias"), "bias" in m.__dict__)
+                      for n, m in model.named_modules()}
+
+
+def test_verification_leaves_the_users_model_bit_identical_with_compensation():
+    model, x = BiasFreeMLP().eval(), torch.randn(8, 16)
+    calibration = [torch.randn(32, 16) for _ in range(3)]
+    plan = graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration,
+                           compensate=True)
+    assert plan.added and plan.updates  # a bias added, weights rewritten: all swapped in for the masked run
+    snapshot = _snapshot(model)
+    slim = plan.apply(model)
+    assert _unchanged(model, snapshot) and model.down.bias is None
+    assert slim.down.bias is not None and slim.up.out_features < 48
+    assert rel(run(slim, x), expected(plan, model, x)) <= 1e-5
+    assert _unchanged(model, snapshot)
+
+
+def test_masked_in_place_restores_the_model_when_the_run_raises():
+    from graphprune.backends.torch import masked_in_place
+
+    model, x = BiasFreeMLP().eval(), torch.randn(8, 16)
+    plan = graphprune.plan(model, x, target_params=0.7, importance="flap",
+                           calibration=[torch.randn(32, 16) for _ in range(2)], compensate=True)
+    want = expected(plan, model, x)  # plan.mask: a masked copy
+    snapshot = _snapshot(model)
+    with pytest.raises(ZeroDivisionError):
+        with masked_in_place(plan, model):
+            assert model.down.bias is not None  # the masked reference, in place
+            assert torch.equal(run(model, x), want)
+            raise ZeroDivisionError("raised inside the masked run")
+    assert _unchanged(model, snapshot)
+
+
+def test_users_model_is_bit_identical_when_the_slim_model_raises():
+    model, x = WidthLookup().eval(), torch.randn(1, 3, 10, 10)
+    snapshot = _snapshot(model)
+    with pytest.raises(graphprune.BackendError, match="ZeroDivisionError"):
+        graphprune.prune(model, x, target_flops=0.6)
+    assert _unchanged(model, snapshot)
+    calibrated = BiasFreeMLP().eval()
+    plan = graphprune.plan(calibrated, torch.randn(8, 16), target_params=0.7, importance="flap",
+                           calibration=[torch.randn(32, 16)], compensate=True)
+    snapshot = _snapshot(calibrated)
+    plan._example_inputs = torch.randn(8, 17)  # the masked run itself raises (wrong width)
+    with pytest.raises(RuntimeError):
+        plan.apply(calibrated)
+    assert _unchanged(calibrated, snapshot)
+
+
+def test_inplace_really_slims_the_users_object_in_place():
+    model, x = BiasFreeMLP().eval(), torch.randn(8, 16)
+    plan = graphprune.plan(model, x, target_params=0.7, importance="flap",
+                           calibration=[torch.randn(32, 16) for _ in range(2)], compensate=True)
+    want = expected(plan, model, x)
+    up, down = model.up, model.down
+    slim = plan.apply(model, inplace=True)
+    assert slim is model and model.up is up and model.down is down  # the same module objects, slimmed
+    assert up.weight.shape[0] == up.out_features < 48 and down.weight.shape[1] == down.in_features < 48
+    assert down.bias is not None and down.bias.shape == (down.out_features,)
+    assert rel(run(model, x), want) <= 1e-5
+
+
+def test_apply_copy_shares_no_memory_with_the_model_or_the_plan():
+    model, x = BiasFreeMLP().eval(), torch.randn(8, 16)
+    plan = graphprune.plan(model, x, target_params=0.7, importance="flap",
+                           calibration=[torch.randn(32, 16) for _ in range(2)], compensate=True)
+    slim = plan.apply(model)
+    theirs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    theirs |= {t.untyped_storage().data_ptr() for t in plan.updates.values()}
+    assert not theirs & {t.untyped_storage().data_ptr() for t in list(slim.parameters()) + list(slim.buffers())}

@@ -3,6 +3,7 @@ result is an ordinary module of the same classes that trains, scripts and export
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -22,19 +23,26 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), leaf
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def _copy(model: nn.Module, memo: dict | None = None) -> nn.Module:
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as exc:
         raise BackendError(f"could not copy the model ({type(exc).__name__}: {exc}); pass inplace=True to "
                            "prune the model object itself") from exc
 
 
 def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn.Module:
-    slim = model if inplace else _copy(model)
-    _skip_blocks(plan, slim)
-    plan.check_fits(slim)
-    _compensated(plan, slim)
+    """The slimmed model: `model` itself with inplace=True (each full-size tensor replaced as it is sliced),
+    else a copy built without a full-size intermediate (the sliced tensors go straight into the copy)."""
+    if inplace or plan.blocks:
+        slim = model if inplace else _copy(model)
+        _skip_blocks(plan, slim)
+        plan.check_fits(slim)
+        _compensated(plan, slim)
+        fresh = None
+    else:
+        plan.check_fits(model)
+        slim, fresh = _sliced_copy(plan, model)
     old_shapes: dict[nn.Module, dict[str, tuple[int, ...]]] = {}
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # tied weights: every module holding the tensor
     for module in slim.modules():
@@ -42,15 +50,21 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
             if tensor is not None:
                 holders.setdefault(id(tensor), []).append((module, leaf))
     with torch.no_grad():
-        for name in plan.removed:
-            module, leaf = _owner(slim, name)
-            tensor = getattr(module, leaf)
-            new = sliced(plan, name, tensor)
-            if isinstance(tensor, nn.Parameter):
-                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
-            for holder, holder_leaf in holders.get(id(tensor), [(module, leaf)]):
-                old_shapes.setdefault(holder, {})[holder_leaf] = tuple(tensor.shape)
-                (holder._parameters if isinstance(tensor, nn.Parameter) else holder._buffers)[holder_leaf] = new
+        if fresh is not None:  # already sliced: only the attributes are left to update
+            for new, old_shape in fresh:
+                for holder, holder_leaf in holders.get(id(new), []):
+                    old_shapes.setdefault(holder, {})[holder_leaf] = old_shape
+        else:
+            for name in plan.removed:
+                module, leaf = _owner(slim, name)
+                tensor = getattr(module, leaf)
+                new = sliced(plan, name, tensor)
+                if isinstance(tensor, nn.Parameter):
+                    new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+                for holder, holder_leaf in holders.get(id(tensor), [(module, leaf)]):
+                    old_shapes.setdefault(holder, {})[holder_leaf] = tuple(tensor.shape)
+                    (holder._parameters if isinstance(tensor, nn.Parameter) else holder._buffers)[holder_leaf] = new
+                del tensor, new  # the full-size tensor goes as soon as no module holds it
     for module, shapes in old_shapes.items():
         _update_attributes(module, shapes)
     _rewrite_widths(slim, plan.rewrites)
@@ -62,6 +76,54 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
             _refuse_save_pretrained(slim, reason)
     slim.graphprune_plan = plan  # lets graphprune.save() store the plan beside the weights
     return slim
+
+
+def _sliced_copy(plan: PruningPlan, model: nn.Module) -> tuple[nn.Module, list[tuple[torch.Tensor, tuple]]]:
+    """A deep copy of `model` in which every tensor the plan slices is born sliced (compensation applied): the
+    copy's memo maps each such original tensor to its sliced version, so no full-size duplicate of it is ever
+    made. Returns the copy and (new tensor, original shape) for each sliced one."""
+    memo: dict[int, object] = {}
+    fresh: list[tuple[torch.Tensor, tuple]] = []
+    added = {a[0] for a in plan.added}
+    with torch.no_grad():
+        for name in plan.removed:
+            if name in added:
+                continue
+            module, leaf = _owner(model, name)
+            tensor = getattr(module, leaf)
+            source = plan.updates.get(name)
+            source = tensor if source is None else source.to(device=tensor.device, dtype=tensor.dtype)
+            new = _own(sliced(plan, name, source), tensor, source)
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            memo[id(tensor)] = new
+            fresh.append((new, tuple(tensor.shape)))
+            del source
+    slim = _copy(model, memo)
+    with torch.no_grad():
+        for name, value in plan.updates.items():  # compensated tensors that keep their shape
+            if name not in plan.removed and name not in added:
+                module, leaf = _owner(slim, name)
+                getattr(module, leaf).copy_(value)
+        for bias, weight, _axis in plan.added:
+            module, leaf = _owner(slim, bias)
+            if getattr(module, leaf, None) is not None:
+                continue
+            like = dict(slim.named_parameters())[weight]
+            value = plan.updates.get(bias)
+            if value is None:  # zeros until loaded or updated
+                value = torch.zeros(plan.fingerprint[bias], dtype=like.dtype, device=like.device)
+            value = value.to(device=like.device, dtype=like.dtype)
+            new = _own(sliced(plan, bias, value) if bias in plan.removed else value.contiguous(), None, value)
+            module.bias = nn.Parameter(new)
+            fresh.append((module.bias, tuple(plan.fingerprint[bias])))
+    return slim, fresh
+
+
+def _own(new: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
+    """`new`, or a copy of it where it still shares memory with the user's model or the plan's updates."""
+    ptrs = {o.untyped_storage().data_ptr() for o in others if o is not None and o.numel()}
+    return new.clone() if new.numel() and new.untyped_storage().data_ptr() in ptrs else new
 
 
 def _refuse_save_pretrained(model: nn.Module, reason: str) -> None:
@@ -103,6 +165,70 @@ def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
 
 
 register_backend("mask", mask_plan)
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def masked_in_place(plan: PruningPlan, model: nn.Module):
+    """`model` itself as plan.mask(model) would return it, for the duration of the block: the compensated
+    tensors are swapped in (the originals are set aside, not copied), the biases compensation added are
+    attached, the zeroed slices are saved and zeroed, and every buffer is saved whole (forward code may
+    update buffers). Whatever happens in the block, `model` comes back bit-identical: same tensor objects,
+    same values, same attributes. Plans that remove whole blocks need a copy (mask_plan)."""
+    if plan.blocks:
+        raise BackendError("a plan that removes blocks is masked on a copy: use mask_plan")
+    plan.check_fits(model)
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, its original data)
+    attached: list[tuple[nn.Module, str, object, object]] = []  # (module, leaf, _parameters entry, __dict__ entry)
+    zeroed: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # (tensor, axis, index, saved slice)
+    buffers = [(b, b.detach().clone()) for _, b in model.named_buffers(remove_duplicate=True)]
+    try:
+        with torch.no_grad():
+            for bias, weight, _axis in plan.added:
+                module, leaf = _owner(model, bias)
+                if getattr(module, leaf, None) is not None:
+                    continue
+                like = dict(model.named_parameters())[weight]
+                attached.append((module, leaf, module._parameters.get(leaf, _ABSENT), module.__dict__.get(leaf, _ABSENT)))
+                module.__dict__.pop(leaf, None)
+                module._parameters[leaf] = nn.Parameter(
+                    torch.zeros(plan.fingerprint[bias], dtype=like.dtype, device=like.device), requires_grad=False)
+            for name, value in plan.updates.items():
+                module, leaf = _owner(model, name)
+                tensor = getattr(module, leaf)
+                if any(a[0] is module and a[1] == leaf for a in attached):
+                    tensor.copy_(value)  # a bias of our own
+                    continue
+                if (value.dtype == tensor.dtype and value.device == tensor.device and value.shape == tensor.shape
+                        and value.stride() == tensor.stride() and name not in plan.zeroed):
+                    new = value  # used as it is: nothing writes to it
+                else:
+                    new = torch.empty_like(tensor).copy_(value)
+                swapped.append((tensor, tensor.data))
+                tensor.data = new
+            for name, axes in plan.zeroed.items():
+                module, leaf = _owner(model, name)
+                tensor = getattr(module, leaf)
+                for axis, idx in axes.items():
+                    index = torch.tensor(idx, dtype=torch.long, device=tensor.device)
+                    zeroed.append((tensor, axis, index, tensor.index_select(axis, index)))
+                    tensor.index_fill_(axis, index, 0)
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, axis, index, saved in reversed(zeroed):
+                tensor.index_copy_(axis, index, saved)
+            for tensor, data in reversed(swapped):
+                tensor.data = data
+            for module, leaf, entry, attr in reversed(attached):
+                del module._parameters[leaf]
+                if entry is not _ABSENT:
+                    module._parameters[leaf] = entry
+                if attr is not _ABSENT:
+                    module.__dict__[leaf] = attr
+            for buffer, value in buffers:
+                buffer.copy_(value)
 
 
 def _skip_blocks(plan: PruningPlan, model: nn.Module) -> None:

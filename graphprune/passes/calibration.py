@@ -4,7 +4,8 @@ batches, and the importance and compensation built on them.
 Forward pre-hooks on every layer that reads channels through a weight (nn.Linear, transformers' Conv1D,
 convolutions without groups) accumulate, per input column: the count, sum x and sum x^2; and X^T X for
 layers whose removed inputs can be compensated (the layer is the only reader of those channels), or for
-every reader with importance="obs".
+every reader with importance="obs". X^T X is accumulated in float32 (each use takes it to float64, one
+reader at a time) and the Compensate pass drops each matrix once its layer is rewritten.
 
 Criteria (higher = keep), all in units of the reading layer's output, so they compare across layers:
   wanda: mean_i |W_ij| * rms(x_j)            (Wanda, structured: summed over a channel's columns)
@@ -80,13 +81,13 @@ class Reader:
         if self.s1 is None:
             self.s1 = torch.zeros(x.shape[1], dtype=torch.float64)
             self.s2 = torch.zeros_like(self.s1)
-            if self.want_gram:
-                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            if self.want_gram:  # float32: half the memory of float64 (C_in^2 per reader adds up in an LLM)
+                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
         self.n += x.shape[0]
         self.s1 += x.sum(0, dtype=torch.float64)
         self.s2 += (x * x).sum(0, dtype=torch.float64)
-        if self.gram is not None:  # one batch in float32, the running total in float64
-            self.gram += (x.T @ x).double()
+        if self.gram is not None:  # accumulated in place, in float32; the users take it to float64 one at a time
+            self.gram.addmm_(x.T, x)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -193,16 +194,17 @@ class CalibratedImportance:
         score = np.zeros(n_comp)
         seen = np.zeros(n_comp, dtype=bool)
         for r in self.readers:
-            w = _weight_columns(tensors, r)
             if self.criterion == "wanda":
-                col = (w.abs().mean(0) * (r.s2 / r.n).sqrt()).numpy()
+                t = tensors[r.weight]
+                rows = t.numel() // max(t.shape[r.in_axis], 1)
+                col = (_column_sums(t, r.in_axis, square=False) / max(rows, 1) * (r.s2 / r.n).sqrt()).numpy()
             elif r.gram is None:
                 if self.criterion == "obs":
                     raise ValueError(f"importance='obs' needs X^T X of {r.module or r.weight}: collect(grams=True)")
                 moment = r.s2 / r.n if self.compensate == "none" else r.var
-                col = (moment * (w * w).sum(0)).numpy()
+                col = (moment * _column_sums(tensors[r.weight], r.in_axis, square=True)).numpy()
             else:
-                col = self._errors(r, w, an)
+                col = self._errors(r, _weight_columns(tensors, r), an)
             score += np.bincount(r.columns, weights=col, minlength=n_comp)
             seen[r.columns] = True
         score[~seen] = np.inf  # no calibrated reader: nothing says it is safe to remove
@@ -210,13 +212,11 @@ class CalibratedImportance:
 
     def _errors(self, r: Reader, w: torch.Tensor, an: Analysis) -> np.ndarray:
         """Per column, its component's output error (put on the component's first column)."""
-        second = r.gram / r.n
-        cov = second - torch.outer(r.mean, r.mean)
-        moment = second if self.compensate == "none" else cov
-        precision = None
+        moment = precision = None
         if self.compensate == "ls" or self.criterion == "obs":
-            lam = RIDGE * float(cov.diagonal().mean().clamp_min(1e-12))
-            precision = torch.linalg.inv(cov + lam * torch.eye(len(cov), dtype=cov.dtype))
+            precision, lam = _ridge_precision(r)
+        else:
+            moment = _covariance(r) if self.compensate != "none" else _second_moment(r)
         out = np.zeros(len(r.columns))
         comps = r.columns
         order = np.argsort(comps, kind="stable")
@@ -237,46 +237,107 @@ class CalibratedImportance:
         return out
 
 
+def _second_moment(r: Reader) -> torch.Tensor:
+    """E[x x^T] in float64: a new matrix (the float32 gram is left as it is)."""
+    return r.gram.double().div_(max(r.n, 1))
+
+
+def _covariance(r: Reader) -> torch.Tensor:
+    """The input covariance in float64, a new matrix computed in place of E[x x^T]."""
+    return _second_moment(r).addr_(r.mean, r.mean, alpha=-1)
+
+
+def _ridge_precision(r: Reader) -> tuple[torch.Tensor, float]:
+    """((cov + lam I)^-1, lam), lam = RIDGE x the mean input variance, in float64: through the Cholesky factor,
+    two C_in x C_in matrices at a time where torch.linalg.inv holds three or four; the general inverse if
+    the factorization fails (a matrix that is not numerically positive definite)."""
+    m = _covariance(r)
+    lam = RIDGE * float(m.diagonal().mean().clamp_min(1e-12))
+    m.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(m)
+    if int(info) != 0:
+        del factor
+        return torch.linalg.inv(m), lam
+    del m
+    return torch.cholesky_inverse(factor), lam
+
+
+def _column_sums(t: torch.Tensor, in_axis: int, square: bool) -> torch.Tensor:
+    """Per input column of weight `t` (input axis `in_axis`), the float64 sum of w^2 (square) or |w| over
+    everything else, a slab of rows at a time: no float64 copy of a large weight (an LM head) is made."""
+    t = t.detach()
+    out = torch.zeros(t.shape[in_axis], dtype=torch.float64)
+    if not t.numel():
+        return out
+    step = max(1, (1 << 22) // max(t[0].numel(), 1))  # about 4M elements per slab
+    for lo in range(0, t.shape[0], step):
+        c = t[lo:lo + step].to(torch.float64, copy=True)  # never the model's own memory
+        c = c.mul_(c) if square else c.abs_()
+        dims = [d for d in range(c.ndim) if d != in_axis]
+        part = c.sum(dims) if dims else c
+        if in_axis == 0:
+            out[lo:lo + step] += part
+        else:
+            out += part
+    return out
+
+
 def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: dict[str, torch.Tensor],
-               method: str) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
+               method: str, release: bool = False) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
     """New full-shape weights and biases for readers that lost inputs, and the biases added, each as
-    (bias name, weight name, weight axis of the outputs)."""
+    (bias name, weight name, weight axis of the outputs). release=True drops each reader's X^T X once its turn
+    is over (the Compensate pass, its last user), so the matrices go one by one as the updates come."""
     if method not in ("ls", "bias"):
         raise ValueError(f"compensate must be True, 'ls', 'bias' or False, got {method!r}")
     readers_of = _readers_per_component(readers, len(an.prunable))
     updates: dict[str, torch.Tensor] = {}
     added: list[tuple[str, str, int]] = []
     for r in readers:
-        removed = gone[r.columns]
-        # only where this reader is the removed channels' sole reader: it then sees exactly the pruned tensor
-        if not removed.any() or (readers_of[r.columns[removed]] != 1).any():
-            continue
-        p_idx = torch.from_numpy(np.nonzero(removed)[0])
-        k_idx = torch.from_numpy(np.nonzero(~removed)[0])
-        w = _weight_columns(tensors, r)
-        w_p = w[:, p_idx]
-        shift = w_p @ r.mean[p_idx]
-        if method == "ls" and r.gram is not None:
-            cov = r.gram / r.n - torch.outer(r.mean, r.mean)
-            s_kk = cov[k_idx][:, k_idx]
-            lam = RIDGE * float(s_kk.diagonal().mean().clamp_min(1e-12))
-            a = torch.linalg.solve(s_kk + lam * torch.eye(len(k_idx), dtype=s_kk.dtype), cov[k_idx][:, p_idx]).T
-            delta = w_p @ a  # [out, |K|]
-            shift = shift - delta @ r.mean[k_idx]
-            new_w = w.clone()
-            new_w[:, k_idx] += delta
-            updates[r.weight] = _back_to_layout(new_w, tensors[r.weight], r)
-        bias_name = r.module + ".bias" if r.module else "bias"
-        old_bias = tensors.get(bias_name)
-        if r.kind == "conv":
-            shift = shift.reshape(tensors[r.weight].shape[0], -1).sum(1)  # kernel taps all see the mean
-        if old_bias is None:
-            added.append((bias_name, r.weight, 1 if r.kind == "conv1d_hf" else 0))
-            base = torch.zeros(shift.shape[0], dtype=torch.float64)
-        else:
-            base = old_bias.detach().double()
-        updates[bias_name] = (base + shift).to(tensors[r.weight].dtype)
+        try:
+            _compensate_one(r, readers_of, gone, tensors, method, updates, added)
+        finally:
+            if release:
+                r.gram = None
     return updates, added
+
+
+def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors: dict[str, torch.Tensor],
+                    method: str, updates: dict[str, torch.Tensor], added: list[tuple[str, str, int]]) -> None:
+    removed = gone[r.columns]
+    # only where this reader is the removed channels' sole reader: it then sees exactly the pruned tensor
+    if not removed.any() or (readers_of[r.columns[removed]] != 1).any():
+        return
+    p_idx = torch.from_numpy(np.nonzero(removed)[0])
+    k_idx = torch.from_numpy(np.nonzero(~removed)[0])
+    w = _weight_columns(tensors, r)
+    w_p = w[:, p_idx]
+    shift = w_p @ r.mean[p_idx]
+    if method == "ls" and r.gram is not None:
+        cov = _covariance(r)
+        s_kk, s_kp = cov[k_idx[:, None], k_idx], cov[k_idx[:, None], p_idx]
+        del cov  # only the kept block and the kept-removed block are needed
+        lam = RIDGE * float(s_kk.diagonal().mean().clamp_min(1e-12))
+        s_kk.diagonal().add_(lam)
+        a = torch.linalg.solve(s_kk, s_kp).T
+        del s_kk, s_kp
+        delta = w_p @ a  # [out, |K|]
+        shift = shift - delta @ r.mean[k_idx]
+        original = tensors[r.weight]
+        if w.untyped_storage().data_ptr() == original.untyped_storage().data_ptr():
+            w = w.clone()  # a float64 weight: _weight_columns returned the model's own tensor
+        w[:, k_idx] += delta
+        del delta, a
+        updates[r.weight] = _back_to_layout(w, original, r)
+    bias_name = r.module + ".bias" if r.module else "bias"
+    old_bias = tensors.get(bias_name)
+    if r.kind == "conv":
+        shift = shift.reshape(tensors[r.weight].shape[0], -1).sum(1)  # kernel taps all see the mean
+    if old_bias is None:
+        added.append((bias_name, r.weight, 1 if r.kind == "conv1d_hf" else 0))
+        base = torch.zeros(shift.shape[0], dtype=torch.float64)
+    else:
+        base = old_bias.detach().double()
+    updates[bias_name] = (base + shift).to(tensors[r.weight].dtype)
 
 
 def _back_to_layout(w: torch.Tensor, like: torch.Tensor, r: Reader) -> torch.Tensor:
@@ -299,6 +360,7 @@ class Compensate(Pass):
 
     def __call__(self, job) -> None:
         plan = job.plan
-        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method))
+        # the pass is the statistics' last user: each X^T X is dropped as soon as its layer is done
+        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method, release=True))
         plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from "
                           f"{sum(r.n for r in self.readers[:1])} calibration tokens")
