@@ -175,7 +175,7 @@ def _build(config) -> torch.nn.Module:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.bfloat16)  # sets its dtype
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise UsageError(f"{type(config).__name__} ({config.model_type}) has no causal-LM class in "

@@ -39,6 +39,7 @@ obs (structured Optimal Brain Surgeon: SPA / OBSPA, ZipLM, SlimGPT), the error l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -118,9 +119,26 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
     if batches is None or isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise GraphPruneError("calibration must be a list (or other iterable) of batches, each shaped like "
                               "example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs")
+    readers = make_readers(model.named_modules(), an, tensors, grams)
+    started = time.perf_counter()
+    count = 0
+    with hooked(model.named_modules(), readers), eval_mode(model), torch.no_grad():
+        for batch in batches:
+            args, kwargs = normalize_inputs(batch)
+            model(*args, **kwargs)
+            count += 1
+            log.info("calibration batch %d done (%.1f s)", count, time.perf_counter() - started)
+    if count == 0:
+        raise GraphPruneError("calibration is empty: pass at least one batch")
+    return [r for r in readers if r.n]
+
+
+def make_readers(modules: Any, an: Analysis, tensors: dict[str, torch.Tensor], grams: bool = False) -> list[Reader]:
+    """A Reader for every (name, module) that reads prunable channels through a weight found in `tensors` and in
+    the analysis; X^T X is wanted where compensation will need it (or everywhere with grams=True)."""
     name_of = {id(t): n for n, t in tensors.items()}
-    readers, hooks = [], []
-    for module_name, module in model.named_modules():
+    readers = []
+    for module_name, module in modules:
         found = _reader_kind(module)
         if found is None or id(module.weight) not in name_of:
             continue
@@ -129,30 +147,25 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
         if value is None:
             continue
         cols = an.component[an.elements(value, found[1])]
-        if not an.prunable[cols].any():
-            continue
-        reader = Reader(module_name, weight, found[1], found[0], columns=cols)
-        readers.append(reader)
-        hooks.append(module.register_forward_pre_hook(lambda _m, args, r=reader: r.add(args[0])))
+        if an.prunable[cols].any():
+            readers.append(Reader(module_name, weight, found[1], found[0], columns=cols))
     readers_of = _readers_per_component(readers, len(an.prunable))
     for r in readers:  # compensation needs X^T X only where this layer is a channel's only reader
         sole = bool((readers_of[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
         r.want_gram = grams or sole
-    started = time.perf_counter()
-    count = 0
+    return readers
+
+
+@contextlib.contextmanager
+def hooked(modules: Any, readers: list[Reader]):
+    """Feed each reader the inputs its module sees while the block runs."""
+    by_name = dict(modules)
+    hooks = [by_name[r.module].register_forward_pre_hook(lambda _m, args, r=r: r.add(args[0])) for r in readers]
     try:
-        with eval_mode(model), torch.no_grad():
-            for batch in batches:
-                args, kwargs = normalize_inputs(batch)
-                model(*args, **kwargs)
-                count += 1
-                log.info("calibration batch %d done (%.1f s)", count, time.perf_counter() - started)
+        yield readers
     finally:
         for h in hooks:
             h.remove()
-    if count == 0:
-        raise GraphPruneError("calibration is empty: pass at least one batch")
-    return [r for r in readers if r.n]
 
 
 def _readers_per_component(readers: list[Reader], n_comp: int) -> np.ndarray:

@@ -1,0 +1,545 @@
+"""Prune a Hugging Face causal-LM checkpoint larger than memory, one decoder layer at a time (`graphprune prune-hf`).
+
+The model is never whole in memory. Its skeleton is built with parameters on the meta device; the inputs of the
+first decoder layer are captured for every calibration batch (the embedding is the only weight loaded for it);
+then each layer is read from the safetensors shards, run on those inputs while its readers' statistics are
+gathered (X^T X only where compensation or the criterion needs it, float32, freed with the layer), and its
+outputs become the next layer's inputs.
+
+Two passes. The first scores every layer's channels and heads and keeps only the score table (L x C floats);
+the selection then runs on the whole model's channel analysis, traced on the meta device, exactly as
+graphprune.plan would run it on the loaded model (uniform or global allocation, the same budget arithmetic),
+so both give the same plan. The second pass runs the layers again, compensates those that lost inputs, and
+writes each slimmed layer to the output shards as soon as it is done.
+
+`propagate` says what the next layer sees: "dense" (the default) the unpruned layer's outputs, so every layer's
+statistics are those of the original model and the result equals in-memory graphprune.prune; "pruned" the
+pruned and compensated layer's outputs (SparseGPT-style), so each layer's compensation is fitted to the inputs
+it will see in the pruned model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import resource
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .api import CALIBRATED, analyse
+from .backends.torch import masked_in_place, sliced
+from .errors import GraphPruneError, UsageError
+from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, load_config
+from .ir.from_torch import eval_mode
+from .passes.calibration import CalibratedImportance, compensate, hooked, make_readers
+from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
+from .plan import PruningPlan, named_tensors
+from .shards import ShardReader, ShardWriter
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "graphprune_plan.json"
+WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf)$|.*\.(safetensors|bin)\.index\.json$")
+PROPAGATE = ("dense", "pruned")
+
+
+@dataclass
+class Result:
+    """What prune_pretrained did: the plan (every removed index, by tensor name), where it wrote, what it cost."""
+
+    plan: PruningPlan
+    output: str
+    seconds: float
+    peak_rss_bytes: int
+    uniform_config: bool  # config.json describes the widths: from_pretrained loads the output without graphprune
+
+    def summary(self) -> str:
+        how = ("transformers' from_pretrained loads it" if self.uniform_config else
+               "widths differ between layers: load it with graphprune.hf.load_pretrained")
+        return (f"{self.plan.summary()}\nwrote {self.output} ({how})\n"
+                f"peak memory {self.peak_rss_bytes / 2**30:.2f} GiB, {self.seconds:.1f} s")
+
+
+def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_params: float | None = None,
+                     target_flops: float | None = None, *, importance: str = "flap", compensate: bool | str = False,
+                     uniform: bool = False, calibration: Any = None, batch_size: int = 4, propagate: str = "dense",
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     round_to: int | str | None = "auto", max_ratio: float = 0.9,
+                     max_shard_bytes: int = 2 * 1024**3, progress: Callable[[str], None] | None = None) -> Result:
+    """Prune the checkpoint in directory `src` to `out` (a new directory), one decoder layer in memory at a time.
+
+    Args:
+        target_params / target_flops: the fraction of parameters (or FLOPs of one calibration window) to keep.
+        importance: "flap" (default), "wanda" or "obs": criteria read from the calibration data (see graphprune.plan).
+        compensate: True or "ls" (least squares), "bias" (FLAP's mean), or False.
+        uniform: every layer keeps the same widths, so the written config.json describes the model and
+            transformers' from_pretrained loads it; otherwise the budget is spent where scores are lowest across
+            layers and the output is loaded with graphprune.hf.load_pretrained (the plan is written beside it).
+        calibration: token ids, [samples, tokens] (a tensor or array); all windows the same length.
+        batch_size: calibration windows per forward.
+        propagate: "dense" (default: the original model's activations feed each layer; the result equals the
+            in-memory graphprune.prune) or "pruned" (the pruned layers' outputs feed the next ones).
+        device: where each layer runs ("cuda" moves one layer at a time to the GPU; the rest stays on the CPU).
+        dtype: the dtype layers run in (default: the checkpoint's); the written weights keep the checkpoint's dtypes
+            and the statistics are float32.
+        max_shard_bytes: the size of each written safetensors shard.
+        progress: called with short messages ("pass 1: layers 3/24") as layers finish.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda message: log.info("%s", message))
+    kind, ratio = parse_budget(target_flops, target_params)
+    round_to = check_options(round_to, max_ratio)
+    compensate = "ls" if compensate is True else compensate
+    if importance not in ("flap", "wanda", "obs"):
+        raise UsageError(f"prune-hf scores channels from calibration data: importance must be 'flap', 'wanda' or "
+                         f"'obs', got {importance!r}")
+    if compensate not in (False, None, "ls", "bias"):
+        raise UsageError(f"compensate must be True, 'ls', 'bias' or False, got {compensate!r}")
+    if propagate not in PROPAGATE:
+        raise UsageError(f"propagate must be 'dense' or 'pruned', got {propagate!r}")
+    src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
+    _check_paths(src, out)
+    config, _ = load_config(src)
+    weights = ShardReader(src)
+    ids = _token_windows(calibration, batch_size, config)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device='cuda' but torch sees no CUDA GPU: run on the CPU (the default) or on a machine "
+                         "with one")
+    layers = _layer_count(config)
+    skeleton = _skeleton(config)
+    stack = _stack(skeleton, layers)
+    if stack is None:
+        raise UsageError(f"found no decoder stack in {type(skeleton).__name__} (a list of num_hidden_layers="
+                         f"{layers} identical layers): prune-hf needs one; load the model and use graphprune.prune")
+    _check_weights(skeleton, weights, stack)
+    dtype = dtype or _stored_dtype(weights)
+    seq_len = ids.shape[-1]
+
+    # the analysis of one decoder layer: a 1-layer copy of the model, traced on meta; layer l's tensors are
+    # layer 0's under another index
+    one = _build(_truncated(config, 1))
+    layer_an = analyse(one, _meta_ids(seq_len), None, False, False, "dispatch")[0]
+    del one
+    layer_comps = _layer_components(layer_an, f"{stack}.0.")
+    runner = _Runner(skeleton, stack, weights, device, dtype)
+    say(f"capturing the inputs of {stack}.0 for {len(ids)} calibration batches of {tuple(ids[0].shape)} tokens")
+    inputs = runner.capture(ids)
+
+    table = np.zeros((layers, len(layer_comps)))
+    hidden = inputs
+    for index in range(layers):  # pass 1: scores
+        layer, tensors = runner.load(index)
+        readers = make_readers(_prefixed(layer, f"{stack}.0."), layer_an, tensors, grams=importance == "obs")
+        for r in readers:  # as graphprune.plan collects them; wanda reads no X^T X
+            r.want_gram = r.want_gram and importance != "wanda"
+        hidden = runner.run(layer, hidden, readers)
+        scores = CalibratedImportance(importance, [r for r in readers if r.n], compensate)(layer_an, tensors)
+        table[index] = scores[layer_comps]
+        del readers, layer, tensors
+        runner.unload(index)
+        say(f"pass 1 (scores): layers {index + 1}/{layers}")
+
+    # the selection, on the whole model traced on meta: what graphprune.plan decides on the loaded model
+    full = _build(config)
+    an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
+    scorer = _TableScorer(table, layer_an, layer_comps, stack)
+    job = Job(an, named_tensors(full), kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep,
+              lockstep=lockstep, multiple=multiple,
+              target={"uniform": uniform, "importance": importance, "compensate": compensate or False})
+    the_plan = run(PLAN, job).plan
+    the_plan._analysis = the_plan._gone = None
+    del job, an, scorer, full
+
+    tmp = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(out))
+    try:
+        added: list[tuple[str, str, int]] = []
+        with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
+            layer_names = f"{stack}."
+            for name in weights.names:
+                if not name.startswith(layer_names):
+                    writer.add(name, sliced(the_plan, name, weights.get(name)))
+            hidden = inputs
+            for index in range(layers):  # pass 2: compensate, write, propagate
+                hidden = _prune_layer(runner, index, hidden, the_plan, layer_an, stack, compensate, propagate,
+                                      writer, added)
+                say(f"pass 2 (prune and write): layers {index + 1}/{layers}")
+            the_plan.set_compensation({}, added)
+            uniform_config = _write_config(config, the_plan, writer, tmp, uniform,
+                                           lambda bias: weights.dtype(bias.rpartition(".")[0] + ".weight"))
+        the_plan.save(os.path.join(tmp, PLAN_FILE))
+        for name in sorted(os.listdir(src)):  # tokenizer, generation config, ...
+            path = os.path.join(src, name)
+            if os.path.isfile(path) and name != "config.json" and not WEIGHT_FILES.fullmatch(name):
+                shutil.copy2(path, os.path.join(tmp, name))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    the_plan.notes.append(f"pruned layer by layer in {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB "
+                          f"(propagate={propagate!r}, {ids.shape[0] * ids.shape[1] * ids.shape[2]} calibration tokens)")
+    the_plan.save(os.path.join(out, PLAN_FILE))
+    return Result(the_plan, out, seconds, peak, uniform_config)
+
+
+def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """A directory prune_pretrained wrote, as a model: the plan replayed onto the architecture its config.json
+    builds (no weights allocated twice), then the pruned weights loaded. Uniform outputs also load with
+    transformers' from_pretrained alone."""
+    from transformers import AutoModelForCausalLM
+
+    directory = os.fspath(directory)
+    plan_file = os.path.join(directory, PLAN_FILE)
+    if not os.path.isfile(plan_file):
+        raise UsageError(f"{directory} holds no {PLAN_FILE}: it was not written by graphprune prune-hf "
+                         "(load it with transformers' from_pretrained)")
+    the_plan = PruningPlan.load(plan_file)
+    config, _ = load_config(directory)
+    uniform_config = bool(the_plan.target.get("config_describes_widths"))
+    if uniform_config:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    with _empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    model = the_plan.apply(model, inplace=True, verify=False)
+    state = {}
+    with ShardReader(directory) as weights:
+        for name in weights.names:
+            state[name] = weights.get(name)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n in missing if n not in _tied_names(model)]
+    if missing or unexpected:
+        raise GraphPruneError(f"{directory}: the weights do not match the plan (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    model.graphprune_plan = the_plan
+    return model.eval()
+
+
+# --- checks ---------------------------------------------------------------------------------------------------
+
+def _check_paths(src: str, out: str) -> None:
+    if not os.path.isdir(src):
+        raise UsageError(f"{src} is not a directory: give a Hugging Face model directory (config.json and "
+                         "*.safetensors)")
+    if os.path.lexists(out):
+        raise UsageError(f"{out} exists: give a new output directory (nothing is overwritten)")
+    if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+        raise UsageError(f"the output {out} is inside the input directory {src}: write it somewhere else")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write {out}: directory {parent} does not exist")
+
+
+def _token_windows(calibration: Any, batch_size: int, config) -> torch.Tensor:
+    """[batches, batch_size, tokens] int64 token ids from [samples, tokens]; samples that do not fill the last
+    batch are dropped (every batch must have the same shape)."""
+    if calibration is None:
+        raise UsageError("prune-hf needs calibration token ids ([samples, tokens]): a text file (tokenized with the "
+                         "model's tokenizer) or a .npy array of token ids")
+    ids = torch.as_tensor(np.asarray(calibration)).long()
+    if ids.ndim != 2 or ids.shape[1] < 1:
+        raise UsageError(f"calibration must be token ids shaped [samples, tokens], got shape {tuple(ids.shape)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    vocab = getattr(config, "vocab_size", None)
+    if ids.numel() and (int(ids.min()) < 0 or (vocab and int(ids.max()) >= vocab)):
+        raise UsageError(f"calibration token ids must lie in [0, {vocab}), found {int(ids.min())}..{int(ids.max())}: "
+                         "were they made with this model's tokenizer?")
+    batches = ids.shape[0] // batch_size
+    if batches == 0:
+        raise UsageError(f"calibration holds {ids.shape[0]} windows of {ids.shape[1]} tokens, fewer than one batch "
+                         f"of {batch_size}: give more text or a smaller batch_size")
+    return ids[:batches * batch_size].reshape(batches, batch_size, ids.shape[1])
+
+
+def _check_weights(skeleton: nn.Module, weights: ShardReader, stack: str) -> None:
+    """Every parameter the config builds is in the checkpoint with the same shape (tied copies may be absent)."""
+    tied = _tied_names(skeleton)
+    problems = []
+    for name, t in skeleton.state_dict().items():
+        if name not in weights:
+            if name not in tied and name in dict(skeleton.named_parameters()):
+                problems.append(f"{name} is missing")
+        elif tuple(weights.shape(name)) != tuple(t.shape):
+            problems.append(f"{name} is {tuple(weights.shape(name))}, the config builds {tuple(t.shape)}")
+    if problems:
+        raise UsageError(f"the weights do not match config.json ({'; '.join(problems[:3])}"
+                         f"{'; ...' if len(problems) > 3 else ''}): is the directory complete?")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    first = dict(model.named_parameters(remove_duplicate=True))
+    return {n for n, _ in model.named_parameters(remove_duplicate=False) if n not in first}
+
+
+def _stored_dtype(weights: ShardReader) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's bytes."""
+    sizes: dict[torch.dtype, int] = {}
+    for name in weights.names:
+        dt = weights.dtype(name)
+        if dt.is_floating_point:
+            sizes[dt] = sizes.get(dt, 0) + weights.nbytes(name)
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+# --- the model, a layer at a time ----------------------------------------------------------------------------
+
+class _empty_weights:
+    """Build modules with parameters on the meta device and buffers (rotary frequencies) real, on the CPU."""
+
+    def __enter__(self):
+        self._original = nn.Module.register_parameter
+
+        def register(module, name, param):
+            self._original(module, name, param)
+            if param is not None and param.device.type != "meta":
+                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+        nn.Module.register_parameter = register
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.register_parameter = self._original
+
+
+def _skeleton(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with _empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    for m in module.modules():
+        for key, b in m._buffers.items():
+            if b is not None and b.device != device:
+                m._buffers[key] = b.to(device)
+
+
+def _prefixed(layer: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    return [(prefix + n if n else prefix.rstrip("."), m) for n, m in layer.named_modules()]
+
+
+def _layer_components(an, prefix: str) -> np.ndarray:
+    """The prunable components that live only in the tensors under `prefix` (one decoder layer's heads and
+    channels), sorted."""
+    inside, outside = set(), set()
+    for name, v in an.graph.params.items():
+        comps = {int(c) for axis in range(v.ndim) for c in an.component[an.elements(v, axis)] if an.prunable[c]}
+        (inside if name.startswith(prefix) else outside).update(comps)
+    return np.array(sorted(inside - outside), dtype=np.int64)
+
+
+class _Runner:
+    """Moves decoder layers in and out of memory and runs them on the captured inputs."""
+
+    def __init__(self, skeleton: nn.Module, stack: str, weights: ShardReader, device: torch.device,
+                 dtype: torch.dtype):
+        self.model, self.stack, self.weights, self.device, self.dtype = skeleton, stack, weights, device, dtype
+        self.layers = skeleton.get_submodule(stack)
+        self.kwargs: list[dict[str, Any]] = []
+
+    def capture(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The first layer's inputs for every batch (hidden states on the CPU, other arguments kept per batch)."""
+        head = self.model.get_output_embeddings()
+        skip = {id(p) for p in head.parameters()} if head is not None else set()
+        tied = {id(p) for p in self.model.get_input_embeddings().parameters()}
+        loaded = []
+        for name, p in self.model.named_parameters():
+            if name.startswith(self.stack + ".") or (id(p) in skip and id(p) not in tied):
+                continue
+            loaded.append(name)
+            self._set(name, self.weights.get(name).to(self.device, self.dtype))
+        _buffers_to(self.model, self.device)  # rotary frequencies
+
+        class _Captured(Exception):
+            pass
+
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.append(hidden.to("cpu"))
+            kwargs.pop("past_key_values", None), kwargs.pop("past_key_value", None)
+            kwargs["use_cache"] = False
+            self.kwargs.append({k: v for k, v in kwargs.items()})
+            raise _Captured
+
+        hook = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for batch in ids:
+                    try:
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    except _Captured:
+                        continue
+                    raise GraphPruneError(f"{self.stack}.0 was never called: the model's forward does not run its "
+                                          "decoder stack in order")
+        finally:
+            hook.remove()
+            for name in loaded:  # the embedding and final norm go back to meta until pass 2 copies them out
+                self._set(name, None)
+        return captured
+
+    def _set(self, name: str, value: torch.Tensor | None) -> None:
+        module_name, _, leaf = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        old = module._parameters[leaf]
+        value = torch.empty_like(old, device="meta") if value is None else value
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+    def load(self, index: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Layer `index` with its weights read from the shards, and its tensors under layer 0's names."""
+        layer = self.layers[index]
+        prefix = f"{self.stack}.{index}."
+        for name, _ in list(layer.named_parameters()):
+            self._set(prefix + name, self.weights.get(prefix + name).to(self.device, self.dtype))
+        _buffers_to(layer, self.device)
+        zero = f"{self.stack}.0."
+        return layer, {zero + n: t for n, t in named_tensors(layer).items()}
+
+    def unload(self, index: int) -> None:
+        layer = self.layers[index]
+        prefix = f"{self.stack}.{index}."
+        for name, _ in list(layer.named_parameters()):
+            self._set(prefix + name, None)
+
+    def run(self, layer: nn.Module, hidden: list[torch.Tensor], readers=(), keep: bool = True) -> list[torch.Tensor]:
+        """The layer's outputs for every batch (on the CPU), feeding `readers` its inputs on the way."""
+        outs = []
+        modules = _prefixed(layer, f"{self.stack}.0.")
+        with torch.no_grad(), eval_mode(layer), hooked(modules, list(readers)):
+            for h, kwargs in zip(hidden, self.kwargs):
+                y = layer(h.to(self.device), **kwargs)
+                y = y[0] if isinstance(y, tuple) else y
+                if keep:
+                    outs.append(y.to("cpu"))
+        return outs
+
+
+class _TableScorer:
+    """Scores of the whole model's components from the per-layer score table: layer l's components are found
+    by tensor name (layer l's tensors are layer 0's under index l); everything outside the layers is kept."""
+
+    absolute = True  # calibrated scores share one unit across layers (as CalibratedImportance)
+
+    def __init__(self, table: np.ndarray, layer_an, layer_comps: np.ndarray, stack: str):
+        self.table, self.layer_an, self.layer_comps, self.stack = table, layer_an, layer_comps, stack
+
+    def __call__(self, an, tensors) -> np.ndarray:
+        scores = np.full(len(an.prunable), np.inf)
+        position = np.full(len(self.layer_an.prunable), -1)
+        position[self.layer_comps] = np.arange(len(self.layer_comps))
+        zero = f"{self.stack}.0."
+        pattern = re.compile(re.escape(self.stack) + r"\.(\d+)\.(.*)")
+        for name, v in an.graph.params.items():
+            m = pattern.fullmatch(name)
+            if m is None:
+                continue
+            mine = self.layer_an.graph.params.get(zero + m.group(2))
+            if mine is None:
+                continue
+            for axis in range(v.ndim):
+                where = position[self.layer_an.component[self.layer_an.elements(mine, axis)]]
+                hit = where >= 0
+                comps = an.component[an.elements(v, axis)]
+                scores[comps[hit]] = self.table[int(m.group(1)), where[hit]]
+        return scores
+
+
+def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_plan: PruningPlan, layer_an,
+                 stack: str, method, propagate: str, writer: ShardWriter, added: list) -> list[torch.Tensor]:
+    """Pass 2 for one layer: statistics where compensation needs them, the compensated and sliced tensors
+    written, the next layer's inputs returned."""
+    prefix, zero = f"{stack}.{index}.", f"{stack}.0."
+    mine = {zero + name[len(prefix):]: axes for name, axes in the_plan.removed.items() if name.startswith(prefix)}
+    gone = gone_from_removed(layer_an, mine)
+    layer, tensors = runner.load(index)
+    readers = []
+    if method:
+        readers = make_readers(_prefixed(layer, zero), layer_an, tensors)
+        for r in readers:
+            r.want_gram = r.want_gram and method == "ls"
+    dense = runner.run(layer, hidden, readers, keep=propagate == "dense")
+    updates, new_biases = (compensate([r for r in readers if r.n], layer_an, gone, tensors, method, release=True)
+                           if method else ({}, []))
+    del readers
+    local = PruningPlan(removed=mine, zeroed={zero + n[len(prefix):]: a for n, a in the_plan.zeroed.items()
+                                             if n.startswith(prefix)},
+                        fingerprint={n: list(t.shape) for n, t in tensors.items()}, target={},
+                        flops={"before": 0, "after": 0}, params={"before": 0, "after": 0})
+    local.set_compensation(updates, new_biases)
+    if propagate == "pruned":
+        view = _LayerView(layer, zero)
+        with masked_in_place(local, view):
+            nxt = runner.run(layer, hidden)
+    else:
+        nxt = dense
+    for name, tensor in tensors.items():
+        value = updates.get(name, tensor)
+        writer.add(prefix + name[len(zero):], sliced(local, name, value).to(runner.weights.dtype(
+            prefix + name[len(zero):])))
+    for bias, weight, axis in new_biases:
+        writer.add(prefix + bias[len(zero):], sliced(local, bias, updates[bias]).to(
+            runner.weights.dtype(prefix + weight[len(zero):])))
+        added.append((prefix + bias[len(zero):], prefix + weight[len(zero):], axis))
+    del tensors, updates, layer
+    runner.unload(index)
+    return nxt
+
+
+class _LayerView(nn.Module):
+    """A decoder layer seen under layer 0's names, so a per-layer plan can mask it in place."""
+
+    def __init__(self, layer: nn.Module, zero: str):
+        super().__init__()
+        parts = zero.rstrip(".").split(".")
+        holder = self
+        for part in parts[:-1]:
+            child = nn.Module()
+            holder.add_module(part, child)
+            holder = child
+        holder.add_module(parts[-1], layer)
+
+
+def _write_config(config, the_plan: PruningPlan, writer: ShardWriter, tmp: str, uniform: bool,
+                  dtype_of: Callable[[str], torch.dtype]) -> bool:
+    """config.json for the output: updated so that from_pretrained builds the pruned shapes where one config can
+    describe them (writing the zero biases a config flag brings along); else the original, and the plan rebuilds
+    the model. Returns whether the config describes the widths."""
+    slim = _build(config)
+    if the_plan.removed:  # the torch backend updates the config where one config describes the widths
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            slim = the_plan.apply(slim, inplace=True, verify=False)
+    shapes = {n: tuple(t.shape) for n, t in named_tensors(slim).items()}
+    rebuilt = {n: tuple(t.shape) for n, t in named_tensors(_build(slim.config)).items()}
+    describes = rebuilt == shapes
+    if describes:
+        for name in sorted(shapes.keys() - set(the_plan.fingerprint)):  # zero biases a config flag brings along
+            writer.add(name, torch.zeros(shapes[name], dtype=dtype_of(name)))
+        slim.config.dtype = config.dtype  # _build made the skeleton in bfloat16
+        config = slim.config
+    elif uniform:
+        warnings.warn("the config cannot describe the pruned widths; load the output with "
+                      "graphprune.hf.load_pretrained", stacklevel=3)
+    the_plan.target["config_describes_widths"] = describes
+    config.save_pretrained(tmp)
+    return describes
