@@ -125,6 +125,83 @@ def in_memory(args) -> None:
         print(f"{label:<44} {r['seconds']:>7.1f} {r['above']:>29.2f} {r['ratio']:>12.3f}")
 
 
+CHECKPOINT_CHILD = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads(2)
+from graphprune.hf_prune import prune_pretrained
+src, out, mode, samples, tokens, propagate = sys.argv[1:7]
+ids = torch.randint(0, 32000, (int(samples), int(tokens)), generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
+if mode == "prune-hf":
+    result = prune_pretrained(src, out, target_params=0.8, importance="flap", compensate=True, uniform=True,
+                              calibration=ids, propagate=propagate)
+    ratio = result.plan.params_ratio
+else:  # the in-memory path: the whole model loaded, then graphprune.prune
+    import transformers, graphprune
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    slim = graphprune.prune(model, {"input_ids": ids[:1]}, target_params=0.8, importance="flap", compensate=True,
+                            uniform=True, calibration=[{"input_ids": b} for b in ids.split(4)])
+    ratio = slim.graphprune_plan.params_ratio
+print(json.dumps({"seconds": time.perf_counter() - start, "ratio": ratio,
+                  "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def write_checkpoint(folder: str, hidden: int, intermediate: int, layers: int) -> int:
+    """A random LLaMA checkpoint in bfloat16, 2-GB shards, written a tensor at a time; returns its bytes."""
+    import torch
+    import transformers
+
+    from graphprune.hf_prune import _skeleton
+    from graphprune.shards import ShardWriter
+
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                      num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                                      dtype="bfloat16")
+    os.makedirs(folder)
+    config.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(0)
+    total = 0
+    with ShardWriter(folder) as writer:
+        for name, p in _skeleton(config).named_parameters():
+            t = torch.ones(p.shape) if p.ndim == 1 else torch.randn(p.shape, generator=gen) * 0.02
+            writer.add(name, t.to(torch.bfloat16))
+            total += 2 * t.numel()
+    return total
+
+
+def checkpoints(args) -> None:
+    sizes = {"0.5B": (1024, 4096, 24), "1.6B/12": (2048, 8192, 12), "1.6B": (2048, 8192, 24),
+             "3B": (2560, 10240, 32)}
+    chosen = [s for s in args.sizes.split(",")]
+    print(f"prune-hf vs in-memory prune(): target_params=0.8, flap + compensate + uniform, "
+          f"{args.samples} x {args.tokens} calibration tokens, bf16 checkpoints, 2 threads")
+    print(f"{'checkpoint':<10} {'GB':>6} {'path':<22} {'time s':>7} {'peak RSS GB':>12} {'x checkpoint':>13} "
+          f"{'params kept':>12}")
+    for key in chosen:
+        hidden, inter, layers = sizes[key]
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            src = os.path.join(tmp, "src")
+            size = write_checkpoint(src, hidden, inter, layers)
+            modes = ["prune-hf"] + (["in-memory"] if args.with_in_memory else [])
+            for mode in modes:
+                out = os.path.join(tmp, f"out-{mode}")
+                cmd = [sys.executable, "-c", CHECKPOINT_CHILD, src, out, mode, str(args.samples), str(args.tokens),
+                       args.propagate]
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
+                    r = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
+                         {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+                except subprocess.TimeoutExpired:
+                    r = {"error": f"timed out after {args.timeout} s"}
+                label = f"{key} ({layers} layers)"
+                if "error" in r:
+                    print(f"{label:<10} {size / 1e9:>6.2f} {mode:<22} {r['error']}", flush=True)
+                    continue
+                print(f"{label:<10} {size / 1e9:>6.2f} {mode:<22} {r['seconds']:>7.1f} {r['rss_gb']:>12.2f} "
+                      f"{r['rss_gb'] * 2**30 / size:>13.2f} {r['ratio']:>12.3f}", flush=True)
+
+
 def run(path: str, mode: str, seq_len: int, timeout: int) -> dict:
     try:
         done = subprocess.run([sys.executable, "-c", CHILD, path, mode, str(seq_len)], capture_output=True,
@@ -147,7 +224,19 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=5632,
                         help="--in-memory: MLP width (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=8, help="--in-memory: layers (default: %(default)s)")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="prune-hf on random bf16 LLaMA checkpoints written to disk (peak RSS, time)")
+    parser.add_argument("--sizes", default="0.5B,1.6B/12,1.6B", help="--checkpoints: which (default: %(default)s; "
+                        "also 3B)")
+    parser.add_argument("--samples", type=int, default=16, help="--checkpoints: calibration windows")
+    parser.add_argument("--tokens", type=int, default=256, help="--checkpoints: tokens per window")
+    parser.add_argument("--propagate", default="dense", choices=["dense", "pruned"])
+    parser.add_argument("--with-in-memory", action="store_true", help="--checkpoints: also the in-memory path")
+    parser.add_argument("--tmp", default=None, help="--checkpoints: where to write them (default: the temp dir)")
     args = parser.parse_args()
+    if args.checkpoints:
+        checkpoints(args)
+        return
     if args.in_memory:
         in_memory(args)
         return

@@ -1,5 +1,5 @@
 """Command line: ``graphprune prune IN.onnx -o OUT.onnx --target-flops R``, ``graphprune inspect IN.onnx``,
-``graphprune bench A.onnx B.onnx``, ``graphprune inspect-hf MODEL_DIR``, ``graphprune demo``, ``graphprune version``.
+``graphprune bench A.onnx B.onnx``, ``graphprune inspect-hf MODEL_DIR``, ``graphprune prune-hf MODEL_DIR -o OUT``, ``graphprune demo``, ``graphprune version``.
 
 Exit codes: 0 success, 2 usage error (a bad argument, a missing input file or output directory), 1 any
 other error; errors are one line on stderr with a hint (``--debug`` shows the traceback). Only argument
@@ -84,6 +84,46 @@ def _parser() -> argparse.ArgumentParser:
                             help="tokens in the traced forward; FLOPs per token include attention at this "
                                  "length (default: %(default)s)")
 
+    prune_hf = sub.add_parser(
+        "prune-hf", help="prune a Hugging Face LLM checkpoint one decoder layer at a time",
+        description="Prune a Hugging Face causal-LM directory (config.json and safetensors shards) into a new "
+                    "directory, one decoder layer in memory at a time, so checkpoints larger than memory prune. "
+                    "With --uniform the output loads with transformers' from_pretrained; otherwise with "
+                    "graphprune.hf.load_pretrained. The input directory is never modified.")
+    prune_hf.add_argument("input", metavar="MODEL_DIR", help="the model directory")
+    prune_hf.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="a new directory to write")
+    hf_budget = prune_hf.add_mutually_exclusive_group(required=True)
+    hf_budget.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the parameters to keep")
+    hf_budget.add_argument("--target-flops", type=_ratio, metavar="R",
+                           help="fraction of the FLOPs (of one calibration window) to keep")
+    prune_hf.add_argument("--calibration", required=True, metavar="FILE",
+                          help="a text file (tokenized with the directory's tokenizer) or a .npy array of token ids "
+                               "shaped [samples, tokens]")
+    prune_hf.add_argument("--importance", default="flap", choices=["flap", "wanda", "obs"],
+                          help="how channels and heads are ranked (default: %(default)s)")
+    prune_hf.add_argument("--compensate", nargs="?", const="ls", choices=["ls", "bias"],
+                          help="rewrite the layers that lost inputs: least squares (ls, the default when given) or "
+                               "the mean into the bias")
+    prune_hf.add_argument("--uniform", action="store_true",
+                          help="every layer keeps the same widths (the config describes them)")
+    prune_hf.add_argument("--seq-len", type=_positive, default=256, metavar="N",
+                          help="tokens per calibration window cut from a text file (default: %(default)s)")
+    prune_hf.add_argument("--samples", type=_positive, default=16, metavar="N",
+                          help="calibration windows taken from a text file, at most (default: %(default)s)")
+    prune_hf.add_argument("--batch-size", type=_positive, default=4, metavar="N",
+                          help="calibration windows per forward (default: %(default)s)")
+    prune_hf.add_argument("--propagate", default="dense", choices=["dense", "pruned"],
+                          help="what feeds each layer: the original model's activations (dense, the default) or "
+                               "the pruned layers' outputs")
+    prune_hf.add_argument("--device", default="cpu", help="where layers run, one at a time (default: %(default)s)")
+    prune_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                          help="the dtype layers run in (default: the checkpoint's; written weights keep it)")
+    prune_hf.add_argument("--round-to", type=_round_to, default="auto", metavar="N",
+                          help="keep widths a multiple of N (default: %(default)s)")
+    prune_hf.add_argument("--max-ratio", type=_ratio, default=0.9, metavar="R",
+                          help="largest fraction of one layer's channels that may go (default: %(default)s)")
+    prune_hf.add_argument("--report", metavar="REPORT.html", help="also write an HTML report with a width chart")
+
     bench = sub.add_parser("bench", help="ONNX Runtime latency of ONNX models side by side",
                            description="Time ONNX models in ONNX Runtime on the CPU (fixed threads, warm-up, "
                                        "median and p90 over the runs, the same input for all) and show their "
@@ -97,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                              type=_input_shape, help="shape for an input with unknown dimensions (repeatable)")
 
     version = sub.add_parser("version", help="print the version", description="Print graphprune's version.")
-    for command in (demo, prune, inspect, inspect_hf, bench, version):  # --debug works before or after the command name
+    for command in (demo, prune, inspect, inspect_hf, prune_hf, bench, version):  # --debug works before or after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -174,6 +214,22 @@ def _run(args) -> None:
         from .hf_inspect import inspect_pretrained
 
         print(inspect_pretrained(args.input, seq_len=args.seq_len))
+        return
+    elif args.command == "prune-hf":
+        import torch
+
+        from .hf_prune import calibration_ids, prune_pretrained
+
+        ids = calibration_ids(args.calibration, args.input, args.seq_len, args.samples)
+        result = prune_pretrained(args.input, args.output, args.target_params, args.target_flops,
+                                  importance=args.importance, compensate=args.compensate or False,
+                                  uniform=args.uniform, calibration=ids, batch_size=args.batch_size,
+                                  propagate=args.propagate, device=args.device,
+                                  dtype=getattr(torch, args.dtype) if args.dtype else None, round_to=args.round_to,
+                                  max_ratio=args.max_ratio, progress=_progress)
+        if args.report:
+            result.plan.report(args.report)
+        print(result.summary())
         return
     from . import onnx as gonnx
 

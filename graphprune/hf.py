@@ -1,4 +1,5 @@
-"""Hugging Face integration: HESSO inside a transformers Trainer run.
+"""Hugging Face integration: HESSO inside a transformers Trainer run, and checkpoints pruned layer by layer
+(prune_pretrained / load_pretrained, from graphprune/hf_prune.py; `graphprune prune-hf` on the command line).
 
     trainer = Trainer(model, args, train_dataset=ds,
                       callbacks=[graphprune.hf.HESSOCallback(example_inputs, target_params=0.7,
@@ -23,6 +24,7 @@ from transformers import TrainerCallback
 
 from .errors import UsageError
 from .files import atomic_write
+from .hf_prune import load_pretrained, prune_pretrained
 from .train import HESSO
 
 STATE_FILE = "hesso.pt"
@@ -76,4 +78,4 @@ class HESSOCallback(TrainerCallback):
                 atomic_write(os.path.join(folder, STATE_FILE), buf.getvalue())
 
 
-__all__ = ["HESSOCallback"]
+__all__ = ["HESSOCallback", "load_pretrained", "prune_pretrained"]

@@ -132,6 +132,18 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     layer_an = analyse(one, _meta_ids(seq_len), None, False, False, "dispatch")[0]
     del one
     layer_comps = _layer_components(layer_an, f"{stack}.0.")
+    def select(table: np.ndarray) -> PruningPlan:
+        """The selection on the whole model traced on meta: what graphprune.plan decides on the loaded model."""
+        full = _build(config)
+        an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
+        job = Job(an, named_tensors(full), kind, ratio, _TableScorer(table, layer_an, layer_comps, stack),
+                  round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep, multiple=multiple,
+                  target={"uniform": uniform, "importance": importance, "compensate": compensate or False})
+        chosen = run(PLAN, job).plan
+        chosen._analysis = chosen._gone = None  # the analysis goes before the layers come
+        return chosen
+
+    select(np.ones((layers, len(layer_comps))))  # an unreachable budget fails now, not after the first pass
     runner = _Runner(skeleton, stack, weights, device, dtype)
     say(f"capturing the inputs of {stack}.0 for {len(ids)} calibration batches of {tuple(ids[0].shape)} tokens")
     inputs = runner.capture(ids)
@@ -144,22 +156,14 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
         for r in readers:  # as graphprune.plan collects them; wanda reads no X^T X
             r.want_gram = r.want_gram and importance != "wanda"
         hidden = runner.run(layer, hidden, readers)
-        scores = CalibratedImportance(importance, [r for r in readers if r.n], compensate)(layer_an, tensors)
+        scores = CalibratedImportance(importance, [r for r in readers if r.n], compensate, release=True)(layer_an,
+                                                                                                        tensors)
         table[index] = scores[layer_comps]
         del readers, layer, tensors
         runner.unload(index)
         say(f"pass 1 (scores): layers {index + 1}/{layers}")
 
-    # the selection, on the whole model traced on meta: what graphprune.plan decides on the loaded model
-    full = _build(config)
-    an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
-    scorer = _TableScorer(table, layer_an, layer_comps, stack)
-    job = Job(an, named_tensors(full), kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep,
-              lockstep=lockstep, multiple=multiple,
-              target={"uniform": uniform, "importance": importance, "compensate": compensate or False})
-    the_plan = run(PLAN, job).plan
-    the_plan._analysis = the_plan._gone = None
-    del job, an, scorer, full
+    the_plan = select(table)
 
     tmp = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(out))
     try:
@@ -209,7 +213,9 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
     config, _ = load_config(directory)
     uniform_config = bool(the_plan.target.get("config_describes_widths"))
     if uniform_config:
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model.graphprune_plan = the_plan
+        return model.eval()
     with _empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
@@ -218,16 +224,56 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
     with ShardReader(directory) as weights:
         for name in weights.names:
             state[name] = weights.get(name)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n in missing if n not in _tied_names(model)]
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # tied copies are not in the files
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing or unexpected:
         raise GraphPruneError(f"{directory}: the weights do not match the plan (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]})")
-    model.tie_weights()
+                              f"{unexpected[:3]}): was the directory changed after graphprune wrote it?")
     if dtype is not None:
         model.to(dtype)
     model.graphprune_plan = the_plan
     return model.eval()
+
+
+def calibration_ids(path: str | os.PathLike, model_dir: str | os.PathLike, seq_len: int = 256,
+                    samples: int = 16) -> np.ndarray:
+    """Token ids [windows, seq_len] from a .npy array of token ids (used as it is) or a text file, tokenized with
+    the model directory's tokenizer and cut into at most `samples` consecutive windows of `seq_len` tokens."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"calibration file {path} does not exist")
+    if path.endswith(".npy"):
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path} is not a .npy array ({exc}): save token ids with numpy.save") from None
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(f"{path} holds a {ids.dtype} array of shape {ids.shape}: it should be integer token ids "
+                             "shaped [samples, tokens]")
+        return ids
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text: give a text file or a .npy array of token ids") from None
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_dir))
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the way out is the same
+        raise UsageError(f"{model_dir} has no tokenizer transformers can load ({type(exc).__name__}): give the "
+                         "calibration as a .npy array of token ids shaped [samples, tokens]") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sequence longer than the model's maximum": it is cut into windows
+        ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
+    windows = min(len(ids) // seq_len, samples)
+    if windows == 0:
+        raise UsageError(f"{path} holds {len(ids)} tokens, fewer than one calibration window of {seq_len}: give "
+                         "more text or a smaller --seq-len")
+    return ids[:windows * seq_len].reshape(windows, seq_len)
 
 
 # --- checks ---------------------------------------------------------------------------------------------------

@@ -26,8 +26,16 @@ def save(model: torch.nn.Module, path: str | os.PathLike, plan: PruningPlan | No
     atomic_write(path, buffer.getvalue())
 
 
-def load(path: str | os.PathLike, model_factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Rebuild the pruned model: fresh instance from model_factory, plan replayed, weights loaded."""
+def load(path: str | os.PathLike, model_factory: Callable[[], torch.nn.Module] | None = None) -> torch.nn.Module:
+    """Rebuild the pruned model: fresh instance from model_factory, plan replayed, weights loaded. A directory
+    written by `graphprune prune-hf` needs no factory: its config.json builds the architecture."""
+    if os.path.isdir(path):
+        from .hf_prune import load_pretrained
+
+        return load_pretrained(path)
+    if model_factory is None:
+        raise GraphPruneError("graphprune.load(path, model_factory): a save file needs the factory that builds the "
+                              "original architecture (only prune-hf directories rebuild from their config.json)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
