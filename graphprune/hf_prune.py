@@ -132,38 +132,19 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     layer_an = analyse(one, _meta_ids(seq_len), None, False, False, "dispatch")[0]
     del one
     layer_comps = _layer_components(layer_an, f"{stack}.0.")
-    def select(table: np.ndarray) -> PruningPlan:
-        """The selection on the whole model traced on meta: what graphprune.plan decides on the loaded model."""
-        full = _build(config)
-        an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
-        job = Job(an, named_tensors(full), kind, ratio, _TableScorer(table, layer_an, layer_comps, stack),
-                  round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep, multiple=multiple,
-                  target={"uniform": uniform, "importance": importance, "compensate": compensate or False})
-        chosen = run(PLAN, job).plan
-        chosen._analysis = chosen._gone = None  # the analysis goes before the layers come
-        return chosen
-
-    select(np.ones((layers, len(layer_comps))))  # an unreachable budget fails now, not after the first pass
+    target = {"uniform": uniform, "importance": importance, "compensate": compensate or False}
+    selection = dict(config=config, seq_len=seq_len, layer_an=layer_an, layer_comps=layer_comps, stack=stack,
+                     job=dict(kind=kind, ratio=ratio, round_to=round_to, max_ratio=max_ratio, target=target))
+    _select(np.ones((layers, len(layer_comps))), uniform, **selection)  # an unreachable budget fails before any work
     runner = _Runner(skeleton, stack, weights, device, dtype)
     say(f"capturing the inputs of {stack}.0 for {len(ids)} calibration batches of {tuple(ids[0].shape)} tokens")
     inputs = runner.capture(ids)
-
     table = np.zeros((layers, len(layer_comps)))
     hidden = inputs
-    for index in range(layers):  # pass 1: scores
-        layer, tensors = runner.load(index)
-        readers = make_readers(_prefixed(layer, f"{stack}.0."), layer_an, tensors, grams=importance == "obs")
-        for r in readers:  # as graphprune.plan collects them; wanda reads no X^T X
-            r.want_gram = r.want_gram and importance != "wanda"
-        hidden = runner.run(layer, hidden, readers)
-        scores = CalibratedImportance(importance, [r for r in readers if r.n], compensate, release=True)(layer_an,
-                                                                                                        tensors)
-        table[index] = scores[layer_comps]
-        del readers, layer, tensors
-        runner.unload(index)
+    for index in range(layers):  # pass 1: every layer's scores, on the original model's activations
+        hidden, table[index] = _score_layer(runner, index, hidden, layer_an, layer_comps, importance, compensate)
         say(f"pass 1 (scores): layers {index + 1}/{layers}")
-
-    the_plan = select(table)
+    the_plan = _select(table, uniform, **selection)
 
     tmp = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(out))
     try:
@@ -193,7 +174,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     the_plan.notes.append(f"pruned layer by layer in {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB "
-                          f"(propagate={propagate!r}, {ids.shape[0] * ids.shape[1] * ids.shape[2]} calibration tokens)")
+                          f"(propagate={propagate!r}, {ids.numel()} calibration tokens)")
     the_plan.save(os.path.join(out, PLAN_FILE))
     return Result(the_plan, out, seconds, peak, uniform_config)
 
@@ -371,6 +352,10 @@ def _skeleton(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config).eval()
 
 
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.cpu() for n, t in tensors.items()}
+
+
 def _buffers_to(module: nn.Module, device: torch.device) -> None:
     for m in module.modules():
         for key, b in m._buffers.items():
@@ -480,6 +465,34 @@ class _Runner:
         return outs
 
 
+def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_an, layer_comps: np.ndarray,
+                 importance: str, compensate) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Pass 1 for one layer: its outputs and its components' scores (the X^T X each needs is freed once read)."""
+    zero = f"{runner.stack}.0."
+    layer, tensors = runner.load(index)
+    readers = make_readers(_prefixed(layer, zero), layer_an, tensors, grams=importance == "obs")
+    for r in readers:  # as graphprune.plan collects them; wanda reads no X^T X
+        r.want_gram = r.want_gram and importance != "wanda"
+    out = runner.run(layer, hidden, readers)
+    seen = [r.cpu() for r in readers if r.n]
+    scores = CalibratedImportance(importance, seen, compensate, release=True)(layer_an, _on_cpu(tensors))
+    del readers, seen, layer, tensors
+    runner.unload(index)
+    return out, scores[layer_comps]
+
+
+def _select(table: np.ndarray, uniform: bool, config, seq_len: int, layer_an, layer_comps: np.ndarray, stack: str,
+            job: dict) -> PruningPlan:
+    """The selection on the whole model traced on meta, from the per-layer score table: what graphprune.plan
+    decides on the loaded model. The analysis is dropped before the layers come back."""
+    full = _build(config)
+    an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
+    chosen = run(PLAN, Job(an, named_tensors(full), scorer=_TableScorer(table, layer_an, layer_comps, stack),
+                           keep=keep, lockstep=lockstep, multiple=multiple, **job)).plan
+    chosen._analysis = chosen._gone = None
+    return chosen
+
+
 class _TableScorer:
     """Scores of the whole model's components from the per-layer score table: layer l's components are found
     by tensor name (layer l's tensors are layer 0's under index l); everything outside the layers is kept."""
@@ -524,8 +537,8 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
         for r in readers:
             r.want_gram = r.want_gram and method == "ls"
     dense = runner.run(layer, hidden, readers, keep=propagate == "dense")
-    updates, new_biases = (compensate([r for r in readers if r.n], layer_an, gone, tensors, method, release=True)
-                           if method else ({}, []))
+    updates, new_biases = (compensate([r.cpu() for r in readers if r.n], layer_an, gone, _on_cpu(tensors), method,
+                                      release=True) if method else ({}, []))
     del readers
     local = PruningPlan(removed=mine, zeroed={zero + n[len(prefix):]: a for n, a in the_plan.zeroed.items()
                                              if n.startswith(prefix)},

@@ -113,6 +113,35 @@ def test_bf16_sharded_qwen2_with_tied_embeddings(tmp_path):
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
 
 
+def test_dtype_override_runs_float32_and_writes_the_checkpoints_dtype(tmp_path):
+    """dtype=float32 on a bf16 checkpoint: the layers run in float32, so the plan is the in-memory one on the model
+    loaded in float32, exactly; the written weights are bf16 again."""
+    model, src = _checkpoint(tmp_path, T.LlamaConfig(**LLAMA), dtype=torch.bfloat16)
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(3))
+    out = str(tmp_path / "out")
+    result = prune_pretrained(src, out, target_params=0.8, compensate=True, uniform=True, calibration=ids,
+                              batch_size=4, dtype=torch.float32)
+    reference = graphprune.plan(model.float(), {"input_ids": ids[:1]}, target_params=0.8, importance="flap",
+                                compensate=True, uniform=True, calibration=[{"input_ids": b} for b in ids.split(4)])
+    assert result.plan.removed == reference.removed
+    from graphprune.shards import ShardReader
+
+    with ShardReader(out) as written:
+        assert {written.dtype(n) for n in written.names} == {torch.bfloat16}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: device='cuda' runs each layer on it")
+def test_cuda_runs_each_layer_on_the_gpu(tmp_path):
+    _, src = _checkpoint(tmp_path, T.LlamaConfig(**LLAMA))
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(1))
+    runs = {d: prune_pretrained(src, str(tmp_path / d), target_params=0.8, compensate=True, uniform=True,
+                                calibration=ids, batch_size=4, device=d) for d in ("cpu", "cuda")}
+    assert runs["cuda"].plan.removed.keys() == runs["cpu"].plan.removed.keys()
+    x = ids[:2]
+    a, b = (T.AutoModelForCausalLM.from_pretrained(str(tmp_path / d)) for d in ("cpu", "cuda"))
+    assert torch.allclose(_logits(a, x), _logits(b, x), atol=1e-3, rtol=1e-3)
+
+
 def test_pruned_propagation_fits_each_layer_to_the_pruned_inputs(tmp_path):
     """propagate="pruned": layer 0 sees the same inputs either way, so it is written identically; the next
     layers are compensated on the pruned model's activations, so their weights differ from the dense mode's."""

@@ -79,16 +79,21 @@ class Reader:
         if self.kind == "conv":
             x = x.movedim(1, -1)
         x = x.reshape(-1, x.shape[-1]).float()
-        if self.s1 is None:
-            self.s1 = torch.zeros(x.shape[1], dtype=torch.float64)
+        if self.s1 is None:  # on the inputs' device (a GPU sums there); cpu() brings them back for the math
+            self.s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self.s2 = torch.zeros_like(self.s1)
             if self.want_gram:  # float32: half the memory of float64 (C_in^2 per reader adds up in an LLM)
-                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
         self.n += x.shape[0]
         self.s1 += x.sum(0, dtype=torch.float64)
         self.s2 += (x * x).sum(0, dtype=torch.float64)
         if self.gram is not None:  # accumulated in place, in float32; the users take it to float64 one at a time
             self.gram.addmm_(x.T, x)
+
+    def cpu(self) -> Reader:
+        """The statistics on the CPU, where importance and compensation use them."""
+        self.s1, self.s2, self.gram = (None if t is None else t.cpu() for t in (self.s1, self.s2, self.gram))
+        return self
 
     @property
     def mean(self) -> torch.Tensor:
@@ -130,7 +135,7 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
             log.info("calibration batch %d done (%.1f s)", count, time.perf_counter() - started)
     if count == 0:
         raise GraphPruneError("calibration is empty: pass at least one batch")
-    return [r for r in readers if r.n]
+    return [r.cpu() for r in readers if r.n]
 
 
 def make_readers(modules: Any, an: Analysis, tensors: dict[str, torch.Tensor], grams: bool = False) -> list[Reader]:
