@@ -1,4 +1,5 @@
-"""How graphprune scales to large LLMs on one machine. For now: the weight-free analysis of a 70B LLaMA config.
+"""How graphprune scales to large LLMs on one machine: the weight-free analysis of a 70B LLaMA config, in-memory
+prune()'s memory above the model, and prune-hf on checkpoints written to disk.
 
 ``graphprune inspect-hf DIR`` reads only config.json (graphprune/hf_inspect.py): the model is built on the meta
 device, 1-, 2- and 3-layer copies are traced and analysed, and the counts are extrapolated to all 80 layers.
@@ -23,6 +24,19 @@ Each case runs in its own interpreter (2 torch threads).
 
     .venv/bin/python benchmarks/bench_scale.py --in-memory                       # 492 M, a few minutes
     .venv/bin/python benchmarks/bench_scale.py --in-memory --hidden 1024 --intermediate 2816   # ~150 M
+
+``--checkpoints`` measures ``prune-hf`` (graphprune/hf_prune.py): random LLaMA checkpoints are written to disk in
+bfloat16 (2-GB safetensors shards, a tensor at a time): 0.5 B (hidden 1024, intermediate 4096, 24 layers), 1.6 B
+(hidden 2048, intermediate 8192, 24 layers, 16 / 4 heads, vocabulary 32000; 3.2 GB) and the same with 12 layers
+(does the peak grow with depth?), and 3 B on request. Each is pruned by ``prune_pretrained(target_params=0.8,
+importance="flap", compensate=True, uniform=True)`` with 16 x 256 calibration tokens in its own interpreter (2
+threads): wall time and the process's peak RSS (ru_maxrss, imports of torch and transformers included, about 1 GB
+by themselves), as a multiple of the checkpoint's size; then the output is loaded with from_pretrained and
+generates 4 tokens (after the peak is read). ``--with-in-memory`` adds the in-memory path (the model loaded in
+bf16, then graphprune.prune with the same options) and ``--with-torch-pruning`` torch-pruning (the model loaded,
+magnitude pruning of MLP channels at the ratio that removes 20% of the parameters), where they finish.
+
+    .venv/bin/python benchmarks/bench_scale.py --checkpoints --with-in-memory --with-torch-pruning   # ~1 hour
 """
 
 from __future__ import annotations
@@ -126,7 +140,7 @@ def in_memory(args) -> None:
 
 
 CHECKPOINT_CHILD = r"""
-import json, resource, sys, time, torch
+import json, os, resource, sys, time, torch
 torch.set_num_threads(2)
 from graphprune.hf_prune import prune_pretrained
 src, out, mode, samples, tokens, propagate = sys.argv[1:7]
@@ -136,14 +150,35 @@ if mode == "prune-hf":
     result = prune_pretrained(src, out, target_params=0.8, importance="flap", compensate=True, uniform=True,
                               calibration=ids, propagate=propagate)
     ratio = result.plan.params_ratio
+elif mode == "torch-pruning":  # the model loaded, MLP channels pruned in place at the ratio that removes 20%
+    import torch_pruning as tp, transformers
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[7])))
+    from bench_llm import TPAdapter
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    channels = 0.2 * total / (3 * c.hidden_size * c.intermediate_size * c.num_hidden_layers)
+    adapter = TPAdapter("llama", tp_heads=False)
+    model.set_attn_implementation("eager")
+    pruner = tp.pruner.BasePruner(model, {"input_ids": ids[:1]}, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  **adapter.kwargs(model, channels))
+    for group in pruner.step(interactive=True):
+        group.prune()
+    ratio = sum(p.numel() for p in adapter.finish(model).parameters()) / total
 else:  # the in-memory path: the whole model loaded, then graphprune.prune
     import transformers, graphprune
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
     slim = graphprune.prune(model, {"input_ids": ids[:1]}, target_params=0.8, importance="flap", compensate=True,
                             uniform=True, calibration=[{"input_ids": b} for b in ids.split(4)])
     ratio = slim.graphprune_plan.params_ratio
-print(json.dumps({"seconds": time.perf_counter() - start, "ratio": ratio,
-                  "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+seconds, rss = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+generates = None
+if mode == "prune-hf":  # after the peak is read: the output loads without graphprune and generates
+    import transformers
+    del result
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    generates = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False).shape[1] == 12
+print(json.dumps({"seconds": seconds, "ratio": ratio, "rss_gb": rss, "generates": generates}))
 """
 
 
@@ -177,17 +212,18 @@ def checkpoints(args) -> None:
     print(f"prune-hf vs in-memory prune(): target_params=0.8, flap + compensate + uniform, "
           f"{args.samples} x {args.tokens} calibration tokens, bf16 checkpoints, 2 threads")
     print(f"{'checkpoint':<10} {'GB':>6} {'path':<22} {'time s':>7} {'peak RSS GB':>12} {'x checkpoint':>13} "
-          f"{'params kept':>12}")
+          f"{'params kept':>12} {'loads+generates':>16}")
     for key in chosen:
         hidden, inter, layers = sizes[key]
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             src = os.path.join(tmp, "src")
             size = write_checkpoint(src, hidden, inter, layers)
-            modes = ["prune-hf"] + (["in-memory"] if args.with_in_memory else [])
+            modes = (["prune-hf"] + (["in-memory"] if args.with_in_memory else []) +
+                     (["torch-pruning"] if args.with_torch_pruning else []))
             for mode in modes:
                 out = os.path.join(tmp, f"out-{mode}")
                 cmd = [sys.executable, "-c", CHECKPOINT_CHILD, src, out, mode, str(args.samples), str(args.tokens),
-                       args.propagate]
+                       args.propagate, os.path.abspath(__file__)]
                 try:
                     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
                     r = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
@@ -199,7 +235,7 @@ def checkpoints(args) -> None:
                     print(f"{label:<10} {size / 1e9:>6.2f} {mode:<22} {r['error']}", flush=True)
                     continue
                 print(f"{label:<10} {size / 1e9:>6.2f} {mode:<22} {r['seconds']:>7.1f} {r['rss_gb']:>12.2f} "
-                      f"{r['rss_gb'] * 2**30 / size:>13.2f} {r['ratio']:>12.3f}", flush=True)
+                      f"{r['rss_gb'] * 2**30 / size:>13.2f} {r['ratio']:>12.3f} {str(r['generates']):>16}", flush=True)
 
 
 def run(path: str, mode: str, seq_len: int, timeout: int) -> dict:
@@ -232,6 +268,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="--checkpoints: tokens per window")
     parser.add_argument("--propagate", default="dense", choices=["dense", "pruned"])
     parser.add_argument("--with-in-memory", action="store_true", help="--checkpoints: also the in-memory path")
+    parser.add_argument("--with-torch-pruning", action="store_true",
+                        help="--checkpoints: also torch-pruning (magnitude, MLP channels) on the loaded model")
     parser.add_argument("--tmp", default=None, help="--checkpoints: where to write them (default: the temp dir)")
     args = parser.parse_args()
     if args.checkpoints:

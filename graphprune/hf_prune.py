@@ -20,6 +20,8 @@ it will see in the pruned model.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import re
@@ -97,6 +99,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     """
     started = time.perf_counter()
     say = progress or (lambda message: log.info("%s", message))
+    _map_large_blocks()
     kind, ratio = parse_budget(target_flops, target_params)
     round_to = check_options(round_to, max_ratio)
     compensate = "ls" if compensate is True else compensate
@@ -471,13 +474,14 @@ def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_
     zero = f"{runner.stack}.0."
     layer, tensors = runner.load(index)
     readers = make_readers(_prefixed(layer, zero), layer_an, tensors, grams=importance == "obs")
-    for r in readers:  # as graphprune.plan collects them; wanda reads no X^T X
-        r.want_gram = r.want_gram and importance != "wanda"
+    for r in readers:  # as graphprune.plan collects them (wanda reads no X^T X); one layer's matrices at a time, so
+        r.want_gram, r.gram_dtype = r.want_gram and importance != "wanda", torch.float64  # float64 (no copy later)
     out = runner.run(layer, hidden, readers)
     seen = [r.cpu() for r in readers if r.n]
     scores = CalibratedImportance(importance, seen, compensate, release=True)(layer_an, _on_cpu(tensors))
     del readers, seen, layer, tensors
     runner.unload(index)
+    _release_memory()
     return out, scores[layer_comps]
 
 
@@ -490,7 +494,34 @@ def _select(table: np.ndarray, uniform: bool, config, seq_len: int, layer_an, la
     chosen = run(PLAN, Job(an, named_tensors(full), scorer=_TableScorer(table, layer_an, layer_comps, stack),
                            keep=keep, lockstep=lockstep, multiple=multiple, **job)).plan
     chosen._analysis = chosen._gone = None
+    del an, keep, lockstep, full
+    _release_memory()
     return chosen
+
+
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return None
+
+
+def _map_large_blocks() -> None:
+    """Ask glibc to serve blocks of 1 MiB and more from their own mappings, returned to the system when freed.
+    By default the threshold grows to 32 MiB after the first large free, and a layer's freed activations and
+    statistics then stay in the heap and add to the peak of the next layer."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the system (the analysis's many small objects, a layer's leftovers), so it
+    does not count against the next layer's peak."""
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class _TableScorer:
@@ -532,10 +563,13 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
     gone = gone_from_removed(layer_an, mine)
     layer, tensors = runner.load(index)
     readers = []
-    if method:
+    if method:  # least squares needs only the kept-kept and kept-removed blocks of X^T X: gathered as such
         readers = make_readers(_prefixed(layer, zero), layer_an, tensors)
         for r in readers:
-            r.want_gram = r.want_gram and method == "ls"
+            removed = gone[r.columns]
+            if r.want_gram and method == "ls" and removed.any():
+                r.split = (torch.from_numpy(np.nonzero(~removed)[0]), torch.from_numpy(np.nonzero(removed)[0]))
+            r.want_gram = False
     dense = runner.run(layer, hidden, readers, keep=propagate == "dense")
     updates, new_biases = (compensate([r.cpu() for r in readers if r.n], layer_an, gone, _on_cpu(tensors), method,
                                       release=True) if method else ({}, []))
@@ -561,6 +595,7 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
         added.append((prefix + bias[len(zero):], prefix + weight[len(zero):], axis))
     del tensors, updates, layer
     runner.unload(index)
+    _release_memory()
     return nxt
 
 

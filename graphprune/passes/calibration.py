@@ -56,6 +56,7 @@ from .pipeline import Pass
 
 log = logging.getLogger(__name__)
 
+ROWS = 256  # input rows converted to float at a time while statistics accumulate
 RIDGE = 1e-2  # times the mean kept-input variance: keeps A stable when inputs are nearly collinear
 
 
@@ -72,27 +73,48 @@ class Reader:
     s2: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     want_gram: bool = False
+    gram_dtype: torch.dtype = torch.float32  # float64 where one reader's matrix is used at a time (prune-hf)
     columns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # component per column
+    # (kept, removed) input columns when the plan is known before the statistics (prune-hf's second pass): then
+    # X_K^T X_K and X_K^T X_P are accumulated in float64 instead of the whole X^T X, all that compensation reads
+    split: tuple[torch.Tensor, torch.Tensor] | None = None
+    kk: torch.Tensor | None = None
+    kp: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
         if self.kind == "conv":
             x = x.movedim(1, -1)
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
         if self.s1 is None:  # on the inputs' device (a GPU sums there); cpu() brings them back for the math
             self.s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self.s2 = torch.zeros_like(self.s1)
             if self.want_gram:  # float32: half the memory of float64 (C_in^2 per reader adds up in an LLM)
-                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+                self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=self.gram_dtype, device=x.device)
+            if self.split is not None:
+                k, p = (i.to(x.device) for i in self.split)
+                self.split = (k, p)
+                self.kk = torch.zeros(len(k), len(k), dtype=torch.float64, device=x.device)
+                self.kp = torch.zeros(len(k), len(p), dtype=torch.float64, device=x.device)
         self.n += x.shape[0]
-        self.s1 += x.sum(0, dtype=torch.float64)
-        self.s2 += (x * x).sum(0, dtype=torch.float64)
-        if self.gram is not None:  # accumulated in place, in float32; the users take it to float64 one at a time
-            self.gram.addmm_(x.T, x)
+        for part in x.split(ROWS):  # a slab of rows at a time: the float copies of a wide input stay small
+            part = part.float()
+            self.s1 += part.sum(0, dtype=torch.float64)
+            self.s2 += part.square().sum(0, dtype=torch.float64)
+            if self.gram is not None:  # accumulated in place; the users take it to float64 one at a time
+                wide = part.to(self.gram.dtype)
+                self.gram.addmm_(wide.T, wide)
+            if self.split is not None:
+                kept = part[:, self.split[0]].double()
+                self.kk.addmm_(kept.T, kept)
+                self.kp.addmm_(kept.T, part[:, self.split[1]].double())
 
     def cpu(self) -> Reader:
         """The statistics on the CPU, where importance and compensation use them."""
-        self.s1, self.s2, self.gram = (None if t is None else t.cpu() for t in (self.s1, self.s2, self.gram))
+        self.s1, self.s2, self.gram, self.kk, self.kp = (None if t is None else t.cpu() for t in (
+            self.s1, self.s2, self.gram, self.kk, self.kp))
+        if self.split is not None:
+            self.split = tuple(i.cpu() for i in self.split)
         return self
 
     @property
@@ -237,7 +259,7 @@ class CalibratedImportance:
         if self.compensate == "ls" or self.criterion == "obs":
             precision, lam = _ridge_precision(r, release=self.release)
         else:
-            moment = _covariance(r) if self.compensate != "none" else _second_moment(r)
+            moment = (_covariance(r, self.release) if self.compensate != "none" else _second_moment(r, self.release))
         out = np.zeros(len(r.columns))
         comps = r.columns
         order = np.argsort(comps, kind="stable")
@@ -258,14 +280,19 @@ class CalibratedImportance:
         return out
 
 
-def _second_moment(r: Reader) -> torch.Tensor:
-    """E[x x^T] in float64: a new matrix (the float32 gram is left as it is)."""
-    return r.gram.double().div_(max(r.n, 1))
+def _second_moment(r: Reader, release: bool = False) -> torch.Tensor:
+    """E[x x^T] in float64: a new matrix, or with release=True a float64 gram itself (no longer the reader's)."""
+    gram = r.gram
+    if release:
+        r.gram = None
+        if gram.dtype == torch.float64:
+            return gram.div_(max(r.n, 1))
+    return gram.double().div_(max(r.n, 1))
 
 
-def _covariance(r: Reader) -> torch.Tensor:
-    """The input covariance in float64, a new matrix computed in place of E[x x^T]."""
-    return _second_moment(r).addr_(r.mean, r.mean, alpha=-1)
+def _covariance(r: Reader, release: bool = False) -> torch.Tensor:
+    """The input covariance in float64, computed in place of E[x x^T]."""
+    return _second_moment(r, release).addr_(r.mean, r.mean, alpha=-1)
 
 
 def _ridge_precision(r: Reader, release: bool = False) -> tuple[torch.Tensor, float]:
@@ -275,8 +302,7 @@ def _ridge_precision(r: Reader, release: bool = False) -> tuple[torch.Tensor, fl
     is not numerically positive definite (NaN or inf inputs) takes the general inverse, or raises once released."""
     from scipy.linalg import lapack
 
-    m = _covariance(r)
-    gram, r.gram = r.gram, (None if release else r.gram)
+    m = _covariance(r, release)
     lam = RIDGE * float(m.diagonal().mean().clamp_min(1e-12))
     m.diagonal().add_(lam)
     fortran = m.numpy().T  # the same memory in column-major order: LAPACK works on it without a copy
@@ -290,7 +316,7 @@ def _ridge_precision(r: Reader, release: bool = False) -> tuple[torch.Tensor, fl
         m = _covariance(r)
         m.diagonal().add_(lam)
         return torch.linalg.inv(m), lam
-    del gram, factor, fortran
+    del factor, fortran
     _symmetrize_from_upper(m)  # potri wrote the column-major lower triangle: the row-major upper one
     return m, lam
 
@@ -352,17 +378,19 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
         return
     p_idx = torch.from_numpy(np.nonzero(removed)[0])
     k_idx = torch.from_numpy(np.nonzero(~removed)[0])
-    w = _weight_columns(tensors, r)
-    w_p = w[:, p_idx]
-    shift = w_p @ r.mean[p_idx]
-    if method == "ls" and r.gram is not None:
+    a = None
+    if method == "ls" and (r.gram is not None or r.kk is not None):
         s_kk, s_kp = _covariance_blocks(r, k_idx, p_idx)
         if release:
-            r.gram = None
+            r.gram = r.kk = r.kp = None
         lam = RIDGE * float(s_kk.diagonal().mean().clamp_min(1e-12))
         s_kk.diagonal().add_(lam)
         a = torch.from_numpy(_spd_solve(s_kk, s_kp)).T
-        del s_kk, s_kp
+        del s_kk, s_kp  # before the float64 weight is made
+    w = _weight_columns(tensors, r)
+    w_p = w[:, p_idx]
+    shift = w_p @ r.mean[p_idx]
+    if a is not None:
         delta = w_p @ a  # [out, |K|]
         shift = shift - delta @ r.mean[k_idx]
         original = tensors[r.weight]
@@ -384,9 +412,14 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
 
 
 def _covariance_blocks(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kept-kept and kept-removed blocks of the input covariance, float64, built a slab of rows at a time
-    from the float32 X^T X: never the whole matrix in float64."""
+    """The kept-kept and kept-removed blocks of the input covariance, float64: computed in place of the blocks
+    gathered as such, or built a slab of rows at a time from X^T X (never the whole matrix in float64)."""
     n, mean = max(r.n, 1), r.mean
+    if r.kk is not None:  # accumulated as such (Reader.split): used in place
+        if not (torch.equal(r.split[0], k_idx) and torch.equal(r.split[1], p_idx)):
+            raise ValueError(f"{r.module}: statistics were gathered for another set of removed inputs")
+        return (r.kk.div_(n).addr_(mean[k_idx], mean[k_idx], alpha=-1),
+                r.kp.div_(n).addr_(mean[k_idx], mean[p_idx], alpha=-1))
     s_kk = torch.empty(len(k_idx), len(k_idx), dtype=torch.float64)
     s_kp = torch.empty(len(k_idx), len(p_idx), dtype=torch.float64)
     for lo in range(0, len(k_idx), 1024):
