@@ -20,6 +20,7 @@ it will see in the pruned model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -125,7 +126,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     if stack is None:
         raise UsageError(f"found no decoder stack in {type(skeleton).__name__} (a list of num_hidden_layers="
                          f"{layers} identical layers): prune-hf needs one; load the model and use graphprune.prune")
-    _check_weights(skeleton, weights, stack)
+    _check_weights(skeleton, weights)
     dtype = dtype or _stored_dtype(weights)
     seq_len = ids.shape[-1]
 
@@ -297,7 +298,7 @@ def _token_windows(calibration: Any, batch_size: int, config) -> torch.Tensor:
     return ids[:batches * batch_size].reshape(batches, batch_size, ids.shape[1])
 
 
-def _check_weights(skeleton: nn.Module, weights: ShardReader, stack: str) -> None:
+def _check_weights(skeleton: nn.Module, weights: ShardReader) -> None:
     """Every parameter the config builds is in the checkpoint with the same shape (tied copies may be absent)."""
     tied = _tied_names(skeleton)
     problems = []
@@ -329,22 +330,21 @@ def _stored_dtype(weights: ShardReader) -> torch.dtype:
 
 # --- the model, a layer at a time ----------------------------------------------------------------------------
 
-class _empty_weights:
+@contextlib.contextmanager
+def _empty_weights():
     """Build modules with parameters on the meta device and buffers (rotary frequencies) real, on the CPU."""
+    original = nn.Module.register_parameter
 
-    def __enter__(self):
-        self._original = nn.Module.register_parameter
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
-        def register(module, name, param):
-            self._original(module, name, param)
-            if param is not None and param.device.type != "meta":
-                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-        nn.Module.register_parameter = register
-        return self
-
-    def __exit__(self, *exc):
-        nn.Module.register_parameter = self._original
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
 
 
 def _skeleton(config) -> nn.Module:
@@ -411,9 +411,10 @@ class _Runner:
             kwargs = dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             captured.append(hidden.to("cpu"))
-            kwargs.pop("past_key_values", None), kwargs.pop("past_key_value", None)
+            for cache in ("past_key_values", "past_key_value"):
+                kwargs.pop(cache, None)
             kwargs["use_cache"] = False
-            self.kwargs.append({k: v for k, v in kwargs.items()})
+            self.kwargs.append(kwargs)
             raise _Captured
 
         hook = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
