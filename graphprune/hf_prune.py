@@ -126,6 +126,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     if stack is None:
         raise UsageError(f"found no decoder stack in {type(skeleton).__name__} (a list of num_hidden_layers="
                          f"{layers} identical layers): prune-hf needs one; load the model and use graphprune.prune")
+    weights.rename(_model_names(skeleton, weights))
     _check_weights(skeleton, weights)
     dtype = dtype or _stored_dtype(weights)
     seq_len = ids.shape[-1]
@@ -157,7 +158,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
             layer_names = f"{stack}."
             for name in weights.names:
                 if not name.startswith(layer_names):
-                    writer.add(name, sliced(the_plan, name, weights.get(name)))
+                    writer.add(weights.stored_name(name), sliced(the_plan, name, weights.get(name)))
             hidden = inputs
             for index in range(layers):  # pass 2: compensate, write, propagate
                 hidden = _prune_layer(runner, index, hidden, the_plan, layer_an, stack, compensate, propagate,
@@ -207,6 +208,7 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
     model = the_plan.apply(model, inplace=True, verify=False)
     state = {}
     with ShardReader(directory) as weights:
+        weights.rename(_model_names(model, weights))
         for name in weights.names:
             state[name] = weights.get(name)
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -311,6 +313,31 @@ def _check_weights(skeleton: nn.Module, weights: ShardReader) -> None:
     if problems:
         raise UsageError(f"the weights do not match config.json ({'; '.join(problems[:3])}"
                          f"{'; ...' if len(problems) > 3 else ''}): is the directory complete?")
+
+
+def _model_names(model: nn.Module, weights: ShardReader) -> dict[str, str]:
+    """{parameter name: checkpoint key} where they differ: transformers renames some keys while loading (GPT-NeoX's
+    embed_out is lm_head; old LayerNorm gamma/beta; a missing or extra base-model prefix), with its own rules.
+    Checkpoints whose tensors transformers converts (MoE experts stacked, fused projections split) are refused."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers before 5 loads keys as they are
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    state = model.state_dict()
+    names = {}
+    for key in weights.names:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is not None:
+            raise UsageError(f"{weights.directory} stores {key} in a layout transformers converts while loading "
+                             f"({converted} -> {name}); prune-hf reads tensors as stored: load the model and use "
+                             "graphprune.prune")
+        if name != key:
+            names[name] = key
+    return names
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -586,14 +613,14 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
             nxt = runner.run(layer, hidden)
     else:
         nxt = dense
+    weights = runner.weights
     for name, tensor in tensors.items():
-        value = updates.get(name, tensor)
-        writer.add(prefix + name[len(zero):], sliced(local, name, value).to(runner.weights.dtype(
-            prefix + name[len(zero):])))
+        value, full = updates.get(name, tensor), prefix + name[len(zero):]
+        writer.add(weights.stored_name(full), sliced(local, name, value).to(weights.dtype(full)))
     for bias, weight, axis in new_biases:
-        writer.add(prefix + bias[len(zero):], sliced(local, bias, updates[bias]).to(
-            runner.weights.dtype(prefix + weight[len(zero):])))
-        added.append((prefix + bias[len(zero):], prefix + weight[len(zero):], axis))
+        full_bias, full_weight = prefix + bias[len(zero):], prefix + weight[len(zero):]
+        writer.add(weights.stored_name(full_bias), sliced(local, bias, updates[bias]).to(weights.dtype(full_weight)))
+        added.append((full_bias, full_weight, axis))
     del tensors, updates, layer
     runner.unload(index)
     _release_memory()

@@ -157,6 +157,7 @@ class ShardReader:
                                  f"headers do not hold them (first: {missing[0]!r} in {weight_map[missing[0]]}); "
                                  f"the index and shards are from different saves: re-download or re-save")
         self.names: list[str] = names
+        self._stored: dict[str, str] = {}  # name -> key in the files, where rename() gave it another name
         self.total_bytes: int = sum(e.end - e.begin for e in self._entries.values())
 
     def _find_files(self) -> tuple[list[str], dict[str, str] | None]:
@@ -234,6 +235,21 @@ class ShardReader:
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def rename(self, stored: dict[str, str]) -> None:
+        """Address tensors by other names, {name: stored key}: a model's parameter names where its checkpoint keys
+        differ (transformers renames some while loading, e.g. GPT-NeoX's embed_out is lm_head)."""
+        moved = {name: self._entry(key) for name, key in stored.items()}
+        for key in stored.values():
+            del self._entries[key]
+        self._entries.update(moved)
+        back = {key: name for name, key in stored.items()}
+        self.names = [back.get(n, n) for n in self.names]
+        self._stored.update(stored)
+
+    def stored_name(self, name: str) -> str:
+        """The key `name` has in the files (see rename)."""
+        return self._stored.get(name, name)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -242,3 +242,31 @@ def test_no_decoder_stack_is_refused(tmp_path):
     with pytest.raises(UsageError, match="no decoder stack"):
         prune_pretrained(src, str(tmp_path / "out"), target_params=0.8, calibration=np.zeros((4, 8), dtype=np.int64))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_checkpoint_keys_transformers_renames(tmp_path):
+    """GPT-NeoX stores its output embedding as embed_out (the model calls it lm_head): read under the model's name,
+    written back under the checkpoint's, so from_pretrained loads the output; a MoE checkpoint whose experts
+    transformers stacks while loading is refused before any work."""
+    model, src = _checkpoint(tmp_path, T.GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                                       num_attention_heads=8, vocab_size=200))
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(1))
+    out = str(tmp_path / "out")
+    result = prune_pretrained(src, out, target_params=0.8, compensate=True, uniform=True, calibration=ids,
+                              batch_size=2)
+    reference = graphprune.plan(model, {"input_ids": ids[:1]}, target_params=0.8, importance="flap", compensate=True,
+                                uniform=True, calibration=[{"input_ids": b} for b in ids.split(2)])
+    assert result.plan.removed == reference.removed and result.uniform_config
+    with graphprune.shards.ShardReader(out) as written:
+        assert "embed_out.weight" in written.names and "lm_head.weight" not in written.names
+    x = torch.randint(0, 200, (2, 12))
+    hf = T.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.allclose(_logits(hf, x), _logits(reference.apply(model), x), atol=1e-5, rtol=1e-5)
+
+    moe = T.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=100, num_local_experts=2)
+    moe_src = tmp_path / "moe"
+    T.AutoModelForCausalLM.from_config(moe).save_pretrained(moe_src)
+    with pytest.raises(UsageError, match="converts while loading.*graphprune.prune"):
+        prune_pretrained(moe_src, str(tmp_path / "moe-out"), target_params=0.8, calibration=ids % 100, batch_size=2)
+    assert not os.path.exists(tmp_path / "moe-out")
