@@ -437,3 +437,30 @@ def test_apply_copy_shares_no_memory_with_the_model_or_the_plan():
     theirs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     theirs |= {t.untyped_storage().data_ptr() for t in plan.updates.values()}
     assert not theirs & {t.untyped_storage().data_ptr() for t in list(slim.parameters()) + list(slim.buffers())}
+
+
+def test_half_precision_rounding_is_told_from_a_wrong_model_by_a_float32_run(monkeypatch):
+    """Through many bf16 layers the slim and masked models drift apart by rounding (a 1.6 B LLaMA: 2.3% of the
+    largest logit); verification then runs the same weights in float32, which a correct slim model matches and a
+    wrong one does not. The half-precision tolerance is set to zero here so that any rounding takes that path."""
+    from graphprune.verify import _check_in_float32
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+                                      num_attention_heads=8, num_key_value_heads=4, vocab_size=100)
+    model = transformers.LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 100, (8, 64))
+    options = dict(target_params=0.8, importance="flap", compensate=True, uniform=True,
+                   calibration=[{"input_ids": b} for b in ids.split(4)])
+    monkeypatch.setattr(graphprune.verify, "_HALF_TOLERANCE", 0.0)
+    snapshot = _snapshot(model)
+    slim = graphprune.prune(model, {"input_ids": ids[:1]}, **options)
+    assert any("in float32" in note for note in slim.graphprune_plan.notes)  # bf16 alone differed
+    assert _unchanged(model, snapshot) and slim.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+    plan = slim.graphprune_plan
+    with torch.no_grad():
+        slim.model.layers[1].mlp.down_proj.weight[:, 0] += 0.05  # one wrong column
+    problem = _check_in_float32(plan, model, slim, {"input_ids": ids[:1]}, "bf16 differs")
+    assert problem is not None and "differs" in problem
+    assert _unchanged(model, snapshot) and slim.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
