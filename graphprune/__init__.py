@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from . import verify  # noqa: F401  (registers the verifying backend behind plan.apply)
-from .api import count_flops, plan, prune
+from .api import count_flops, plan, prune, sparsify
 from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError, UsageError
 from .plan import PruningPlan
 from .serialization import load, save
@@ -29,4 +29,5 @@ __all__ = [
            "plan",
            "prune",
            "save",
+           "sparsify",
 ]

@@ -179,6 +179,56 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
     return the_plan.apply(model, inplace=inplace, verify=verify)
 
 
+def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", *, method: str = "magnitude",
+             calibration: Any = None, ignore: Iterable[Any] | None = None, inplace: bool = False) -> torch.nn.Module:
+    """N:M semi-structured sparsity (passes/nm.py): in every M consecutive input channels of each eligible Linear /
+    convolution weight, only N weights stay non-zero (2:4: what NVIDIA sparse tensor cores run).
+
+    Args:
+        model: the model; masked in place only with inplace=True, else a masked copy is returned.
+        example_inputs: inputs the masked model is run on before it is handed back (its outputs must stay finite).
+        pattern: "N:M", default "2:4".
+        method: "magnitude" (default, no data), "wanda" (|W| x input norm) or "sparsegpt" (masks chosen and kept
+            weights updated through the inverse Hessian of each layer's inputs); the last two need `calibration`.
+        calibration: a list of batches shaped like example_inputs.
+        ignore: modules or parameter names kept dense.
+    The returned model's ``graphprune_sparsity`` is a SparsityReport: every weighted layer, masked or skipped
+    with the reason, and the share of |W| each mask keeps.
+    """
+    import copy
+
+    from torch.utils._pytree import tree_flatten
+
+    from .errors import GraphPruneError
+    from .ir.from_torch import eval_mode, normalize_inputs
+    from .passes.calibration import reader_kind
+    from .passes.nm import holds_pattern, parse_pattern, sparsify_layers
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    n, m = parse_pattern(pattern)
+    ignored = _resolve_ignore(model, ignore)
+    target = model if inplace else copy.deepcopy(model)
+    report = sparsify_layers(target, n, m, method, calibration, ignored)
+    modules = dict(target.named_modules())
+    for layer in report.masked:
+        kind, in_axis = reader_kind(modules[layer.name])
+        if not holds_pattern(modules[layer.name].weight, kind, in_axis, n, m):
+            raise GraphPruneError(f"{layer.name}: the mask does not hold {n}:{m} (a graphprune bug; please report)")
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad(), eval_mode(target):
+        out = target(*args, **kwargs)
+    bad = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
+           and not torch.isfinite(t).all()]
+    if bad:
+        raise GraphPruneError(f"the {n}:{m}-masked model gives non-finite outputs on example_inputs; try "
+                              "method='sparsegpt' or ignore= the layers that break it"
+                              + ("" if inplace else " (your model is unchanged)"))
+    target.graphprune_sparsity = report
+    log.info("%s", report)
+    return target
+
+
 def _tracer(name: str):
     if name == "dispatch":
         return trace

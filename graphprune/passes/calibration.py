@@ -126,7 +126,7 @@ class Reader:
         return (self.s2 / max(self.n, 1) - self.mean ** 2).clamp_min(0)
 
 
-def _reader_kind(module: nn.Module) -> tuple[str, int] | None:
+def reader_kind(module: nn.Module) -> tuple[str, int] | None:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         return None
@@ -143,10 +143,15 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
             grams: bool = False) -> list[Reader]:
     """Run the calibration batches through the dense model once and gather every reader's statistics;
     grams=True: X^T X for every reader (importance="obs"), not only where compensation needs it."""
+    return feed(model, make_readers(model.named_modules(), an, tensors, grams), batches)
+
+
+def feed(model: nn.Module, readers: list[Reader], batches: Any) -> list[Reader]:
+    """One no-grad pass of the calibration batches through the model, each reader gathering its module's inputs;
+    the readers that saw data, with their statistics on the CPU."""
     if batches is None or isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise GraphPruneError("calibration must be a list (or other iterable) of batches, each shaped like "
                               "example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs")
-    readers = make_readers(model.named_modules(), an, tensors, grams)
     started = time.perf_counter()
     count = 0
     with hooked(model.named_modules(), readers), eval_mode(model), torch.no_grad():
@@ -166,7 +171,7 @@ def make_readers(modules: Any, an: Analysis, tensors: dict[str, torch.Tensor], g
     name_of = {id(t): n for n, t in tensors.items()}
     readers = []
     for module_name, module in modules:
-        found = _reader_kind(module)
+        found = reader_kind(module)
         if found is None or id(module.weight) not in name_of:
             continue
         weight = name_of[id(module.weight)]

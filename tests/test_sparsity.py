@@ -1,0 +1,121 @@
+"""graphprune.sparsify: N:M masks along each layer's input channels on real architectures (torchvision
+convolutions, transformers' GPT-2 Conv1D and LLaMA Linear layers), skipped layers with their reasons, and
+the reconstruction SparseGPT's updates buy over masks alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import graphprune
+from graphprune.errors import UsageError
+from graphprune.passes.calibration import reader_kind
+
+T = pytest.importorskip("transformers")
+
+
+def _groups(module: torch.nn.Module, weight: torch.Tensor, m: int = 4) -> torch.Tensor:
+    """The weight as [..., groups of m consecutive input channels, m]."""
+    kind, axis = reader_kind(module)
+    w = weight.detach().movedim(axis, -1)
+    return w.reshape(*w.shape[:-1], w.shape[-1] // m, m)
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    return T.GPT2LMHeadModel(config).eval()
+
+
+def test_magnitude_masks_keep_the_two_largest_of_every_four_input_channels():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    sparse = graphprune.sparsify(model, x)
+    report = sparse.graphprune_sparsity
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model is unchanged
+    assert [layer.name for layer in report.skipped] == ["conv1"] and "3 input channels" in report.skipped[0].reason
+    modules = dict(sparse.named_modules())
+    originals = dict(model.named_modules())
+    for layer in report.masked:
+        new = _groups(modules[layer.name], modules[layer.name].weight)
+        old = _groups(originals[layer.name], originals[layer.name].weight)
+        kept = new != 0
+        assert (kept.sum(-1) == 2).all(), layer.name  # random weights have no zeros of their own
+        assert torch.equal(new[kept], old[kept])  # kept weights unchanged
+        largest = old.abs().topk(2, dim=-1).indices
+        assert kept.gather(-1, largest).all(), layer.name
+        assert 0.5 < layer.kept_magnitude < 1
+    out = sparse(x)
+    assert torch.isfinite(out).all() and not torch.allclose(out, model(x))
+
+    same = graphprune.sparsify(model, x, inplace=True)
+    assert same is model and torch.equal(model.fc.weight, sparse.fc.weight)
+
+
+def test_skip_reasons_on_gpt2_and_a_narrow_linear():
+    model = _gpt2()
+    ids = torch.randint(0, 100, (2, 16))
+    report = graphprune.sparsify(model, {"input_ids": ids}, ignore=["transformer.h.1.mlp"]).graphprune_sparsity
+    reasons = {layer.name: layer.reason for layer in report.skipped}
+    assert "tied" in reasons["lm_head"]  # shares the embedding: masking it would change the input side too
+    assert reasons["transformer.h.1.mlp.c_fc"] == reasons["transformer.h.1.mlp.c_proj"] == "ignored"
+    assert {layer.name for layer in report.masked} >= {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"}
+
+    narrow = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 12))
+    report = graphprune.sparsify(narrow, torch.randn(3, 20), pattern="1:2").graphprune_sparsity
+    assert [layer.masked for layer in report.layers] == [True, True]  # 1:2 has no tensor-core shape rule
+    report = graphprune.sparsify(narrow, torch.randn(3, 20)).graphprune_sparsity
+    assert "inputs % 16" in report.layers[0].reason and "outputs % 8" in report.layers[1].reason
+
+
+def test_wanda_and_sparsegpt_fit_the_layer_outputs_on_held_out_tokens():
+    """The output error on held-out tokens: SparseGPT's updated weights beat both masks on every layer, and
+    Wanda's mask beats magnitude's in all (LLaMA, random weights, uneven input channel scales, 2:4)."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100)
+    model = T.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # inputs with uneven channel scales, as in trained LLMs
+        model.model.embed_tokens.weight.mul_(torch.rand(64) * 4 + 0.1)
+    gen = torch.Generator().manual_seed(1)
+    calibration = [{"input_ids": torch.randint(0, 100, (4, 32), generator=gen)} for _ in range(4)]
+    held_out = {"input_ids": torch.randint(0, 100, (4, 32), generator=gen)}
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        model(**held_out)
+    for h in hooks:
+        h.remove()
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        sparse = graphprune.sparsify(model, held_out, method=method, calibration=calibration)
+        masked = {layer.name for layer in sparse.graphprune_sparsity.masked}
+        assert masked >= {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+        modules = dict(sparse.named_modules())
+        errors[method] = {}
+        for name in masked:
+            x, dense = inputs[name], dict(model.named_modules())[name].weight
+            with torch.no_grad():
+                errors[method][name] = float((x @ (modules[name].weight - dense).T).norm() / (x @ dense.T).norm())
+    for name in errors["sparsegpt"]:
+        assert errors["sparsegpt"][name] < min(errors["wanda"][name], errors["magnitude"][name]), name
+    total = {method: sum(e.values()) for method, e in errors.items()}
+    assert total["sparsegpt"] < 0.9 * total["wanda"] and total["wanda"] < 0.95 * total["magnitude"], total
+
+
+def test_bad_input_is_refused():
+    model = torch.nn.Linear(16, 8)
+    x = torch.randn(2, 16)
+    for pattern in ("4:2", "2-4", "0:4"):
+        with pytest.raises(UsageError, match="N:M"):
+            graphprune.sparsify(model, x, pattern=pattern)
+    with pytest.raises(UsageError, match="calibration"):
+        graphprune.sparsify(model, x, method="wanda")
+    with pytest.raises(UsageError, match="method must be"):
+        graphprune.sparsify(model, x, method="random", calibration=[x])
