@@ -32,11 +32,13 @@ bfloat16 (2-GB safetensors shards, a tensor at a time): 0.5 B (hidden 1024, inte
 importance="flap", compensate=True, uniform=True)`` with 16 x 256 calibration tokens in its own interpreter (2
 threads): wall time and the process's peak RSS (ru_maxrss, imports of torch and transformers included, about 1 GB
 by themselves), as a multiple of the checkpoint's size; then the output is loaded with from_pretrained and
-generates 4 tokens (after the peak is read). ``--with-in-memory`` adds the in-memory path (the model loaded in
-bf16, then graphprune.prune with the same options) and ``--with-torch-pruning`` torch-pruning (the model loaded,
-magnitude pruning of MLP channels at the ratio that removes 20% of the parameters), where they finish.
+generates 4 tokens (after the peak is read). Beside prune-hf, ``--paths`` (default: all three) runs the in-memory
+path (the model loaded in bf16, then graphprune.prune with the same options; verification included) and
+torch-pruning (the model loaded, magnitude pruning of MLP channels at the ratio that removes 20% of the
+parameters), where they finish.
 
-    .venv/bin/python benchmarks/bench_scale.py --checkpoints --with-in-memory --with-torch-pruning   # ~1 hour
+    .venv/bin/python benchmarks/bench_scale.py --checkpoints                       # ~1 hour on 2 idle cores
+    .venv/bin/python benchmarks/bench_scale.py --checkpoints --sizes 3B --paths prune-hf
 """
 
 from __future__ import annotations
@@ -218,9 +220,7 @@ def checkpoints(args) -> None:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             src = os.path.join(tmp, "src")
             size = write_checkpoint(src, hidden, inter, layers)
-            modes = (["prune-hf"] + (["in-memory"] if args.with_in_memory else []) +
-                     (["torch-pruning"] if args.with_torch_pruning else []))
-            for mode in modes:
+            for mode in args.paths.split(","):
                 out = os.path.join(tmp, f"out-{mode}")
                 cmd = [sys.executable, "-c", CHECKPOINT_CHILD, src, out, mode, str(args.samples), str(args.tokens),
                        args.propagate, os.path.abspath(__file__)]
@@ -267,11 +267,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="--checkpoints: calibration windows")
     parser.add_argument("--tokens", type=int, default=256, help="--checkpoints: tokens per window")
     parser.add_argument("--propagate", default="dense", choices=["dense", "pruned"])
-    parser.add_argument("--with-in-memory", action="store_true", help="--checkpoints: also the in-memory path")
-    parser.add_argument("--with-torch-pruning", action="store_true",
-                        help="--checkpoints: also torch-pruning (magnitude, MLP channels) on the loaded model")
+    parser.add_argument("--paths", default="prune-hf,in-memory,torch-pruning",
+                        help="--checkpoints: which to run on each (default: %(default)s; in-memory loads the whole "
+                             "model and runs graphprune.prune, torch-pruning prunes its MLP channels by magnitude)")
     parser.add_argument("--tmp", default=None, help="--checkpoints: where to write them (default: the temp dir)")
     args = parser.parse_args()
+    unknown = set(args.paths.split(",")) - {"prune-hf", "in-memory", "torch-pruning"}
+    if unknown:
+        parser.error(f"--paths: unknown {', '.join(sorted(unknown))}")
     if args.checkpoints:
         checkpoints(args)
         return

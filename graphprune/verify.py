@@ -100,9 +100,7 @@ def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, v
     except BackendError as exc:  # the module cannot be slimmed (an RMS norm without an eps attribute)
         slim, problem = None, str(exc)
     else:
-        problem = check(slim, inputs, expected, plan.lossy)
-        if problem is not None and _half(model):
-            problem = _check_in_float32(plan, model, slim, inputs, problem)
+        problem = _check_against(plan, model, slim, inputs, expected)
     if problem is None and not inplace:
         return slim
     del slim
@@ -131,6 +129,15 @@ def _in_float32(module: nn.Module):
     finally:
         for t, dtype in changed:
             t.data = t.data.to(dtype)
+
+
+def _check_against(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs: Any,
+                   expected: list[torch.Tensor]) -> str | None:
+    """check(), and for a half-precision model that misses the half tolerance, the float32 run below."""
+    problem = check(slim, inputs, expected, plan.lossy)
+    if problem is not None and _half(model):
+        problem = _check_in_float32(plan, model, slim, inputs, problem)
+    return problem
 
 
 def _check_in_float32(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs: Any, problem: str) -> str | None:
@@ -224,7 +231,7 @@ def _regenerated(plan: PruningPlan, model: nn.Module, inputs: Any, expected: lis
             why = why_two + ["recorded again at batch 2: at batch 1 other ops run"]
     if module is None:
         module = _regenerate(plan, masked, an, gone, {}, inputs, problem)
-    second = check(module, inputs, expected, plan.lossy)
+    second = _check_against(plan, model, module, inputs, expected)
     if second is not None:
         raise BackendError(f"the slimmed model is wrong ({problem}), and so is the regenerated graph ({second}); "
                            "keep the offending layers whole with ignore=[...]")
