@@ -10,7 +10,8 @@ Which N of every M stay (the weights are seen as columns [rows, C], C the input 
              w^2 / [U]_jj^2 stay (U the upper Cholesky factor of H^-1, H = E[x x^T] + lambda I: the OBS
              saliency), and each removed weight's error is spread over the columns not yet visited
              (SparseGPT, Frantar & Alistarh 2023), so the kept weights change too. Statistics come from the
-             dense model (one pass over the calibration batches for every layer at once).
+             dense model (one pass over the calibration batches for every layer at once); a 2-d convolution
+             reads its inputs as unfolded patches, columns in (tap, channel) order.
 
 A layer is skipped, with the reason in the report, when its input channels are not a multiple of M, when
 sparse tensor cores cannot run it (NVIDIA ASP's rule for 2:4: output channels % 8 and input channels % 16),
@@ -191,10 +192,7 @@ def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: 
             layer.reason = _skip_reason(module, n, m) or ""
         if layer.reason:
             continue
-        kind, in_axis = reader_kind(module)
-        reader = Reader(name, "weight", in_axis, kind)
-        reader.want_gram = method == "sparsegpt" and (kind != "conv" or all(k == 1 for k in module.kernel_size))
-        todo.append((layer, module, reader))
+        todo.append((layer, module, _reader(name, module, method)))
     if method != "magnitude" and todo:
         seen = {id(r) for r in feed(model, [r for _, _, r in todo], calibration)}
         for layer, _, reader in todo:
@@ -207,21 +205,60 @@ def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: 
     return report
 
 
+@dataclass
+class _Patches(Reader):
+    """A 2-d convolution's inputs as its kernel sees them: unfolded patches, one row per output pixel, columns in
+    (kernel tap, channel) order so that M consecutive columns are M consecutive channels at one tap."""
+
+    conv: nn.Module | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        c = self.conv
+        patches = nn.functional.unfold(x.detach(), c.kernel_size, c.dilation, c.padding, c.stride)
+        batch, _, pixels = patches.shape
+        patches = patches.reshape(batch, c.in_channels, -1, pixels).permute(0, 3, 2, 1)
+        Reader.add(self, patches.reshape(batch * pixels, -1))
+
+
+def _reader(name: str, module: nn.Module, method: str) -> Reader:
+    """Statistics of the layer's inputs: per channel (wanda), or X^T X over what each output reads (sparsegpt)."""
+    kind, in_axis = reader_kind(module)
+    if method == "sparsegpt" and kind == "conv" and any(k > 1 for k in module.kernel_size):
+        if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return _Patches(name, "weight", in_axis, "linear", want_gram=True, conv=module)
+        return Reader(name, "weight", in_axis, kind)  # no patch statistics: Wanda's mask (noted in the report)
+    return Reader(name, "weight", in_axis, kind, want_gram=method == "sparsegpt")
+
+
+def _columns(weight: torch.Tensor, reader: Reader) -> torch.Tensor:
+    """The weight as [rows, input columns] in float64, in the order the reader's statistics use."""
+    if isinstance(reader, _Patches):  # [K, C, R, S] -> [K, (R, S, C)]
+        return weight.detach().double().permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return _weight_columns({"weight": weight}, reader)
+
+
+def _layout(columns: torch.Tensor, weight: torch.Tensor, reader: Reader) -> torch.Tensor:
+    if isinstance(reader, _Patches):
+        k, c, *kernel = weight.shape
+        return columns.reshape(k, *kernel, c).permute(0, 3, 1, 2).to(weight.dtype).contiguous()
+    return _back_to_layout(columns.to(weight.dtype), weight, reader)
+
+
 def _mask_layer(layer: LayerSparsity, module: nn.Module, reader: Reader, n: int, m: int, method: str) -> None:
     weight = module.weight
-    columns = _weight_columns({"weight": weight}, reader)
+    columns = _columns(weight, reader)
     magnitude = columns.abs()
     if method == "sparsegpt" and reader.gram is not None:
         new, keep = sparsegpt(columns, reader.gram.double() / reader.n, n, m)
     else:
         if method == "sparsegpt":
-            layer.reason = "sparsegpt reads 1x1 inputs: a larger kernel's mask is Wanda's, with no update"
+            layer.reason = "no patch statistics for this convolution: Wanda's mask, with no update"
         scores = magnitude if method == "magnitude" else magnitude * (reader.s2 / reader.n).sqrt()[None, :]
         keep = nm_keep(scores, n, m)
         new = torch.where(keep, columns, 0)
     layer.kept_magnitude = float(magnitude[keep].sum() / magnitude.sum().clamp_min(1e-30))
     reader.gram = None
-    weight.copy_(_back_to_layout(new.to(weight.dtype), weight, reader))
+    weight.copy_(_layout(new, weight, reader))
     layer.masked = True
     if min(layer.shape[:2]) < SMALL and not layer.reason:
         layer.reason = f"under {SMALL} channels: TensorRT usually keeps such layers dense"
