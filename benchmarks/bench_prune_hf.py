@@ -33,7 +33,7 @@ Protocol (everything is benchmarks/bench_llm.py's, imported from it and benchmar
     loaded with transformers' ``AutoModelForCausalLM.from_pretrained`` and evaluated in this process.
   Time is the pruning call alone (prune-hf: ``Result.seconds``, not the child's imports; the notes split it into
   setup, pass 1, selection + pass 2 and the rest, from prune_pretrained's progress messages). Peak RSS: prune-hf is
-  the child's lifetime peak (``Result.peak_rss_bytes``, i.e. ru_maxrss), shown with the child's RSS just before
+  the child's lifetime peak (``Result.peak_rss_bytes``, VmHWM), shown with the child's RSS just before
   the call (torch + transformers + graphprune imported, nothing loaded); in-memory is this process's VmHWM,
   reset just before the call (``/proc/self/clear_refs``), with its RSS before (the dense model, the data and
   whatever earlier rows left allocated).

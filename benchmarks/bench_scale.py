@@ -9,7 +9,7 @@ fallback path (the whole 80-layer model traced and analysed on meta), which must
 
 Each case runs in its own interpreter (2 torch threads) so its peak RSS is its own: wall time of the whole
 call (config read, meta builds, traces, analyses; imports excluded) and the process's peak resident memory
-(ru_maxrss, imports of torch and transformers included, about 0.65 GB by themselves).
+(VmHWM, imports of torch and transformers included, about 0.65 GB by themselves).
 
     .venv/bin/python benchmarks/bench_scale.py            # the extrapolated analysis, about 10 s
     .venv/bin/python benchmarks/bench_scale.py --full     # also the whole-model trace (about 45 s, 8 GB)
@@ -30,8 +30,9 @@ bfloat16 (2-GB safetensors shards, a tensor at a time): 0.5 B (hidden 1024, inte
 (hidden 2048, intermediate 8192, 24 layers, 16 / 4 heads, vocabulary 32000; 3.2 GB) and the same with 12 layers
 (does the peak grow with depth?), and 3 B on request. Each is pruned by ``prune_pretrained(target_params=0.8,
 importance="flap", compensate=True, uniform=True)`` with 16 x 256 calibration tokens in its own interpreter (2
-threads): wall time and the process's peak RSS (ru_maxrss, imports of torch and transformers included, about 1 GB
-by themselves), as a multiple of the checkpoint's size; then the output is loaded with from_pretrained and
+threads): wall time and the process's peak RSS (VmHWM, not ru_maxrss, which a child inherits from its parent;
+imports of torch and transformers included, about 0.6-0.9 GB by themselves), as a multiple of the checkpoint's
+size; then the output is loaded with from_pretrained and
 generates 4 tokens (after the peak is read). Beside prune-hf, ``--paths`` (default: all three) runs the in-memory
 path (the model loaded in bf16, then graphprune.prune with the same options; verification included) and
 torch-pruning (the model loaded, magnitude pruning of MLP channels at the ratio that removes 20% of the
@@ -60,9 +61,10 @@ LLAMA3_70B = {
 }
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(2)
 from graphprune import hf_inspect as h
+from graphprune.hf_prune import peak_rss_bytes
 path, mode, seq = sys.argv[1], sys.argv[2], int(sys.argv[3])
 start = time.perf_counter()
 if mode == "extrapolated":
@@ -75,7 +77,7 @@ else:  # the fallback: the whole model traced and analysed on meta
                       config.num_hidden_layers, seq, "full")
 seconds = time.perf_counter() - start
 groups = sorted((g.role, g.unit, g.width, g.count) for g in r.groups)
-print(json.dumps({"seconds": seconds, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+print(json.dumps({"seconds": seconds, "rss_gb": peak_rss_bytes() / 2**30,
                   "flops": r.flops, "params": r.params, "groups": groups, "method": r.method}))
 """
 
@@ -142,9 +144,9 @@ def in_memory(args) -> None:
 
 
 CHECKPOINT_CHILD = r"""
-import json, os, resource, sys, time, torch
+import json, os, sys, time, torch
 torch.set_num_threads(2)
-from graphprune.hf_prune import prune_pretrained
+from graphprune.hf_prune import peak_rss_bytes, prune_pretrained
 src, out, mode, samples, tokens, propagate = sys.argv[1:7]
 ids = torch.randint(0, 32000, (int(samples), int(tokens)), generator=torch.Generator().manual_seed(0))
 start = time.perf_counter()
@@ -173,7 +175,7 @@ else:  # the in-memory path: the whole model loaded, then graphprune.prune
     slim = graphprune.prune(model, {"input_ids": ids[:1]}, target_params=0.8, importance="flap", compensate=True,
                             uniform=True, calibration=[{"input_ids": b} for b in ids.split(4)])
     ratio = slim.graphprune_plan.params_ratio
-seconds, rss = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+seconds, rss = time.perf_counter() - start, peak_rss_bytes() / 2**30
 generates = None
 if mode == "prune-hf":  # after the peak is read: the output loads without graphprune and generates
     import transformers

@@ -28,6 +28,7 @@ import os
 import re
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -177,7 +178,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     the_plan.notes.append(f"pruned layer by layer in {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB "
                           f"(propagate={propagate!r}, {ids.numel()} calibration tokens)")
     the_plan.save(os.path.join(out, PLAN_FILE))
@@ -527,6 +528,19 @@ def _select(table: np.ndarray, uniform: bool, config, seq_len: int, layer_an, la
     return chosen
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM where /proc has it. Not ru_maxrss on Linux: a process started
+    from another one (subprocess: fork, then exec) inherits its parent's resident size in ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _glibc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -619,7 +633,7 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
         writer.add(weights.stored_name(full), sliced(local, name, value).to(weights.dtype(full)))
     for bias, weight, axis in new_biases:
         full_bias, full_weight = prefix + bias[len(zero):], prefix + weight[len(zero):]
-        writer.add(weights.stored_name(full_bias), sliced(local, bias, updates[bias]).to(weights.dtype(full_weight)))
+        writer.add(full_bias, sliced(local, bias, updates[bias]).to(weights.dtype(full_weight)))  # new: model name
         added.append((full_bias, full_weight, axis))
     del tensors, updates, layer
     runner.unload(index)

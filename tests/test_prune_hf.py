@@ -270,3 +270,19 @@ def test_checkpoint_keys_transformers_renames(tmp_path):
     with pytest.raises(UsageError, match="converts while loading.*graphprune.prune"):
         prune_pretrained(moe_src, str(tmp_path / "moe-out"), target_params=0.8, calibration=ids % 100, batch_size=2)
     assert not os.path.exists(tmp_path / "moe-out")
+
+
+def test_peak_memory_is_the_process_own():
+    """ru_maxrss of a process started from another includes the parent's resident size (fork, then exec): the
+    peak prune-hf reports must not."""
+    import subprocess
+    import sys
+
+    from graphprune.hf_prune import peak_rss_bytes
+
+    ballast = np.ones(2 * 2**30 // 8)  # 2 GiB resident in this process while the child starts
+    child = subprocess.run([sys.executable, "-c", "from graphprune.hf_prune import peak_rss_bytes; "
+                            "print(peak_rss_bytes())"], capture_output=True, text=True, check=True)
+    mine = peak_rss_bytes()
+    del ballast
+    assert mine > 2 * 2**30 and int(child.stdout) < mine - 2**30
