@@ -22,6 +22,7 @@ masked but noted: TensorRT times sparse against dense kernels and usually keeps 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +75,8 @@ class SparsityReport:
 
     def weights_masked(self) -> float:
         """The fraction of the weighted layers' weights that sit in masked layers."""
-        total = sum(_numel(layer.shape) for layer in self.layers)
-        return sum(_numel(layer.shape) for layer in self.masked) / max(total, 1)
+        total = sum(math.prod(layer.shape) for layer in self.layers)
+        return sum(math.prod(layer.shape) for layer in self.masked) / max(total, 1)
 
     def __str__(self) -> str:
         lines = [f"{self.pattern} sparsity ({self.method}): {len(self.masked)} of {len(self.layers)} weighted layers "
@@ -86,13 +87,6 @@ class SparsityReport:
             shape = "x".join(map(str, layer.shape))
             lines.append(f"  {layer.name:<{width}} {shape:>16}  {state}{'; ' + layer.reason if layer.reason else ''}")
         return "\n".join(lines)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _skip_reason(module: nn.Module, n: int, m: int) -> str | None:
