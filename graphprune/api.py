@@ -197,12 +197,10 @@ def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", 
     """
     import copy
 
-    from torch.utils._pytree import tree_flatten
-
     from .errors import GraphPruneError
-    from .ir.from_torch import eval_mode, normalize_inputs
     from .passes.calibration import reader_kind
     from .passes.nm import holds_pattern, parse_pattern, sparsify_layers
+    from .verify import outputs
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -215,12 +213,7 @@ def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", 
         kind, in_axis = reader_kind(modules[layer.name])
         if not holds_pattern(modules[layer.name].weight, kind, in_axis, n, m):
             raise GraphPruneError(f"{layer.name}: the mask does not hold {n}:{m} (a graphprune bug; please report)")
-    args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad(), eval_mode(target):
-        out = target(*args, **kwargs)
-    bad = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
-           and not torch.isfinite(t).all()]
-    if bad:
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in outputs(target, example_inputs)):
         raise GraphPruneError(f"the {n}:{m}-masked model gives non-finite outputs on example_inputs; try "
                               "method='sparsegpt' or ignore= the layers that break it"
                               + ("" if inplace else " (your model is unchanged)"))

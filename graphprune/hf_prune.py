@@ -633,7 +633,8 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
         writer.add(weights.stored_name(full), sliced(local, name, value).to(weights.dtype(full)))
     for bias, weight, axis in new_biases:
         full_bias, full_weight = prefix + bias[len(zero):], prefix + weight[len(zero):]
-        writer.add(full_bias, sliced(local, bias, updates[bias]).to(weights.dtype(full_weight)))  # new: model name
+        # a bias compensation added has no key in the checkpoint: it is written under the model's name
+        writer.add(full_bias, sliced(local, bias, updates[bias]).to(weights.dtype(full_weight)))
         added.append((full_bias, full_weight, axis))
     del tensors, updates, layer
     runner.unload(index)

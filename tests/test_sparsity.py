@@ -147,3 +147,25 @@ def test_sparsegpt_on_convolutions_reads_unfolded_patches():
             error[method] = sum(float((modules[c.name](inputs[c.name]) - dense[c.name](inputs[c.name])).norm()
                                       / dense[c.name](inputs[c.name]).norm()) for c in convs)
     assert error["sparsegpt"] < 0.6 * error["wanda"], error
+
+
+def test_a_mask_that_breaks_the_outputs_is_refused():
+    """log of a sum that masking turns negative: the masked model's outputs go NaN, so sparsify raises."""
+
+    class LogOf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 8, bias=False)
+
+        def forward(self, x):
+            return self.linear(x).log()
+
+    model = LogOf()
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.tensor([-5.0, 4.0, 4.0, -2.9]).repeat(8, 4))  # dense sum > 0, masked < 0
+    x = torch.ones(2, 16)
+    assert torch.isfinite(model(x)).all()
+    before = model.linear.weight.clone()
+    with pytest.raises(graphprune.GraphPruneError, match="non-finite outputs"):
+        graphprune.sparsify(model, x)
+    assert torch.equal(model.linear.weight, before)
