@@ -18,7 +18,8 @@ call (config read, meta builds, traces, analyses; imports excluded) and the proc
 LLaMA (default hidden 2048, intermediate 5632, 8 layers, 16 / 4 GQA heads, vocabulary 32000: 492 M parameters,
 1.83 GiB in float32) is built and loaded, the process's peak resident memory is reset (``/proc/self/clear_refs``),
 and prune() runs at target_params=0.8 on one 1 x 128-token example, plain and with ``importance="flap"``, four
-calibration batches of 4 x 128 tokens, ``compensate=True``, ``uniform=True``. The table gives the peak (VmHWM)
+calibration batches of 4 x 128 tokens, ``compensate=True``, ``uniform=True``; each returning a slim copy and with
+``inplace=True`` (the model itself slimmed and checked). The table gives the peak (VmHWM)
 less the resident memory just before the call, as a multiple of the weights' size; verification stays on.
 Each case runs in its own interpreter (2 torch threads).
 
@@ -94,8 +95,8 @@ config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, n
 model = transformers.LlamaForCausalLM(config).eval()
 weights = sum(t.numel() * t.element_size() for t in named_tensors(model).values())
 ids = torch.randint(0, 32000, (1, 128))
-options = {}
-if case == "flap":
+options = {"inplace": case.endswith("inplace")}
+if case.startswith("flap"):
     options = dict(importance="flap", calibration=[torch.randint(0, 32000, (4, 128)) for _ in range(4)],
                    compensate=True, uniform=True)
 gc.collect()
@@ -128,7 +129,9 @@ def run_prune(args, case: str) -> dict:
 
 
 def in_memory(args) -> None:
-    cases = {"plain": "prune(target_params=0.8)", "flap": "flap + calibration + compensate + uniform"}
+    cases = {"plain": "prune(target_params=0.8)", "flap": "flap + calibration + compensate + uniform",
+             "plain inplace": "prune(target_params=0.8, inplace=True)",
+             "flap inplace": "flap + ... + uniform, inplace=True"}
     rows = {case: run_prune(args, case) for case in cases}
     first = next((r for r in rows.values() if "error" not in r), None)
     if first:

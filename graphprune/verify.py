@@ -5,7 +5,8 @@ models, `apply_verified` (what `plan.apply(model)` and `prune()` run by default)
 the slimmed module must reproduce the masked original (the user's model masked in place for one run and restored
 bit-identically, so no masked copy of a large model is made), or the recorded graph is regenerated (with batch and
 sequence sizes that follow the inputs, found by recording the model again at other sizes) and must, or
-graphprune raises. The user's model changes (inplace=True) only after the slimmed version passed.
+graphprune raises. With inplace=True the user's model itself is slimmed and checked, with no second copy of it,
+and comes back bit-identical when the check fails (a plan that removes whole blocks is checked on a copy first).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .backends.torch import apply_plan, mask_plan, masked_in_place
+from .backends.torch import Undo, apply_plan, mask_plan, masked_in_place
 from .errors import BackendError, GraphPruneError, TraceError, UsageError
 from .ir.from_torch import eval_mode, normalize_inputs, trace
 from .ir.inputs import random_inputs, resized, tensors_of
@@ -32,14 +33,15 @@ _TOLERANCE, _HALF_TOLERANCE = 1e-4, 2e-2  # relative; half precision rounds at a
 _SLAB = 1 << 20  # elements compared at a time
 
 
-def compare_outputs(got: Sequence, want: Sequence, lossy: bool = False, dtypes: Sequence[str] | None = None
-                    ) -> str | None:
+def compare_outputs(got: Sequence, want: Sequence, lossy: bool = False, dtypes: Sequence[str] | None = None,
+                    tolerance: float | None = None) -> str | None:
     """None if `got` matches `want` output by output, else what differs, in words.
 
     Outputs are arrays (or anything np.asarray takes). Shapes must always agree; values (relative to the
     largest expected value) unless `lossy`. A NaN or infinity where the reference has none, or the other
     way round, is a mismatch: a model full of NaN never verifies. `dtypes` names each output's original
-    precision when the arrays were upcast (bfloat16 has no numpy type), to pick the tolerance.
+    precision when the arrays were upcast (bfloat16 has no numpy type), to pick the tolerance;
+    `tolerance` (relative) overrides that choice.
     """
     if len(got) != len(want):
         return f"{len(got)} outputs instead of {len(want)}"
@@ -77,10 +79,11 @@ def compare_outputs(got: Sequence, want: Sequence, lossy: bool = False, dtypes: 
         if not finite_any:
             continue
         precision = dtypes[k] if dtypes is not None else str(b.dtype)
-        tolerance = _TOLERANCE if precision.removeprefix("torch.") in ("float32", "float64") else _HALF_TOLERANCE
+        relative = tolerance if tolerance is not None else (
+            _TOLERANCE if precision.removeprefix("torch.") in ("float32", "float64") else _HALF_TOLERANCE)
         scale = max(largest, 1e-6)
-        if err > tolerance * scale:
-            return f"output {k} differs by {err:.3g} (largest value {scale:.3g}, tolerance {tolerance:g} relative)"
+        if err > relative * scale:
+            return f"output {k} differs by {err:.3g} (largest value {scale:.3g}, tolerance {relative:g} relative)"
     return None
 
 
@@ -95,26 +98,69 @@ def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, v
         return apply_plan(plan, model, inplace=inplace)
     inputs = _inputs_for(plan, example_inputs)
     expected = masked_outputs(plan, model, inputs)
-    try:
-        slim = apply_plan(plan, model)  # a copy, even for inplace=True: the user's object changes once this passed
-    except BackendError as exc:  # the module cannot be slimmed (an RMS norm without an eps attribute)
-        slim, problem = None, str(exc)
+    if inplace and not plan.blocks:
+        problem = _in_place_checked(plan, model, inputs, expected)
+        if problem is None:
+            return model
     else:
-        problem = _check_against(plan, model, slim, inputs, expected)
-    if problem is None and not inplace:
-        return slim
-    del slim
-    if problem is None:
-        return apply_plan(plan, model, inplace=True)  # deterministic: the module that was just checked
+        try:
+            slim = apply_plan(plan, model)  # a copy, also for inplace=True with blocks: the user's model changes once it passed
+        except BackendError as exc:  # the module cannot be slimmed (an RMS norm without an eps attribute)
+            slim, problem = None, str(exc)
+        else:
+            problem = _check_against(plan, model, slim, inputs, expected)
+        if problem is None and not inplace:
+            return slim
+        del slim
+        if problem is None:
+            return apply_plan(plan, model, inplace=True)  # deterministic: the module that was just checked
     log.warning("the slimmed module does not match the plan (%s); regenerating the recorded graph", problem)
     return _regenerated(plan, model, inputs, expected, problem)
+
+
+def _in_place_checked(plan: PruningPlan, model: nn.Module, inputs: Any, expected: list[torch.Tensor]) -> str | None:
+    """Slim the user's model itself and check it, with no second copy of it: None if it passed, else what went
+    wrong, the model restored bit-identically (backends/torch.py Undo). A half-precision model that misses the
+    half tolerance is checked again in float32 (_check_in_float32), which needs the original for the reference."""
+    problem = _slim_and_check(plan, model, lambda: check(model, inputs, expected, plan.lossy))
+    half = _half(model)
+    if problem is None or half is None:
+        return problem
+    floats = _upcast(inputs)
+    with _in_float32(model):
+        expected = masked_outputs(plan, model, floats)
+
+    def in_float32():
+        with _in_float32(model):
+            return check(model, floats, expected, plan.lossy, torch.finfo(half).eps)
+
+    return _slim_and_check(plan, model, in_float32, problem)
+
+
+def _slim_and_check(plan: PruningPlan, model: nn.Module, run_check, half_problem: str | None = None) -> str | None:
+    """apply_plan in place, then run_check(); undone unless it passed."""
+    undo = Undo(model)
+    try:
+        apply_plan(plan, model, inplace=True, undo=undo)
+        problem = run_check()
+    except BackendError as exc:
+        problem = str(exc)
+    except BaseException:
+        undo.restore()
+        raise
+    if problem is not None:
+        undo.restore()
+    elif half_problem is not None:
+        plan.notes.append(_FLOAT32_NOTE.format(half_problem))
+    return problem
 
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _half(model: nn.Module) -> bool:
-    return any(t.dtype in _HALF for t in model.parameters())
+def _half(model: nn.Module) -> torch.dtype | None:
+    """The model's half-precision dtype, if it has one."""
+    return next((t.dtype for t in model.parameters() if t.dtype in _HALF), None)
 
 
 @contextlib.contextmanager
@@ -135,7 +181,7 @@ def _check_against(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs:
                    expected: list[torch.Tensor]) -> str | None:
     """check(), and for a half-precision model that misses the half tolerance, the float32 run below."""
     problem = check(slim, inputs, expected, plan.lossy)
-    if problem is not None and _half(model):
+    if problem is not None and _half(model) is not None:
         problem = _check_in_float32(plan, model, slim, inputs, problem)
     return problem
 
@@ -143,16 +189,24 @@ def _check_against(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs:
 def _check_in_float32(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs: Any, problem: str) -> str | None:
     """Half precision rounds every op, and through many layers the slim and the masked model drift apart by more
     than any fixed tolerance although they compute the same function: the same weights run in float32 tell a
-    real mismatch from rounding (for the run, the model takes twice its memory)."""
-    floats = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, inputs)
+    real mismatch from rounding (for the run, the model takes twice its memory). What is left is the one rounding
+    of the weights the slim model rewrote in half precision (compensation, rescaled RMS norms): the tolerance is
+    that precision's epsilon (bfloat16: 0.0078 of the largest output), below the half tolerance."""
+    floats = _upcast(inputs)
     with _in_float32(model):
         expected = masked_outputs(plan, model, floats)
     with _in_float32(slim):
-        again = check(slim, floats, expected, plan.lossy)
+        again = check(slim, floats, expected, plan.lossy, torch.finfo(_half(model)).eps)
     if again is None:
-        plan.notes.append(f"verified with the same weights in float32: in half precision the outputs differ by "
-                          f"rounding ({problem})")
+        plan.notes.append(_FLOAT32_NOTE.format(problem))
     return again
+
+
+_FLOAT32_NOTE = "verified with the same weights in float32: in half precision the outputs differ by rounding ({})"
+
+
+def _upcast(inputs: Any) -> Any:
+    return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, inputs)
 
 
 def masked_outputs(plan: PruningPlan, model: nn.Module, inputs: Any) -> list[torch.Tensor]:
@@ -177,7 +231,8 @@ def outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
-def check(model: nn.Module, inputs: Any, expected: list[torch.Tensor], lossy: bool) -> str | None:
+def check(model: nn.Module, inputs: Any, expected: list[torch.Tensor], lossy: bool, tolerance: float | None = None
+          ) -> str | None:
     """None if `model` reproduces `expected` (compare_outputs' rule), else what went wrong. An exception that
     forward code raises on a width it cannot follow is a mismatch; any other is a BackendError."""
     try:
@@ -190,7 +245,7 @@ def check(model: nn.Module, inputs: Any, expected: list[torch.Tensor], lossy: bo
         raise BackendError(f"the pruned model raised {type(exc).__name__} ({exc}), not a shape mismatch that a "
                            "regenerated graph could fix; keep the layers it involves whole with ignore=[...]") from exc
     return compare_outputs([_array(t) for t in got], [_array(t) for t in expected], lossy,
-                           dtypes=[str(t.dtype) for t in expected])
+                           dtypes=[str(t.dtype) for t in expected], tolerance=tolerance)
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

@@ -164,10 +164,10 @@ def test_loaded_plan_verifies_on_recorded_shapes_and_falls_back(tmp_path):
 
 def test_inplace_changes_the_users_object_only_once_verified():
     model, x = FlatNet().eval(), torch.randn(2, 1, 32, 32)
-    before = state_copy(model)
+    before, snapshot = state_copy(model), _snapshot(model)
     slim = graphprune.prune(model, x, target_flops=0.3, inplace=True)
     assert isinstance(slim, torch.fx.GraphModule)  # the fallback: the user's module stays as it was
-    assert same_state(before, state_copy(model)) and model.c1.out_channels == 6
+    assert same_state(before, state_copy(model)) and model.c1.out_channels == 6 and _unchanged(model, snapshot)
     chain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
     assert graphprune.prune(chain, torch.randn(1, 3, 8, 8), target_flops=0.6, inplace=True) is chain
     assert chain[0].out_channels < 8
@@ -464,3 +464,71 @@ def test_half_precision_rounding_is_told_from_a_wrong_model_by_a_float32_run(mon
     problem = _check_in_float32(plan, model, slim, {"input_ids": ids[:1]}, "bf16 differs")
     assert problem is not None and "differs" in problem
     assert _unchanged(model, snapshot) and slim.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+X_IMAGE = torch.randn(2, 3, 32, 32)
+
+
+def _tiny_llama(dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=4, vocab_size=100)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval().to(dtype), torch.randint(0, 100, (2, 16))
+
+
+def test_undo_of_an_in_place_apply_brings_a_language_model_back_bit_identical():
+    """What inplace=True verification relies on when the check fails: every change apply_plan makes (sliced
+    hidden size, heads, MLP channels; RMS norms rescaled; compensation written and biases added; the config
+    synced or save_pretrained refused) is taken back, as the same objects."""
+    from graphprune.backends.torch import Undo, apply_plan
+
+    model, ids = _tiny_llama()
+    inputs, calibration = {"input_ids": ids}, [{"input_ids": ids}]
+    before = run(model, inputs).logits
+    attention = model.model.layers[0].self_attn
+    for options in (dict(target_params=0.6), dict(target_params=0.6, uniform=True),
+                    dict(target_params=0.5, importance="flap", compensate=True, calibration=calibration)):
+        plan = graphprune.plan(model, inputs, **options)
+        snapshot, config = _snapshot(model), model.config.to_dict()
+        attributes = {n: dict(vars(m)) for n, m in model.named_modules()}
+        undo = Undo(model)
+        apply_plan(plan, model, inplace=True, undo=undo)
+        assert model.model.layers[0].mlp.up_proj.weight.shape[0] < 128 and not _unchanged(model, snapshot)
+        assert plan.rewrites or model.model.layers[0].mlp.down_proj.bias is not None
+        undo.restore()
+        assert _unchanged(model, snapshot) and model.config.to_dict() == config
+        assert {n: dict(vars(m)) for n, m in model.named_modules()} == attributes
+        assert "save_pretrained" not in vars(model) and model.model.layers[0].self_attn is attention
+        assert torch.equal(run(model, inputs).logits, before)
+    import torchvision
+
+    cnn, x = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=torch.channels_last), X_IMAGE
+    plan, snapshot = graphprune.plan(cnn, x, target_flops=0.5), _snapshot(cnn)
+    undo = Undo(cnn)
+    apply_plan(plan, cnn, inplace=True, undo=undo)
+    assert cnn.layer1[0].conv1.out_channels < 64
+    undo.restore()
+    assert _unchanged(cnn, snapshot) and cnn.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inplace_verifies_the_users_model_itself_without_a_copy(monkeypatch):
+    """inplace=True slims the model object and checks it, never copying it: also when bf16 misses its tolerance
+    (zero here) and the float32 check needs the original model back for its reference."""
+    import graphprune.backends.torch as torch_backend
+
+    model, ids = _tiny_llama(torch.bfloat16)
+    plan = graphprune.plan(model, {"input_ids": ids}, target_params=0.6)
+    floats = plan.mask(model).float()
+    want = run(floats, {"input_ids": ids}).logits
+    layer = model.model.layers[1]
+
+    def no_copy(*_args, **_kwargs):
+        raise AssertionError("the model was copied")
+
+    monkeypatch.setattr(torch_backend, "_copy", no_copy)
+    monkeypatch.setattr(graphprune.verify, "_HALF_TOLERANCE", 0.0)
+    slim = plan.apply(model, inplace=True)
+    assert slim is model and model.model.layers[1] is layer and layer.mlp.up_proj.weight.dtype == torch.bfloat16
+    assert layer.mlp.up_proj.out_features < 128 and any("in float32" in note for note in plan.notes)
+    assert rel(run(model.float(), {"input_ids": ids}).logits, want) <= 2e-2

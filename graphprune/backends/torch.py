@@ -31,14 +31,17 @@ def _copy(model: nn.Module, memo: dict | None = None) -> nn.Module:
                            "prune the model object itself") from exc
 
 
-def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn.Module:
+def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False, undo: Undo | None = None) -> nn.Module:
     """The slimmed model: `model` itself with inplace=True (each full-size tensor replaced as it is sliced),
-    else a copy built without a full-size intermediate (the sliced tensors go straight into the copy)."""
+    else a copy built without a full-size intermediate (the sliced tensors go straight into the copy). With an
+    `undo` (inplace only), what changes is recorded there so that undo.restore() can take it back."""
+    if undo is not None and (not inplace or plan.blocks):
+        raise BackendError("only an in-place apply that removes no blocks can be undone")
     if inplace or plan.blocks:
         slim = model if inplace else _copy(model)
         _skip_blocks(plan, slim)
         plan.check_fits(slim)
-        _compensated(plan, slim)
+        _compensated(plan, slim, undo)
         fresh = None
     else:
         plan.check_fits(model)
@@ -58,16 +61,19 @@ def apply_plan(plan: PruningPlan, model: nn.Module, inplace: bool = False) -> nn
             for name in plan.removed:
                 module, leaf = _owner(slim, name)
                 tensor = getattr(module, leaf)
-                new = sliced(plan, name, tensor)
+                shape = tuple(tensor.shape)
+                new = sliced(plan, name, tensor) if undo is None else undo.sliced(plan, name, tensor)
                 if isinstance(tensor, nn.Parameter):
                     new = nn.Parameter(new, requires_grad=tensor.requires_grad)
                 for holder, holder_leaf in holders.get(id(tensor), [(module, leaf)]):
-                    old_shapes.setdefault(holder, {})[holder_leaf] = tuple(tensor.shape)
+                    old_shapes.setdefault(holder, {})[holder_leaf] = shape
                     (holder._parameters if isinstance(tensor, nn.Parameter) else holder._buffers)[holder_leaf] = new
+                if undo is not None:
+                    undo.free(tensor, new)
                 del tensor, new  # the full-size tensor goes as soon as no module holds it
     for module, shapes in old_shapes.items():
         _update_attributes(module, shapes)
-    _rewrite_widths(slim, plan.rewrites)
+    _rewrite_widths(slim, plan.rewrites, undo)
     if plan.removed and hasattr(getattr(slim, "config", None), "to_dict"):
         from .hf_config import sync_config
 
@@ -140,13 +146,101 @@ def _refuse_save_pretrained(model: nn.Module, reason: str) -> None:
     model.save_pretrained = save_pretrained
 
 
-def sliced(plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` (parameter or buffer `name`) with the plan's removed indices dropped along every axis."""
+def sliced(plan: PruningPlan, name: str, tensor: torch.Tensor, lost: list | None = None) -> torch.Tensor:
+    """`tensor` (parameter or buffer `name`) with the plan's removed indices dropped along every axis; with a
+    `lost` list, (axis, kept indices, removed indices, removed slices) for each axis are appended to it."""
     new = tensor
     for axis in sorted(plan.removed.get(name, {})):
         keep = torch.tensor(plan.kept(name, axis), dtype=torch.long, device=new.device)
+        if lost is not None:
+            gone = torch.tensor(plan.removed[name][axis], dtype=torch.long, device=new.device)
+            lost.append((axis, keep, gone, new.index_select(axis, gone).detach()))
         new = new.index_select(axis, keep)
     return new.detach().contiguous()
+
+
+def _unsliced(new: torch.Tensor, lost: list) -> torch.Tensor:
+    """The full-size tensor back from its sliced version and what sliced(..., lost) set aside."""
+    for axis, keep, gone, part in reversed(lost):
+        shape = list(new.shape)
+        shape[axis] = len(keep) + len(gone)
+        whole = new.new_empty(shape)
+        whole.index_copy_(axis, keep, new)
+        whole.index_copy_(axis, gone, part)
+        new = whole
+    return new
+
+
+class Undo:
+    """What apply_plan(model, inplace=True, undo=...) changes, kept so that restore() takes it back bit-identically
+    without a second copy of the model (verification slims the user's model itself and undoes a failure): the module
+    tree (attributes and parameter, buffer and submodule entries, shallow), the Hugging Face config's fields, every
+    buffer's values (forward code may update buffers), the original values of tensors written in place
+    (compensation, RMS rescaling), and of each sliced parameter only the slices it lost, its full-size storage
+    freed. The same tensor objects come back."""
+
+    def __init__(self, model: nn.Module):
+        self._tree = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                      for m in model.modules()]
+        config = getattr(model, "config", None)
+        self._config = (config, copy.deepcopy(vars(config))) if hasattr(config, "to_dict") else None
+        self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self._kept: dict[int, torch.Tensor] = {}  # id -> the tensor's original values
+        self._lost: dict[int, tuple] = {}  # id -> (stride, what sliced(..., lost) set aside), until free()
+        self._steps: list = []  # callables that take one change back, run last to first
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """`tensor`'s values are about to be written in place."""
+        if id(tensor) not in self._kept:
+            saved = self._kept[id(tensor)] = tensor.detach().clone()
+            self._steps.append(lambda: setattr(tensor, "data", saved))
+
+    def sliced(self, plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """sliced(plan, name, tensor), setting aside the slices a parameter loses (buffers come back whole, and so
+        do tensors kept already)."""
+        if id(tensor) in self._kept or not isinstance(tensor, nn.Parameter):
+            return sliced(plan, name, tensor)
+        lost: list = []
+        self._lost[id(tensor)] = (tensor.stride(), lost)
+        return sliced(plan, name, tensor, lost)
+
+    def free(self, tensor: torch.Tensor, new: torch.Tensor) -> None:
+        """`new` replaced `tensor` in every module that held it: the full-size storage goes."""
+        set_aside = self._lost.pop(id(tensor), None)
+        if set_aside is not None:
+            stride, lost = set_aside
+
+            def back():
+                whole = _unsliced(new.detach(), lost)
+                if whole.stride() != stride:  # channels_last stays channels_last
+                    whole = whole.new_empty_strided(whole.shape, stride).copy_(whole)
+                tensor.data = whole
+
+            self._steps.append(back)
+        tensor.data = tensor.data.new_empty(0)
+
+    def restore(self) -> None:
+        """The model as it was when this Undo was made."""
+        with torch.no_grad():
+            for step in reversed(self._steps):
+                step()
+            for module, attributes, parameters, buffers, modules in self._tree:
+                for entries, saved in ((module._parameters, parameters), (module._buffers, buffers),
+                                       (module._modules, modules)):
+                    entries.clear()
+                    entries.update(saved)
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+            if self._config is not None:
+                config, fields = self._config
+                vars(config).clear()
+                vars(config).update(fields)
+            for buffer, saved in self._buffers:
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)
+                else:
+                    buffer.data = saved
+        self._steps.clear()
 
 
 def mask_plan(plan: PruningPlan, model: nn.Module) -> nn.Module:
@@ -242,7 +336,7 @@ def _skip_blocks(plan: PruningPlan, model: nn.Module) -> None:
                                "with the architecture the plan came from") from exc
 
 
-def _compensated(plan: PruningPlan, model: nn.Module) -> None:
+def _compensated(plan: PruningPlan, model: nn.Module, undo: Undo | None = None) -> None:
     """Create the biases compensation added (zeros until loaded or updated) and write the updated tensors."""
     with torch.no_grad():
         for bias, weight, _axis in plan.added:
@@ -251,8 +345,10 @@ def _compensated(plan: PruningPlan, model: nn.Module) -> None:
                 like = dict(model.named_parameters())[weight]
                 module.bias = nn.Parameter(torch.zeros(plan.fingerprint[bias], dtype=like.dtype, device=like.device))
         for name, value in plan.updates.items():
-            module, leaf = _owner(model, name)
-            getattr(module, leaf).copy_(value)
+            tensor = getattr(*_owner(model, name))
+            if undo is not None:
+                undo.keep(tensor)
+            tensor.copy_(value)
 
 
 def _update_attributes(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
@@ -300,7 +396,7 @@ _HEAD_WIDTHS = ("all_head_size", "split_size", "inner_dim", "attn_dim", "q_size"
 _EPS = ("variance_epsilon", "eps", "epsilon")
 
 
-def _rewrite_widths(model: nn.Module, rewrites: list[dict]) -> None:
+def _rewrite_widths(model: nn.Module, rewrites: list[dict], undo: Undo | None = None) -> None:
     """Update attributes that hold head counts (and the module's config, if it reads one), and fold the
     C/C' change of an RMS norm's mean into its weight and epsilon."""
     by_module: dict[str, list[dict]] = {}
@@ -313,7 +409,7 @@ def _rewrite_widths(model: nn.Module, rewrites: list[dict]) -> None:
             _rewrite_heads(module, heads)
         for r in entries:
             if r["kind"] == "rms":
-                _rescale_rms(module, name, r["before"], r["after"], r.get("offset", 0.0))
+                _rescale_rms(module, name, r["before"], r["after"], r.get("offset", 0.0), undo)
 
 
 def _rewrite_heads(module: nn.Module, entries: list[dict]) -> None:
@@ -348,7 +444,8 @@ def _rewrite_heads(module: nn.Module, entries: list[dict]) -> None:
                 setattr(module.config, attr, new)
 
 
-def _rescale_rms(module: nn.Module, name: str, before: int, after: int, offset: float = 0.0) -> None:
+def _rescale_rms(module: nn.Module, name: str, before: int, after: int, offset: float = 0.0,
+                undo: Undo | None = None) -> None:
     """mean over C' instead of C: (offset + w') = (offset + w) * sqrt(C/C') and eps' = eps * C/C' give the same
     output (offset 0 for x_hat * w, 1 for Gemma's x_hat * (1 + w))."""
     weight = getattr(module, "weight", None)
@@ -359,6 +456,8 @@ def _rescale_rms(module: nn.Module, name: str, before: int, after: int, offset: 
     eps = getattr(module, attr)
     if eps is None:  # torch's RMSNorm default
         eps = torch.finfo(weight.dtype).eps
+    if undo is not None:
+        undo.keep(weight)
     with torch.no_grad():
         weight.add_(offset).mul_(math.sqrt(before / after)).sub_(offset)
     setattr(module, attr, float(eps) * before / after)
