@@ -68,11 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--plan-out", metavar="PLAN.json", help="also write the plan as JSON")
     prune.add_argument("--report", metavar="REPORT.html", help="also write an HTML report with a width chart")
     prune.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    prune.add_argument("--sparsity", type=_pattern, metavar="N:M",
+                       help="also mask the N largest of every M input-channel weights of each eligible Conv / Gemm / "
+                            "MatMul (2:4: what sparse tensor cores run; --round-to auto then keeps widths multiples "
+                            "of 16); without a budget the model is only masked")
 
     inspect = sub.add_parser("inspect", help="show prunable groups, widths, FLOPs and pinned channels",
                              description="Read an ONNX model and show its prunable channel groups and widths, "
                                          "FLOPs and parameters, and the channels kept whole with the reasons.")
     inspect.add_argument("input", help="the .onnx file")
+    inspect.add_argument("--sparsity", type=_pattern, nargs="?", const="2:4", metavar="N:M",
+                         help="per weighted layer instead: does it hold N:M (default 2:4), can it, and would "
+                              "TensorRT run it sparse")
 
     inspect_hf = sub.add_parser(
         "inspect-hf", help="what could be pruned in a Hugging Face LLM, from its config.json alone",
@@ -169,6 +176,16 @@ _positive = _integer(1, "a positive integer")
 _count = _integer(0, "a whole number, 0 or more")
 
 
+def _pattern(text: str) -> str:
+    from .passes.nm import parse_pattern
+
+    try:
+        parse_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _round_to(text: str):
     return text if text == "auto" else _positive(text)
 
@@ -239,16 +256,22 @@ def _run(args) -> None:
         from .plan import PruningPlan
 
         if args.target_flops is None and args.target_params is None and args.plan is None:
-            raise UsageError("give a budget: --target-flops R or --target-params R (or --plan PLAN.json)")
+            if args.sparsity is None:
+                raise UsageError("give a budget: --target-flops R or --target-params R (or --plan PLAN.json), "
+                                 "or --sparsity N:M to mask without pruning")
+            print(gonnx.sparsify(args.input, args.output, args.sparsity, verify=not args.no_verify,
+                                 input_shapes=shapes))
+            return
         batches = gonnx.load_calibration(args.calibration, args.input) if args.calibration else None
         result = gonnx.prune(args.input, args.output, args.target_flops, target_params=args.target_params,
                              importance=args.importance, round_to=args.round_to, max_ratio=args.max_ratio,
                              allow_lossy=args.allow_lossy, input_shapes=shapes, calibration=batches,
                              verify=not args.no_verify, plan_out=args.plan_out, report=args.report,
-                             the_plan=PruningPlan.load(args.plan) if args.plan else None, progress=_progress)
+                             the_plan=PruningPlan.load(args.plan) if args.plan else None, progress=_progress,
+                             sparsity=args.sparsity)
         print(result.summary())
     elif args.command == "inspect":
-        print(gonnx.inspect(args.input, shapes))
+        print(gonnx.inspect(args.input, shapes, sparsity=args.sparsity))
     elif args.command == "bench":
         rows = gonnx.bench(args.inputs, runs=args.runs, warmup=args.warmup, threads=args.threads,
                            input_shapes=shapes, progress=_progress)

@@ -103,7 +103,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
           verify: bool = True, plan_out: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
           progress: Progress | None = None, the_plan: PruningPlan | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None, feeds: dict[str, np.ndarray] | None = None,
-          allow_lossy: bool = False, **options: Any) -> PruningPlan:
+          allow_lossy: bool = False, sparsity: str | None = None, **options: Any) -> PruningPlan:
     """Prune the ONNX file `src` into `dst` and return the plan.
 
     `dst` is written only after the pruned model passed strict shape inference, the full ONNX checker and
@@ -112,7 +112,10 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     file was exported from, or PruningPlan.load) instead of planning; one with compensation, added biases or
     removed blocks is refused (only channel removals replay on a file). `feeds` (input name -> array) are
     the inputs shapes are recorded and the verification runs with; by default the first calibration batch,
-    or random ones shaped by the model's inputs and `input_shapes`. Other options are those of plan().
+    or random ones shaped by the model's inputs and `input_shapes`. `sparsity` ("2:4", "N:M") also masks the
+    pruned model's eligible weights (the sparsify step below; round_to="auto" then keeps widths multiples of 16,
+    so 2:4 layers stay eligible for sparse tensor cores); plan.notes says how many. Other options are those of
+    plan().
     """
     say = progress or (lambda message: log.info(message))
     src, dst = os.fspath(src), os.fspath(dst)
@@ -128,6 +131,11 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     loaded = read(src, input_shapes, allow_lossy, feeds)
     say(f"{len(loaded.og.graph.nodes)} nodes, {loaded.flops.total() / 1e9:.3f} GFLOPs, "
         f"{loaded.params.total() / 1e6:.2f} M parameters; {int(loaded.an.prunable.sum())} prunable channels")
+    if sparsity is not None:
+        from .passes.nm import eligible_multiple, parse_pattern
+
+        if options.get("round_to", "auto") == "auto":
+            options["round_to"] = eligible_multiple(*parse_pattern(sparsity))
     if the_plan is None:
         say("planning")
         result = plan(src, target_flops, loaded=loaded, progress=progress, **options)
@@ -154,6 +162,9 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
             raise BackendError(f"the pruned model does not match the masked original ({problem}); this is a "
                                "graphprune bug: please report it with the model (--no-verify skips the check)")
         result.notes.append("verified against the masked original in ONNX Runtime")
+    if sparsity is not None:
+        say(f"masking {sparsity}")
+        result.notes.append(_sparsified(slim, sparsity, check_feeds if verify else None).summary())
     if plan_out is not None:
         result.save(plan_out)
     if report is not None:
@@ -162,6 +173,44 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     save_model(slim, dst, external=bool(data_files))
     say(f"wrote {dst}")
     return result
+
+
+def sparsify(src: str | os.PathLike, dst: str | os.PathLike, pattern: str = "2:4", *, verify: bool = True,
+             ignore: set[str] = frozenset(), input_shapes: dict[str, tuple[int, ...]] | None = None):
+    """Write `src` with N:M magnitude masks on every eligible Conv / Gemm / MatMul weight to `dst` and return the
+    SparsityReport (every layer, masked or why not). `ignore`: node or weight names kept dense. With verify the
+    masked file runs in ONNX Runtime with finite outputs where the original's are. `src` is never modified."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    data_files = external_data_files(src)
+    _check_paths(src, data_files, dst)
+    import onnx_ir as ir
+
+    model = load_model(src)
+    feeds = example_feeds(model, input_shapes) if verify else None
+    proto = ir.to_proto(model)
+    report = _sparsified(proto, pattern, feeds, ignore)
+    save_model(proto, dst, external=bool(data_files))
+    return report
+
+
+def _sparsified(proto, pattern: str, feeds: dict[str, np.ndarray] | None, ignore: set[str] = frozenset()):
+    """Mask `proto` in place (backends/onnx_sparsity.py); every masked weight must hold the pattern and, given
+    feeds, the model must still run with outputs of the same shapes, finite where they were."""
+    from .backends import onnx_sparsity
+    from .passes.nm import parse_pattern
+
+    n, m = parse_pattern(pattern)
+    want = session(proto).run(None, feeds) if feeds is not None else None
+    report = onnx_sparsity.sparsify(proto, n, m, ignore)
+    if not report.masked:
+        log.warning("no layer of this model can hold %s masks: %s", pattern,
+                    "; ".join(f"{layer.name}: {layer.reason}" for layer in report.layers[:5]) or "no weighted layers")
+    if want is not None:
+        problem = compare(proto, None, feeds, lossy=True, want=want)
+        if problem is not None:
+            raise BackendError(f"the {pattern}-masked model is broken ({problem}); keep the layers it involves "
+                               "dense with ignore=[...]")
+    return report
 
 
 def load_calibration(path: str | os.PathLike, model_path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
@@ -272,15 +321,17 @@ def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
     return gone
 
 
-def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False) -> str | None:
-    """None if the two models give the same outputs on `feeds` (graphprune.verify's rule), else what differs."""
+def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False, want: list | None = None
+            ) -> str | None:
+    """None if the two models give the same outputs on `feeds` (graphprune.verify's rule), else what differs;
+    `want`: the reference's outputs, computed already."""
     from .verify import compare_outputs
 
     try:
         got = session(slim).run(None, feeds)
     except Exception as exc:  # noqa: BLE001
         return f"ONNX Runtime cannot run it: {' '.join(str(exc).split())[:300]}"
-    return compare_outputs(got, session(reference).run(None, feeds), lossy=lossy)
+    return compare_outputs(got, want if want is not None else session(reference).run(None, feeds), lossy=lossy)
 
 
 def save_model(proto, dst: str, external: bool = False) -> None:
@@ -306,9 +357,13 @@ def save_model(proto, dst: str, external: bool = False) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def inspect(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+def inspect(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | None = None,
+            sparsity: str | None = None) -> str:
     """What graphprune sees in the file: prunable groups and widths, FLOPs, parameters, and why channels
-    that own weights are kept whole."""
+    that own weights are kept whole; with `sparsity` ("2:4"), per weighted layer instead: does it hold the
+    pattern, can it, and would TensorRT run it sparse."""
+    if sparsity is not None:
+        return _inspect_sparsity(path, sparsity)
     from .render import explain_rows
     from .render import fmt_num as _num
     from .report import pinned_rows
@@ -322,6 +377,22 @@ def inspect(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]] | 
     for fam, label in zip(an.families, an.family_label):
         lines.append(f"  {len(fam):>6}  {label}")
     lines.extend(explain_rows(pinned_rows(an)))
+    return "\n".join(lines)
+
+
+def _inspect_sparsity(path: str | os.PathLike, pattern: str) -> str:
+    import onnx_ir as ir
+
+    from .backends import onnx_sparsity
+    from .passes.nm import parse_pattern
+
+    n, m = parse_pattern(pattern)
+    rows = onnx_sparsity.rows(ir.to_proto(load_model(path)), n, m)
+    lines = [f"{os.fspath(path)}: {len(rows)} weighted layers, {sum(r[3] == 'eligible' for r in rows)} can hold "
+             f"{pattern}, {sum(r[2] == 'yes' for r in rows)} hold it"]
+    rows.insert(0, ("weight", "shape", f"holds {pattern}", "can hold it", "TensorRT"))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
+    lines += ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)) + "  " + r[4] for r in rows]
     return "\n".join(lines)
 
 
@@ -375,4 +446,4 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench", "bench_table", "compare", "count_flops", "inspect", "plan", "prune", "read"]
+__all__ = ["bench", "bench_table", "compare", "count_flops", "inspect", "plan", "prune", "read", "sparsify"]

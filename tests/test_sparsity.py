@@ -11,6 +11,8 @@ import torch
 import torchvision
 
 import graphprune
+import graphprune.cli
+import graphprune.onnx
 from graphprune.errors import UsageError
 from graphprune.passes.calibration import reader_kind
 
@@ -169,3 +171,72 @@ def test_a_mask_that_breaks_the_outputs_is_refused():
     with pytest.raises(graphprune.GraphPruneError, match="non-finite outputs"):
         graphprune.sparsify(model, x)
     assert torch.equal(model.linear.weight, before)
+
+
+class ConvMLP(torch.nn.Module):
+    """Every case the ONNX sparsity pass sorts: a 3-channel stem (too few inputs), a 32-channel conv, a depthwise
+    conv (grouped), Linear layers exported as Gemm (2-d input) and as MatMul with a transposed initializer
+    (3-d input), and a 10-way classifier (outputs not a multiple of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.depthwise = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.tokens, self.fc, self.head = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.depthwise(torch.relu(self.conv(torch.relu(self.stem(x))))))
+        x = torch.relu(self.tokens(x.flatten(2).transpose(1, 2)))  # [batch, pixels, 64]: MatMul
+        return self.head(torch.relu(self.fc(x.mean(1))))  # [batch, 64]: Gemm
+
+
+def _polygraphy_sparse(path) -> set[str]:
+    onnx = pytest.importorskip("onnx")
+    sparse_tool = pytest.importorskip("polygraphy.tools.sparse")
+    pruner = sparse_tool.SparsityPruner(onnx.load(str(path)))
+    pruner.check()
+    return pruner.sparse_tensors
+
+
+def test_onnx_sparsity_is_the_torch_pass_and_polygraphy_agrees(tmp_path, capsys):
+    from .conftest import export_onnx
+
+    pytest.importorskip("onnxruntime")
+    from graphprune.ir.from_onnx import session
+
+    onnx = pytest.importorskip("onnx")
+    from graphprune.backends import onnx_sparsity
+
+    torch.manual_seed(0)
+    model, x = ConvMLP().eval(), torch.randn(2, 3, 8, 8)
+    src = export_onnx(model, x, tmp_path / "model.onnx")
+    flops = graphprune.onnx.count_flops(src)
+    original = open(src, "rb").read()
+    report = graphprune.onnx.sparsify(src, tmp_path / "sparse.onnx")
+    assert open(src, "rb").read() == original and not _polygraphy_sparse(src)
+    reasons = {layer.name: layer.reason for layer in report.skipped}
+    assert len(report.masked) == 3 and len(reasons) == 3, str(report)
+    assert any("3 input channels" in r for r in reasons.values()) and any("grouped" in r for r in reasons.values())
+    assert any("10 outputs" in r for r in reasons.values())
+    # the same masks as graphprune.sparsify on the PyTorch model: the outputs agree
+    sparse = graphprune.sparsify(model, x)
+    got = session(open(tmp_path / "sparse.onnx", "rb").read()).run(None, {"input_0": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), sparse(x).detach(), atol=1e-5)
+    # polygraphy's checker finds the pattern exactly on the weights graphprune masked
+    assert _polygraphy_sparse(tmp_path / "sparse.onnx") == {layer.name for layer in report.masked}
+
+    assert graphprune.cli.main(["inspect", str(tmp_path / "sparse.onnx"), "--sparsity"]) == 0
+    out = capsys.readouterr().out
+    assert "6 weighted layers, 3 can hold 2:4, 3 hold it" in out and "float32: no sparse kernels" in out
+
+    # pruned and masked in one run: widths stay multiples of 16, so the pruned layers keep their eligibility
+    assert graphprune.cli.main(["prune", src, "-o", str(tmp_path / "slim.onnx"), "--target-flops", "0.6",
+                                "--sparsity", "2:4"]) == 0
+    assert "2:4 sparsity (magnitude): 3 of 6 weighted layers masked" in capsys.readouterr().out
+    proto = onnx.load(str(tmp_path / "slim.onnx"))
+    rows = onnx_sparsity.rows(proto, 2, 4)
+    holding = {name for name, _, holds, _, _ in rows if holds == "yes"}
+    assert len(holding) == 3 and _polygraphy_sparse(tmp_path / "slim.onnx") == holding
+    assert proto.graph.initializer and graphprune.onnx.count_flops(tmp_path / "slim.onnx") < 0.65 * flops
+    eligible = [w for w in onnx_sparsity.weights(proto, 2, 4) if not w.reason]
+    assert {w.name for w in eligible} == holding and all(w.shape[w.in_axis] % 16 == 0 for w in eligible)

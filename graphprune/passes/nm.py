@@ -78,9 +78,12 @@ class SparsityReport:
         total = sum(math.prod(layer.shape) for layer in self.layers)
         return sum(math.prod(layer.shape) for layer in self.masked) / max(total, 1)
 
+    def summary(self) -> str:
+        return (f"{self.pattern} sparsity ({self.method}): {len(self.masked)} of {len(self.layers)} weighted layers "
+                f"masked, {self.weights_masked():.1%} of their weights in masked layers")
+
     def __str__(self) -> str:
-        lines = [f"{self.pattern} sparsity ({self.method}): {len(self.masked)} of {len(self.layers)} weighted layers "
-                 f"masked, {self.weights_masked():.1%} of their weights in masked layers"]
+        lines = [self.summary()]
         width = max([len(layer.name) for layer in self.layers] + [5])
         for layer in self.layers:
             state = f"masked, kept |W| {layer.kept_magnitude:.3f}" if layer.masked else "skipped"
@@ -95,15 +98,25 @@ def _skip_reason(module: nn.Module, n: int, m: int) -> str | None:
         return ("transposed convolution" if module.transposed else
                 f"grouped convolution (groups={module.groups}): no N:M kernels for it")
     kind, in_axis = reader_kind(module)
-    w = module.weight
-    channels = w.shape[in_axis]
-    outputs = w.shape[1 - in_axis] if kind == "conv1d_hf" else w.shape[0]
+    return shape_reason(kind, tuple(module.weight.shape), in_axis, n, m)
+
+
+def shape_reason(kind: str, shape: tuple[int, ...], in_axis: int, n: int, m: int) -> str | None:
+    """Why a weight of this shape cannot hold N:M masks that kernels run; None when it can. `kind` and `in_axis`
+    as calibration.reader_kind gives them (conv1d_hf: [in, out], the others [out, in, ...])."""
+    channels = shape[in_axis]
+    outputs = shape[1 - in_axis] if kind == "conv1d_hf" else shape[0]
     if channels % m:
         return f"{channels} input channels are not a multiple of {m}"
     if (n, m) == (2, 4) and (channels % 16 or outputs % 8):
         return (f"{outputs} outputs x {channels} inputs: sparse tensor cores need outputs % 8 and inputs % 16 "
                 "(NVIDIA ASP's rule)")
     return None
+
+
+def eligible_multiple(n: int, m: int) -> int:
+    """The channel multiple that keeps a pruned layer N:M-eligible (2:4: ASP's inputs % 16, outputs % 8)."""
+    return 16 if (n, m) == (2, 4) else math.lcm(8, m)
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -256,6 +269,17 @@ def _mask_layer(layer: LayerSparsity, module: nn.Module, reader: Reader, n: int,
     layer.masked = True
     if min(layer.shape[:2]) < SMALL and not layer.reason:
         layer.reason = f"under {SMALL} channels: TensorRT usually keeps such layers dense"
+
+
+def magnitude_masked(weight: torch.Tensor, kind: str, in_axis: int, n: int, m: int) -> tuple[torch.Tensor, float]:
+    """The weight with the N largest |w| of every M input channels kept, and the fraction of sum |W| kept: the
+    magnitude mask on a bare tensor (an ONNX initializer)."""
+    reader = Reader("", "weight", in_axis, kind)
+    columns = _columns(weight, reader)
+    magnitude = columns.abs()
+    keep = nm_keep(magnitude, n, m)
+    kept = float(magnitude[keep].sum() / magnitude.sum().clamp_min(1e-30))
+    return _layout(torch.where(keep, columns, 0), weight, reader), kept
 
 
 def holds_pattern(weight: torch.Tensor, kind: str, in_axis: int, n: int, m: int) -> bool:
