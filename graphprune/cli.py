@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="also mask the N largest of every M input-channel weights of each eligible Conv / Gemm / "
                             "MatMul (2:4: what sparse tensor cores run; --round-to auto then keeps widths multiples "
                             "of 16); without a budget the model is only masked")
+    prune.add_argument("--fp16", action="store_true",
+                       help="write float16 weights and compute (what TensorRT 11 and sparse kernels need), checked "
+                            "against float32 with half-precision tolerances; inputs and outputs stay float32")
+    prune.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 inputs and outputs too")
 
     inspect = sub.add_parser("inspect", help="show prunable groups, widths, FLOPs and pinned channels",
                              description="Read an ONNX model and show its prunable channel groups and widths, "
@@ -255,12 +259,14 @@ def _run(args) -> None:
         from .errors import UsageError
         from .plan import PruningPlan
 
+        if args.fp16_io and not args.fp16:
+            raise UsageError("--fp16-io changes the inputs and outputs of a float16 model: add --fp16")
         if args.target_flops is None and args.target_params is None and args.plan is None:
             if args.sparsity is None:
                 raise UsageError("give a budget: --target-flops R or --target-params R (or --plan PLAN.json), "
                                  "or --sparsity N:M to mask without pruning")
             print(gonnx.sparsify(args.input, args.output, args.sparsity, verify=not args.no_verify,
-                                 input_shapes=shapes))
+                                 input_shapes=shapes, fp16=args.fp16, float16_io=args.fp16_io))
             return
         batches = gonnx.load_calibration(args.calibration, args.input) if args.calibration else None
         result = gonnx.prune(args.input, args.output, args.target_flops, target_params=args.target_params,
@@ -268,7 +274,7 @@ def _run(args) -> None:
                              allow_lossy=args.allow_lossy, input_shapes=shapes, calibration=batches,
                              verify=not args.no_verify, plan_out=args.plan_out, report=args.report,
                              the_plan=PruningPlan.load(args.plan) if args.plan else None, progress=_progress,
-                             sparsity=args.sparsity)
+                             sparsity=args.sparsity, fp16=args.fp16, float16_io=args.fp16_io)
         print(result.summary())
     elif args.command == "inspect":
         print(gonnx.inspect(args.input, shapes, sparsity=args.sparsity))

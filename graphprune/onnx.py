@@ -103,7 +103,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
           verify: bool = True, plan_out: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
           progress: Progress | None = None, the_plan: PruningPlan | None = None,
           input_shapes: dict[str, tuple[int, ...]] | None = None, feeds: dict[str, np.ndarray] | None = None,
-          allow_lossy: bool = False, sparsity: str | None = None, **options: Any) -> PruningPlan:
+          allow_lossy: bool = False, sparsity: str | None = None, fp16: bool = False, float16_io: bool = False,
+          **options: Any) -> PruningPlan:
     """Prune the ONNX file `src` into `dst` and return the plan.
 
     `dst` is written only after the pruned model passed strict shape inference, the full ONNX checker and
@@ -114,8 +115,9 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     the inputs shapes are recorded and the verification runs with; by default the first calibration batch,
     or random ones shaped by the model's inputs and `input_shapes`. `sparsity` ("2:4", "N:M") also masks the
     pruned model's eligible weights (the sparsify step below; round_to="auto" then keeps widths multiples of 16,
-    so 2:4 layers stay eligible for sparse tensor cores); plan.notes says how many. Other options are those of
-    plan().
+    so 2:4 layers stay eligible for sparse tensor cores); plan.notes says how many. `fp16` writes float16
+    weights and compute (inputs and outputs float32 unless `float16_io`), checked against the float32 result
+    with half-precision tolerances. Other options are those of plan().
     """
     say = progress or (lambda message: log.info(message))
     src, dst = os.fspath(src), os.fspath(dst)
@@ -165,6 +167,11 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     if sparsity is not None:
         say(f"masking {sparsity}")
         result.notes.append(_sparsified(slim, sparsity, check_feeds if verify else None).summary())
+    if fp16:
+        say("converting to float16")
+        slim = _in_float16(slim, check_feeds if verify else None, float16_io)
+        result.notes.append("float16 weights and compute" + (", checked against float32 in ONNX Runtime" if verify
+                                                              else ""))
     if plan_out is not None:
         result.save(plan_out)
     if report is not None:
@@ -176,10 +183,12 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
 
 
 def sparsify(src: str | os.PathLike, dst: str | os.PathLike, pattern: str = "2:4", *, verify: bool = True,
-             ignore: set[str] = frozenset(), input_shapes: dict[str, tuple[int, ...]] | None = None):
+             ignore: set[str] = frozenset(), input_shapes: dict[str, tuple[int, ...]] | None = None,
+             fp16: bool = False, float16_io: bool = False):
     """Write `src` with N:M magnitude masks on every eligible Conv / Gemm / MatMul weight to `dst` and return the
     SparsityReport (every layer, masked or why not). `ignore`: node or weight names kept dense. With verify the
-    masked file runs in ONNX Runtime with finite outputs where the original's are. `src` is never modified."""
+    masked file runs in ONNX Runtime with finite outputs where the original's are. `fp16` as in prune().
+    `src` is never modified."""
     src, dst = os.fspath(src), os.fspath(dst)
     data_files = external_data_files(src)
     _check_paths(src, data_files, dst)
@@ -189,8 +198,26 @@ def sparsify(src: str | os.PathLike, dst: str | os.PathLike, pattern: str = "2:4
     feeds = example_feeds(model, input_shapes) if verify else None
     proto = ir.to_proto(model)
     report = _sparsified(proto, pattern, feeds, ignore)
+    if fp16:
+        proto = _in_float16(proto, feeds, float16_io)
     save_model(proto, dst, external=bool(data_files))
     return report
+
+
+def _in_float16(proto, feeds: dict[str, np.ndarray] | None, float16_io: bool):
+    """`proto` in float16 (backends/onnx.py to_float16); given feeds, its outputs must match the float32 model's
+    within graphprune.verify's half-precision tolerance."""
+    from .backends import onnx as backend
+
+    half = backend.to_float16(proto, float16_io)
+    if feeds is not None:
+        want = session(proto).run(None, feeds)
+        half_feeds = {k: v.astype(np.float16) if float16_io and v.dtype == np.float32 else v for k, v in feeds.items()}
+        problem = compare(half, None, half_feeds, want=want, dtypes=["float16"] * len(want))
+        if problem is not None:
+            raise BackendError(f"in float16 the outputs move away from float32 ({problem}): the model overflows or "
+                               "loses too much precision in half; write it in float32 (without --fp16)")
+    return half
 
 
 def _sparsified(proto, pattern: str, feeds: dict[str, np.ndarray] | None, ignore: set[str] = frozenset()):
@@ -321,17 +348,18 @@ def gone_from_plan(the_plan: PruningPlan, loaded: Loaded) -> np.ndarray:
     return gone
 
 
-def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False, want: list | None = None
-            ) -> str | None:
+def compare(slim, reference, feeds: dict[str, np.ndarray], lossy: bool = False, want: list | None = None,
+            dtypes: list[str] | None = None) -> str | None:
     """None if the two models give the same outputs on `feeds` (graphprune.verify's rule), else what differs;
-    `want`: the reference's outputs, computed already."""
+    `want`: the reference's outputs, computed already; `dtypes`: the precision that picks the tolerance."""
     from .verify import compare_outputs
 
     try:
         got = session(slim).run(None, feeds)
     except Exception as exc:  # noqa: BLE001
         return f"ONNX Runtime cannot run it: {' '.join(str(exc).split())[:300]}"
-    return compare_outputs(got, want if want is not None else session(reference).run(None, feeds), lossy=lossy)
+    return compare_outputs(got, want if want is not None else session(reference).run(None, feeds), lossy=lossy,
+                           dtypes=dtypes)
 
 
 def save_model(proto, dst: str, external: bool = False) -> None:
@@ -388,11 +416,11 @@ def _inspect_sparsity(path: str | os.PathLike, pattern: str) -> str:
 
     n, m = parse_pattern(pattern)
     rows = onnx_sparsity.rows(ir.to_proto(load_model(path)), n, m)
-    lines = [f"{os.fspath(path)}: {len(rows)} weighted layers, {sum(r[3] == 'eligible' for r in rows)} can hold "
-             f"{pattern}, {sum(r[2] == 'yes' for r in rows)} hold it"]
-    rows.insert(0, ("weight", "shape", f"holds {pattern}", "can hold it", "TensorRT"))
-    widths = [max(len(r[k]) for r in rows) for k in range(4)]
-    lines += ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)) + "  " + r[4] for r in rows]
+    lines = [f"{os.fspath(path)}: {len(rows)} weighted layers, {sum(r[4] == 'eligible' for r in rows)} can hold "
+             f"{pattern}, {sum(r[3] == 'yes' for r in rows)} hold it"]
+    rows.insert(0, ("layer", "weight", "shape", f"holds {pattern}", "can hold it", "TensorRT"))
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    lines += ["  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)) + "  " + r[5] for r in rows]
     return "\n".join(lines)
 
 

@@ -286,6 +286,21 @@ def check(proto):
     return inferred
 
 
+def to_float16(proto, float16_io: bool = False):
+    """`proto` with float16 weights and compute (ONNX Runtime's converter, which keeps the ops that need float32
+    in float32 behind Casts); inputs and outputs stay float32 unless float16_io. Checked like apply's output."""
+    import onnx_ir as ir
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        half = ir.from_proto(convert_float_to_float16(proto, keep_io_types=not float16_io))
+    except Exception as exc:  # noqa: BLE001 - the converter raises plain Exceptions and asserts
+        raise BackendError(f"the model could not be converted to float16 ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:300]}); write it in float32 (without --fp16)") from exc
+    half.graph.sort()  # the converter appends the Casts of the inputs at the end
+    return check(ir.to_proto(half))
+
+
 def masked(og: OnnxGraph, model, zeroed: dict[str, dict[int, list[int]]]):
     """`model` (a fresh copy of the original) with every removed channel's producer rows zeroed; its shared
     constant initializers untied as the analysed copy's were."""

@@ -54,7 +54,8 @@ def weights(proto, n: int, m: int) -> list[OnnxWeight]:
         shape = tuple(init.dims) if init is not None else ()
         dtype = _FLOATS.get(init.data_type, f"type {init.data_type}") if init is not None else ""
         if init is None:
-            reason = "its weight is computed in the graph (not an initializer)"
+            reason = "second operand computed in the graph (an activation, or a weight behind a Cast, Transpose or " \
+                     "DequantizeLinear), not a stored initializer"
         elif node.op_type == "ConvTranspose":
             reason = "transposed convolution"
         elif attrs.get("group", 1) != 1:
@@ -112,8 +113,8 @@ def _holds(init, w: OnnxWeight, n: int, m: int) -> bool:
     return holds_pattern(torch.from_numpy(array), w.kind, w.in_axis, n, m)
 
 
-def rows(proto, n: int, m: int) -> list[tuple[str, str, str, str, str]]:
-    """(weight, shape, holds N:M, eligible or why not, TensorRT) per layer, for inspect --sparsity."""
+def rows(proto, n: int, m: int) -> list[tuple[str, str, str, str, str, str]]:
+    """(node, weight, shape, holds N:M, eligible or why not, TensorRT) per layer, for inspect --sparsity."""
     inits = {t.name: t for t in proto.graph.initializer}
     table = []
     for w in weights(proto, n, m):
@@ -126,5 +127,6 @@ def rows(proto, n: int, m: int) -> list[tuple[str, str, str, str, str]]:
             trt = f"eligible; under {SMALL} channels, usually dense"
         else:
             trt = "eligible"
-        table.append((w.name, "x".join(map(str, w.shape)) or "-", pattern, w.reason or "eligible", trt))
+        table.append((w.node or w.op, w.name, "x".join(map(str, w.shape)) or "-", pattern, w.reason or "eligible",
+                      trt))
     return table

@@ -247,7 +247,8 @@ def to_graph(model, feeds: dict[str, np.ndarray]) -> OnnxGraph:
         data = init.const_value.numpy()
         if np.issubdtype(data.dtype, np.floating) or name in quantized:
             # batch-norm statistics and masks (infinities, finfo.min fills) are buffers, not weights
-            mask = data.size and not np.isfinite(data).all() or data.size and np.abs(data).max() > 1e30
+            big = min(1e30, float(np.finfo(data.dtype).max) / 2) if np.issubdtype(data.dtype, np.floating) else 1e30
+            mask = data.size and (not np.isfinite(data).all() or float(np.abs(data).max()) > big)
             kind = BUFFER if name in buffers or mask else PARAM
             iv = g.new_value(data.shape, data.dtype, kind, name)
             iv.data = data  # rules read small ones as attributes (Pad value, Clip bounds, Pow exponent)
