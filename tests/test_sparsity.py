@@ -14,6 +14,7 @@ import torchvision
 import graphprune
 import graphprune.cli
 import graphprune.onnx
+import graphprune.verify
 from graphprune.errors import UsageError
 from graphprune.passes.calibration import reader_kind
 
@@ -278,3 +279,64 @@ def test_onnx_vit_pruned_masked_in_float16_holds_the_pattern_everywhere_graphpru
     assert all(w.dtype == "float16" for w in layers if not w.reason)
     got = session(proto.SerializeToString()).run(None, {"input_0": x.numpy()})[0]
     assert torch.isfinite(torch.from_numpy(got)).all() and got.shape == (1, 16)
+
+
+def _permutations(model, x):
+    from graphprune.analysis.channels import analyze
+    from graphprune.ir.from_torch import trace
+    from graphprune.passes.nm import _skip_reason, weighted_layers
+    from graphprune.passes.permute import plan_permutations
+
+    an = analyze(trace(model, x)[0])
+    layers = [(name, module) for name, module in weighted_layers(model) if _skip_reason(module, 2, 4) is None]
+    return an, plan_permutations(model, an, layers, 2, 4)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "llama", "gpt2"])
+def test_channel_permutation_keeps_the_model_exact_and_more_magnitude(arch):
+    """Reordering a channel group in every tensor it spans (producers' rows, readers' columns, norms, biases,
+    embeddings) computes the same function; the searched order keeps more |W| under 2:4 masks; the inverse
+    brings the tensors back bit for bit."""
+    from graphprune.passes.permute import apply_permutations
+
+    torch.manual_seed(0)
+    if arch == "resnet18":
+        model, x = torchvision.models.resnet18(num_classes=16).eval(), torch.randn(2, 3, 32, 32)
+    elif arch == "llama":
+        config = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=96)
+        model, x = T.LlamaForCausalLM(config).eval(), {"input_ids": torch.randint(0, 96, (2, 12))}
+    else:
+        model, x = _gpt2(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    an, found = _permutations(model, x)
+    assert found and all(p.kept_after > p.kept_before for p in found)
+    if arch == "llama":  # the residual stream (embedding, norms, q/k/v/gate/up columns, lm_head) and both MLPs
+        assert len(found) == 3 and max(len(p.readers) for p in found) == 2 * 5 + 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = graphprune.verify.outputs(model, x)
+    apply_permutations(model, an, found)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for got, expected in zip(graphprune.verify.outputs(model, x), want):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    apply_permutations(model, an, found, inverse=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sparsify_with_permutation_keeps_more_magnitude_than_without():
+    torch.manual_seed(0)
+    model, x = _gpt2(), {"input_ids": torch.randint(0, 100, (2, 12))}
+    scale = torch.rand(256) ** 3 + 0.05  # uneven MLP channels, as trained models have: where the order matters
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(scale)
+            block.mlp.c_proj.weight.mul_(scale[:, None])
+    plain, permuted = graphprune.sparsify(model, x), graphprune.sparsify(model, x, permute=True)
+
+    def kept(sparse):
+        modules = dict(sparse.named_modules())
+        return sum(float(modules[layer.name].weight.detach().abs().sum()) for layer in sparse.graphprune_sparsity.masked)
+
+    assert kept(permuted) > kept(plain)
+    assert "channel permutation: 2 groups reordered" in str(permuted.graphprune_sparsity)
+    got = graphprune.verify.outputs(permuted, x)[0]
+    assert torch.isfinite(got).all() and got.shape == graphprune.verify.outputs(model, x)[0].shape

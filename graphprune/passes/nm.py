@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ class SparsityReport:
     pattern: str
     method: str
     layers: list[LayerSparsity] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def masked(self) -> list[LayerSparsity]:
@@ -83,7 +85,7 @@ class SparsityReport:
                 f"masked, {self.weights_masked():.1%} of their weights in masked layers")
 
     def __str__(self) -> str:
-        lines = [self.summary()]
+        lines = [self.summary()] + [f"  {note}" for note in self.notes]
         width = max([len(layer.name) for layer in self.layers] + [5])
         for layer in self.layers:
             state = f"masked, kept |W| {layer.kept_magnitude:.3f}" if layer.masked else "skipped"
@@ -176,10 +178,11 @@ def sparsegpt(w: torch.Tensor, second_moment: torch.Tensor, n: int, m: int) -> t
     return w, keep
 
 
-def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: Any, ignore: set[str]
+def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: Any, ignore: set[str],
+                    before_masking: Callable[[list[tuple[str, nn.Module]], SparsityReport], None] | None = None
                     ) -> SparsityReport:
     """Mask the model's eligible layers in place (`ignore`: parameter names kept dense); the report lists every
-    weighted layer."""
+    weighted layer. `before_masking` gets the eligible (name, module) pairs first (channel permutation)."""
     if method not in METHODS:
         raise UsageError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method != "magnitude" and calibration is None:
@@ -200,6 +203,8 @@ def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: 
         if layer.reason:
             continue
         todo.append((layer, module, _reader(name, module, method)))
+    if before_masking is not None and todo:
+        before_masking([(layer.name, module) for layer, module, _ in todo], report)
     if method != "magnitude" and todo:
         seen = {id(r) for r in feed(model, [r for _, _, r in todo], calibration)}
         for layer, _, reader in todo:
