@@ -181,7 +181,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
 
 def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", *, method: str = "magnitude",
              calibration: Any = None, ignore: Iterable[Any] | None = None, inplace: bool = False,
-             permute: bool = False) -> torch.nn.Module:
+             permute: bool = False, semi_structured: bool = False) -> torch.nn.Module:
     """N:M semi-structured sparsity (passes/nm.py): in every M consecutive input channels of each eligible Linear /
     convolution weight, only N weights stay non-zero (2:4: what NVIDIA sparse tensor cores run).
 
@@ -195,6 +195,9 @@ def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", 
         ignore: modules or parameter names kept dense.
         permute: reorder each prunable channel group first (passes/permute.py) so the masks keep more magnitude;
             the reordered model is checked to compute exactly what the original did (else the order is undone).
+        semi_structured: on a CUDA GPU with sparse tensor cores, masked float16 / bfloat16 Linear weights become
+            torch semi-structured sparse tensors (backends/sparse_kernels.py); elsewhere they stay masked dense,
+            and each layer's `kernel` in the report says which and why.
     The returned model's ``graphprune_sparsity`` is a SparsityReport: every weighted layer, masked or skipped
     with the reason, and the share of |W| each mask keeps.
     """
@@ -208,6 +211,8 @@ def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__}")
     n, m = parse_pattern(pattern)
+    if semi_structured and (n, m) != (2, 4):
+        raise UsageError(f"semi_structured=True runs 2:4 kernels; pattern {pattern!r} has none")
     ignored = _resolve_ignore(model, ignore)
     target = model if inplace else copy.deepcopy(model)
 
@@ -220,6 +225,10 @@ def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", 
         kind, in_axis = reader_kind(modules[layer.name])
         if not holds_pattern(modules[layer.name].weight, kind, in_axis, n, m):
             raise GraphPruneError(f"{layer.name}: the mask does not hold {n}:{m} (a graphprune bug; please report)")
+    if semi_structured:
+        from .backends.sparse_kernels import to_kernels
+
+        to_kernels(target, report)
     if any(t.is_floating_point() and not torch.isfinite(t).all() for t in outputs(target, example_inputs)):
         raise GraphPruneError(f"the {n}:{m}-masked model gives non-finite outputs on example_inputs; try "
                               "method='sparsegpt' or ignore= the layers that break it"

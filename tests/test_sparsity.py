@@ -340,3 +340,35 @@ def test_sparsify_with_permutation_keeps_more_magnitude_than_without():
     assert "channel permutation: 2 groups reordered" in str(permuted.graphprune_sparsity)
     got = graphprune.verify.outputs(permuted, x)[0]
     assert torch.isfinite(got).all() and got.shape == graphprune.verify.outputs(model, x)[0].shape
+
+
+def _llama_mlp(device="cpu", dtype=torch.float32):
+    config = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(config).eval().to(device=device, dtype=dtype)
+
+
+def test_semi_structured_keeps_masked_dense_with_the_reason_off_gpu():
+    model, ids = _llama_mlp(), {"input_ids": torch.randint(0, 128, (1, 16))}
+    sparse = graphprune.sparsify(model, ids, semi_structured=True)
+    report = sparse.graphprune_sparsity
+    assert report.masked and all(layer.kernel == "masked dense: on cpu: 2:4 kernels need a CUDA GPU"
+                                 for layer in report.masked)
+    assert "0 of" in report.notes[-1] and type(sparse.model.layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+    with pytest.raises(UsageError, match="2:4 kernels"):
+        graphprune.sparsify(model, ids, "1:4", semi_structured=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="needs a CUDA GPU with sparse tensor cores (compute capability 8.0+)")
+def test_semi_structured_runs_on_sparse_tensor_cores():
+    model, ids = _llama_mlp("cuda", torch.float16), {"input_ids": torch.randint(0, 128, (2, 64), device="cuda")}
+    masked = graphprune.sparsify(model, ids)
+    sparse = graphprune.sparsify(model, ids, semi_structured=True)
+    kernels = {layer.name: layer.kernel for layer in sparse.graphprune_sparsity.masked}
+    assert all(kernels[f"model.layers.{i}.mlp.{p}"].startswith("2:4") for i in range(2)
+               for p in ("gate_proj", "up_proj", "down_proj")), kernels
+    assert isinstance(sparse.model.layers[0].mlp.up_proj.weight, torch.sparse.SparseSemiStructuredTensor)
+    got, want = (graphprune.verify.outputs(m, ids)[0].float() for m in (sparse, masked))
+    assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())

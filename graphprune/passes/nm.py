@@ -58,6 +58,7 @@ class LayerSparsity:
     masked: bool
     reason: str = ""  # why it was skipped, or a note on a masked layer
     kept_magnitude: float = 1.0  # sum |W| over the kept weights / sum |W|, before sparsegpt's updates
+    kernel: str = ""  # with semi_structured=True: what the masked layer runs on (backends/sparse_kernels.py)
 
 
 @dataclass
@@ -90,7 +91,8 @@ class SparsityReport:
         for layer in self.layers:
             state = f"masked, kept |W| {layer.kept_magnitude:.3f}" if layer.masked else "skipped"
             shape = "x".join(map(str, layer.shape))
-            lines.append(f"  {layer.name:<{width}} {shape:>16}  {state}{'; ' + layer.reason if layer.reason else ''}")
+            notes = "".join(f"; {text}" for text in (layer.reason, layer.kernel) if text)
+            lines.append(f"  {layer.name:<{width}} {shape:>16}  {state}{notes}")
         return "\n".join(lines)
 
 
