@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
 from ...analysis.channels import Analysis
 
 
-def group_sum(an: Analysis, values: dict[str, torch.Tensor]) -> np.ndarray:
+def group_sum(an: Analysis, values: Mapping[str, torch.Tensor]) -> np.ndarray:
     """Per component, the sum of `values[name]` (a non-negative tensor shaped like parameter `name`) over
     every slice of every parameter the component owns."""
     n_comp = int(an.component.max()) + 1
@@ -34,9 +36,29 @@ class MagnitudeImportance:
         self.p = p
 
     def __call__(self, an: Analysis, tensors: dict[str, torch.Tensor]) -> np.ndarray:
-        values = {}
-        for name, t in tensors.items():
+        def value(t: torch.Tensor) -> torch.Tensor:
             t = t.detach().float()
-            values[name] = t.abs() if self.p == 1 else t * t
-        score = group_sum(an, values)
+            return t.abs() if self.p == 1 else t * t
+
+        score = group_sum(an, _Computed(tensors, value))
         return np.sqrt(score) if self.p == 2 else score
+
+
+class _Computed(Mapping):
+    """tensors[name] passed through `fn` when read: group_sum reads each once, so only one tensor's |w| or w^2
+    exists at a time (a dict of them all would be a float32 copy of the whole model)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], fn):
+        self.tensors, self.fn = tensors, fn
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.fn(self.tensors[name])
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
