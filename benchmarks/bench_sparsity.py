@@ -60,7 +60,7 @@ def smollm2_rows(args) -> list[str]:
                         f"{ppl / dense:.2f}x | {gain} | {seconds:.0f} s |")
             print(rows[-1], file=sys.stderr, flush=True)
             del sparse
-    return ["| masks | permute | layers masked / weighted | perplexity | x dense | |W| kept gain | time |",
+    return ["| masks | permute | layers masked / weighted | perplexity | x dense | gain in kept magnitude | time |",
             "|---|---|---|---|---|---|---|", *rows]
 
 
@@ -68,7 +68,7 @@ def vision_rows() -> list[str]:
     import timm
     import torchvision
 
-    rows = ["| model | layers masked / weighted | |W| kept, plain | with permute | gain | permute time |",
+    rows = ["| model | layers masked / weighted | kept magnitude, plain | with permute | gain | permute time |",
             "|---|---|---|---|---|---|"]
     torch.manual_seed(0)
     for label, model, x in (("resnet50", torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224)),
