@@ -54,8 +54,7 @@ def weights(proto, n: int, m: int) -> list[OnnxWeight]:
         shape = tuple(init.dims) if init is not None else ()
         dtype = _FLOATS.get(init.data_type, f"type {init.data_type}") if init is not None else ""
         if init is None:
-            reason = "second operand computed in the graph (an activation, or a weight behind a Cast, Transpose or " \
-                     "DequantizeLinear), not a stored initializer"
+            reason = "operand computed in the graph (an activation, or a weight behind Cast / Transpose / Q-DQ)"
         elif node.op_type == "ConvTranspose":
             reason = "transposed convolution"
         elif attrs.get("group", 1) != 1:
