@@ -141,10 +141,12 @@ def _slim_and_check(plan: PruningPlan, model: nn.Module, run_check, half_problem
     """apply_plan in place, then run_check(); undone unless it passed."""
     undo = Undo(model)
     try:
-        apply_plan(plan, model, inplace=True, undo=undo)
-        problem = run_check()
-    except BackendError as exc:
-        problem = str(exc)
+        try:
+            apply_plan(plan, model, inplace=True, undo=undo)
+        except BackendError as exc:  # the module cannot be slimmed (an RMS norm without an eps attribute)
+            problem = str(exc)
+        else:
+            problem = run_check()  # a BackendError from the slim model's forward propagates, as on the copy path
     except BaseException:
         undo.restore()
         raise

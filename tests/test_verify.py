@@ -406,6 +406,9 @@ def test_users_model_is_bit_identical_when_the_slim_model_raises():
     with pytest.raises(graphprune.BackendError, match="ZeroDivisionError"):
         graphprune.prune(model, x, target_flops=0.6)
     assert _unchanged(model, snapshot)
+    with pytest.raises(graphprune.BackendError, match="ZeroDivisionError"):  # in place: raised too, and undone
+        graphprune.prune(model, x, target_flops=0.6, inplace=True)
+    assert _unchanged(model, snapshot)
     calibrated = BiasFreeMLP().eval()
     plan = graphprune.plan(calibrated, torch.randn(8, 16), target_params=0.7, importance="flap",
                            calibration=[torch.randn(32, 16)], compensate=True)
@@ -483,6 +486,7 @@ def test_undo_of_an_in_place_apply_brings_a_language_model_back_bit_identical():
     synced or save_pretrained refused) is taken back, as the same objects."""
     from graphprune.backends.torch import Undo, apply_plan
 
+    transformers = pytest.importorskip("transformers")
     model, ids = _tiny_llama()
     inputs, calibration = {"input_ids": ids}, [{"input_ids": ids}]
     before = run(model, inputs).logits
@@ -501,6 +505,18 @@ def test_undo_of_an_in_place_apply_brings_a_language_model_back_bit_identical():
         assert {n: dict(vars(m)) for n, m in model.named_modules()} == attributes
         assert "save_pretrained" not in vars(model) and model.model.layers[0].self_attn is attention
         assert torch.equal(run(model, inputs).logits, before)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(  # sub-configs are objects its submodules hold
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=100, max_position_embeddings=32),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8), projection_dim=32)).eval()
+    pair = {"input_ids": torch.randint(1, 100, (2, 8)), "pixel_values": torch.randn(2, 3, 32, 32)}
+    plan, snapshot = graphprune.plan(clip, pair, target_flops=0.5), _snapshot(clip)
+    undo = Undo(clip)
+    apply_plan(plan, clip, inplace=True, undo=undo)
+    undo.restore()
+    assert _unchanged(clip, snapshot) and clip.config.text_config is clip.text_model.config
+    assert clip.config.vision_config is clip.vision_model.config
     import torchvision
 
     cnn, x = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=torch.channels_last), X_IMAGE

@@ -174,16 +174,16 @@ def _unsliced(new: torch.Tensor, lost: list) -> torch.Tensor:
 class Undo:
     """What apply_plan(model, inplace=True, undo=...) changes, kept so that restore() takes it back bit-identically
     without a second copy of the model (verification slims the user's model itself and undoes a failure): the module
-    tree (attributes and parameter, buffer and submodule entries, shallow), the Hugging Face config's fields, every
+    tree (attributes and parameter, buffer and submodule entries, shallow), the Hugging Face configs' fields, every
     buffer's values (forward code may update buffers), the original values of tensors written in place
     (compensation, RMS rescaling), and of each sliced parameter only the slices it lost, its full-size storage
-    freed. The same tensor objects come back."""
+    freed. The same tensor and config objects come back."""
 
     def __init__(self, model: nn.Module):
         self._tree = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
                       for m in model.modules()]
-        config = getattr(model, "config", None)
-        self._config = (config, copy.deepcopy(vars(config))) if hasattr(config, "to_dict") else None
+        configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
+        self._configs = [(c, dict(vars(c))) for c in configs.values()]  # fields are set, not changed in place
         self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self._kept: dict[int, torch.Tensor] = {}  # id -> the tensor's original values
         self._lost: dict[int, tuple] = {}  # id -> (stride, what sliced(..., lost) set aside), until free()
@@ -231,8 +231,7 @@ class Undo:
                     entries.update(saved)
                 module.__dict__.clear()
                 module.__dict__.update(attributes)
-            if self._config is not None:
-                config, fields = self._config
+            for config, fields in self._configs:  # sub-configs stay the objects submodules hold
                 vars(config).clear()
                 vars(config).update(fields)
             for buffer, saved in self._buffers:
