@@ -275,7 +275,7 @@ def _regenerated(plan: PruningPlan, model: nn.Module, inputs: Any, expected: lis
                  problem: str) -> nn.Module:
     masked = mask_plan(plan, model)  # the source of the sliced weights (compensation applied)
     an, gone = getattr(plan, "_analysis", None), getattr(plan, "_gone", None)
-    if an is None:  # a plan loaded from JSON: record the graph again
+    if an is None or plan.added:  # a plan loaded from JSON, or biases compensation added: record the graph again
         an, gone = _analysis_of(plan, masked, inputs)
     module, follows, why = _dynamic_graph(plan, masked, an, gone, inputs)
     batch = _batch_axes(inputs)

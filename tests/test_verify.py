@@ -548,3 +548,24 @@ def test_inplace_verifies_the_users_model_itself_without_a_copy(monkeypatch):
     assert slim is model and model.model.layers[1] is layer and layer.mlp.up_proj.weight.dtype == torch.bfloat16
     assert layer.mlp.up_proj.out_features < 128 and any("in float32" in note for note in plan.notes)
     assert rel(run(model.float(), {"input_ids": ids}).logits, want) <= 2e-2
+
+
+def test_regenerated_graph_carries_the_biases_compensation_added(monkeypatch):
+    """When the slim module fails its check, the GraphModule fallback is recorded again from the masked model,
+    so the biases compensation added (LLaMA's layers have none) are in it."""
+    model, ids = _tiny_llama()
+    calibration = [{"input_ids": c} for c in torch.randint(0, 100, (4, 16)).split(2)]
+    plan = graphprune.plan(model, {"input_ids": ids}, target_params=0.7, importance="flap", compensate=True,
+                           calibration=calibration)
+    assert plan.added
+    real, calls = graphprune.verify.check, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        return "forced mismatch" if len(calls) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(graphprune.verify, "check", first_fails)
+    slim = plan.apply(model)
+    assert isinstance(slim, torch.fx.GraphModule)
+    want = graphprune.verify.outputs(plan.mask(model), {"input_ids": ids})[0]
+    assert rel(graphprune.verify.outputs(slim, {"input_ids": ids})[0], want) <= 1e-5
