@@ -569,3 +569,24 @@ def test_regenerated_graph_carries_the_biases_compensation_added(monkeypatch):
     assert isinstance(slim, torch.fx.GraphModule)
     want = graphprune.verify.outputs(plan.mask(model), {"input_ids": ids})[0]
     assert rel(graphprune.verify.outputs(slim, {"input_ids": ids})[0], want) <= 1e-5
+
+
+class ExpandedBuffer(nn.Module):
+    """A buffer made with expand() (stride 0): no in-place op can write it, nor copy values back into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 10)
+        self.register_buffer("pos", torch.arange(16.0).expand(4, 16), persistent=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x + self.pos[0])))
+
+
+def test_expanded_buffers_are_left_alone_by_the_masked_run_and_the_undo():
+    model, x = ExpandedBuffer().eval(), torch.randn(2, 16)
+    plan = graphprune.plan(model, x, target_flops=0.5)
+    want = expected(plan, model, x)
+    assert rel(run(graphprune.prune(model, x, target_flops=0.5), x), want) <= 1e-5
+    slim = graphprune.prune(model, x, target_flops=0.5, inplace=True)
+    assert slim is model and model.a.out_features < 64 and rel(run(model, x), want) <= 1e-5

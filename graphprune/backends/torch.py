@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendError, UnsupportedModelError
+from ..ir.from_torch import saved_buffers
 from ..plan import PruningPlan, register_backend
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class Undo:
                       for m in model.modules()]
         configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
         self._configs = [(c, dict(vars(c))) for c in configs.values()]  # fields are set, not changed in place
-        self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self._buffers = saved_buffers(model)
         self._kept: dict[int, torch.Tensor] = {}  # id -> the tensor's original values
         self._lost: dict[int, tuple] = {}  # id -> (stride, what sliced(..., lost) set aside), until free()
         self._steps: list = []  # callables that take one change back, run last to first
@@ -275,7 +276,7 @@ def masked_in_place(plan: PruningPlan, model: nn.Module):
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, its original data)
     attached: list[tuple[nn.Module, str, object, object]] = []  # (module, leaf, _parameters entry, __dict__ entry)
     zeroed: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []  # (tensor, axis, index, saved slice)
-    buffers = [(b, b.detach().clone()) for _, b in model.named_buffers(remove_duplicate=True)]
+    buffers = saved_buffers(model)
     try:
         with torch.no_grad():
             for bias, weight, _axis in plan.added:

@@ -214,6 +214,13 @@ def _map_tensors(obj, fn):
     return obj
 
 
+def saved_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, a copy of its values) for every buffer forward code could write to, to put back after a run: an
+    expanded buffer (a stride-0 axis) can be written by no in-place op, nor copied back into."""
+    return [(b, b.detach().clone()) for b in model.buffers()
+            if not any(stride == 0 and size > 1 for stride, size in zip(b.stride(), b.shape))]
+
+
 def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
     """Record `model(*example_inputs)` into a Graph; returns the graph and the model's real output."""
     if not isinstance(model, torch.nn.Module):
@@ -254,7 +261,7 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
             recorder.scope.pop()
 
     # forward code may update buffers (counters, running statistics); put them back afterwards
-    saved_buffers = [(b, b.detach().clone()) for _, b in model.named_buffers()]
+    saved = saved_buffers(model)
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
     h2 = torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
     try:
@@ -271,7 +278,7 @@ def trace(model: torch.nn.Module, example_inputs: Any) -> tuple[Graph, Any]:
         h1.remove()
         h2.remove()
         with torch.no_grad():
-            for buffer, value in saved_buffers:
+            for buffer, value in saved:
                 buffer.copy_(value)
     flat_out, _ = tree_flatten(out)
     graph.output_is_tensor = isinstance(out, torch.Tensor)
