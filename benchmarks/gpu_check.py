@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.backends.sparse_kernels import why_dense
+from graphprune.backends.sparse_kernels import to_kernel
 from graphprune.passes.nm import magnitude_masked
 
 RUNS, WARMUP = 20, 5
@@ -64,20 +64,6 @@ def masked_linear(rows: int, cols: int, dtype, device: str) -> nn.Linear:
     return layer
 
 
-def to_sparse(layer: nn.Linear) -> str | None:
-    """Put the layer on 2:4 kernels in place; None on success, else why not."""
-    reason = why_dense(layer)
-    if reason is not None:
-        return reason
-    from torch.sparse import to_sparse_semi_structured
-
-    try:
-        layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
-    except RuntimeError as exc:
-        return " ".join(str(exc).split())[:100]
-    return None
-
-
 def linear_rows(device: str, quick: bool) -> list[str]:
     shapes = [("LLaMA up", 14336, 4096), ("LLaMA down", 4096, 14336), ("ViT fc1", 3072, 768), ("ViT fc2", 768, 3072)]
     batches = [1, 16, 128, 512, 2048]
@@ -90,7 +76,7 @@ def linear_rows(device: str, quick: bool) -> list[str]:
             dense = masked_linear(rows, cols, dtype, device)
             sparse = masked_linear(rows, cols, dtype, device)
             sparse.load_state_dict(dense.state_dict())
-            reason = to_sparse(sparse)
+            reason = to_kernel(sparse)
             for tokens in batches:
                 x = torch.randn(tokens, cols, dtype=dtype, device=device)
                 base = timed(lambda: dense(x), device)
@@ -164,7 +150,7 @@ def mlp_rows(device: str, quick: bool) -> list[str]:
         if sparse:
             model = graphprune.sparsify(model, example)
         model = model.to(device=device, dtype=dtype)
-        reasons = [to_sparse(m) for m in (model.gate, model.up, model.down)] if sparse else []
+        reasons = [to_kernel(m) for m in (model.gate, model.up, model.down)] if sparse else []
         on = "-" if not sparse else ("yes" if not any(reasons) else f"no: {next(r for r in reasons if r)}")
         ms = timed(lambda: model(x), device)
         base = base or ms

@@ -249,13 +249,13 @@ def _permute_channels(model: torch.nn.Module, example_inputs: Any, layers, n: in
         report.notes.append("channel permutation: no group gained")
         return
     expected = outputs(model, example_inputs)
-    apply_permutations(model, an, found)
+    apply_permutations(model, found)
     problem = check(model, example_inputs, expected, lossy=False)
-    before, after = sum(p.kept_before for p in found), sum(p.kept_after for p in found)
     if problem is not None:
-        apply_permutations(model, an, found, inverse=True)
+        apply_permutations(model, found, inverse=True)
         report.notes.append(f"channel permutation undone: the reordered model differs ({problem})")
         return
+    before, after = sum(p.kept_before for p in found), sum(p.kept_after for p in found)
     report.notes.append(f"channel permutation: {len(found)} groups reordered, |W| kept by the masks on their "
                         f"readers {before:.6g} -> {after:.6g} (+{after / before - 1:.2%})")
 

@@ -123,18 +123,11 @@ def _in_place_checked(plan: PruningPlan, model: nn.Module, inputs: Any, expected
     wrong, the model restored bit-identically (backends/torch.py Undo). A half-precision model that misses the
     half tolerance is checked again in float32 (_check_in_float32), which needs the original for the reference."""
     problem = _slim_and_check(plan, model, lambda: check(model, inputs, expected, plan.lossy))
-    half = _half(model)
-    if problem is None or half is None:
+    if problem is None or _half(model) is None:
         return problem
-    floats = _upcast(inputs)
-    with _in_float32(model):
-        expected = masked_outputs(plan, model, floats)
-
-    def in_float32():
-        with _in_float32(model):
-            return check(model, floats, expected, plan.lossy, torch.finfo(half).eps)
-
-    return _slim_and_check(plan, model, in_float32, problem)
+    floats, expected = _float32_reference(plan, model, inputs)
+    return _slim_and_check(plan, model, lambda: _check_float32(plan, model, floats, expected, _half(model)),
+                           problem)
 
 
 def _slim_and_check(plan: PruningPlan, model: nn.Module, run_check, half_problem: str | None = None) -> str | None:
@@ -194,11 +187,8 @@ def _check_in_float32(plan: PruningPlan, model: nn.Module, slim: nn.Module, inpu
     real mismatch from rounding (for the run, the model takes twice its memory). What is left is the one rounding
     of the weights the slim model rewrote in half precision (compensation, rescaled RMS norms): the tolerance is
     that precision's epsilon (bfloat16: 0.0078 of the largest output), below the half tolerance."""
-    floats = _upcast(inputs)
-    with _in_float32(model):
-        expected = masked_outputs(plan, model, floats)
-    with _in_float32(slim):
-        again = check(slim, floats, expected, plan.lossy, torch.finfo(_half(model)).eps)
+    floats, expected = _float32_reference(plan, model, inputs)
+    again = _check_float32(plan, slim, floats, expected, _half(model))
     if again is None:
         plan.notes.append(_FLOAT32_NOTE.format(problem))
     return again
@@ -207,8 +197,18 @@ def _check_in_float32(plan: PruningPlan, model: nn.Module, slim: nn.Module, inpu
 _FLOAT32_NOTE = "verified with the same weights in float32: in half precision the outputs differ by rounding ({})"
 
 
-def _upcast(inputs: Any) -> Any:
-    return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, inputs)
+def _float32_reference(plan: PruningPlan, model: nn.Module, inputs: Any) -> tuple[Any, list[torch.Tensor]]:
+    """The inputs upcast to float32, and the masked model's outputs on them with its weights in float32."""
+    floats = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, inputs)
+    with _in_float32(model):
+        return floats, masked_outputs(plan, model, floats)
+
+
+def _check_float32(plan: PruningPlan, slim: nn.Module, floats: Any, expected: list[torch.Tensor],
+                   half: torch.dtype) -> str | None:
+    """check() with the slim model's weights in float32, within the half type's epsilon (see above)."""
+    with _in_float32(slim):
+        return check(slim, floats, expected, plan.lossy, torch.finfo(half).eps)
 
 
 def masked_outputs(plan: PruningPlan, model: nn.Module, inputs: Any) -> list[torch.Tensor]:

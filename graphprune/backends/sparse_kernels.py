@@ -40,32 +40,36 @@ def why_dense(module: nn.Module) -> str | None:
     return None
 
 
-def to_kernels(model: nn.Module, report: SparsityReport) -> None:
-    """Convert what can be converted in place; each masked layer's `kernel` says what it runs on."""
+def to_kernel(module: nn.Linear) -> str | None:
+    """Put one masked layer's weight on 2:4 kernels in place, if it reproduces the masked dense layer on a random
+    input; None when done, else why it stays masked dense."""
     from torch.sparse import to_sparse_semi_structured
 
+    reason = why_dense(module)
+    if reason is not None:
+        return reason
+    w, bias = module.weight.detach(), module.bias
+    x = torch.randn(64, w.shape[1], dtype=w.dtype, device=w.device)
+    try:
+        sparse = to_sparse_semi_structured(w)
+        with torch.no_grad():
+            got, want = nn.functional.linear(x, sparse, bias), nn.functional.linear(x, w, bias)
+    except RuntimeError as exc:  # a kernel or library PyTorch was built without
+        return f"conversion failed ({' '.join(str(exc).split())[:160]})"
+    err = float((got.float() - want.float()).abs().max())
+    if not err <= 2e-2 * max(float(want.float().abs().max()), 1e-6):
+        return f"the 2:4 kernel's output differs from the masked layer's by {err:.3g}"
+    module.weight = nn.Parameter(sparse, requires_grad=False)
+    return None
+
+
+def to_kernels(model: nn.Module, report: SparsityReport) -> None:
+    """Convert what can be converted in place; each masked layer's `kernel` says what it runs on."""
     modules = dict(model.named_modules())
     for layer in report.masked:
         module = modules[layer.name]
-        reason = why_dense(module)
-        if reason is None:
-            w, bias = module.weight.detach(), module.bias
-            x = torch.randn(64, w.shape[1], dtype=w.dtype, device=w.device)
-            try:
-                sparse = to_sparse_semi_structured(w)
-                with torch.no_grad():
-                    got, want = nn.functional.linear(x, sparse, bias), nn.functional.linear(x, w, bias)
-            except RuntimeError as exc:  # a kernel or library PyTorch was built without
-                reason = f"conversion failed ({' '.join(str(exc).split())[:160]})"
-            else:
-                err = float((got.float() - want.float()).abs().max())
-                if not err <= 2e-2 * max(float(want.float().abs().max()), 1e-6):
-                    reason = f"the 2:4 kernel's output differs from the masked layer's by {err:.3g}"
-                else:
-                    module.weight = nn.Parameter(sparse, requires_grad=False)
-                    layer.kernel = f"2:4 {type(sparse).BACKEND}"
-                    continue
-        layer.kernel = f"masked dense: {reason}"
+        reason = to_kernel(module)
+        layer.kernel = f"2:4 {type(module.weight).BACKEND}" if reason is None else f"masked dense: {reason}"
     converted = sum(layer.kernel.startswith("2:4") for layer in report.masked)
     report.notes.append(f"{converted} of {len(report.masked)} masked layers run on 2:4 sparse kernels"
                         + ("" if converted else " (see each layer's reason)"))

@@ -186,14 +186,15 @@ class Undo:
         configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "to_dict")}
         self._configs = [(c, dict(vars(c))) for c in configs.values()]  # fields are set, not changed in place
         self._buffers = saved_buffers(model)
-        self._kept: dict[int, torch.Tensor] = {}  # id -> the tensor's original values
+        self._kept: set[int] = set()  # ids of tensors whose original values a step puts back
         self._lost: dict[int, tuple] = {}  # id -> (stride, what sliced(..., lost) set aside), until free()
         self._steps: list = []  # callables that take one change back, run last to first
 
     def keep(self, tensor: torch.Tensor) -> None:
         """`tensor`'s values are about to be written in place."""
         if id(tensor) not in self._kept:
-            saved = self._kept[id(tensor)] = tensor.detach().clone()
+            self._kept.add(id(tensor))
+            saved = tensor.detach().clone()
             self._steps.append(lambda: setattr(tensor, "data", saved))
 
     def sliced(self, plan: PruningPlan, name: str, tensor: torch.Tensor) -> torch.Tensor:

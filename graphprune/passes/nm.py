@@ -270,7 +270,7 @@ def _mask_layer(layer: LayerSparsity, module: nn.Module, reader: Reader, n: int,
         scores = magnitude if method == "magnitude" else magnitude * (reader.s2 / reader.n).sqrt()[None, :]
         keep = nm_keep(scores, n, m)
         new = torch.where(keep, columns, 0)
-    layer.kept_magnitude = float(magnitude[keep].sum() / magnitude.sum().clamp_min(1e-30))
+    layer.kept_magnitude = _kept_fraction(magnitude, keep)
     reader.gram = None
     weight.copy_(_layout(new, weight, reader))
     layer.masked = True
@@ -285,8 +285,11 @@ def magnitude_masked(weight: torch.Tensor, kind: str, in_axis: int, n: int, m: i
     columns = _columns(weight, reader)
     magnitude = columns.abs()
     keep = nm_keep(magnitude, n, m)
-    kept = float(magnitude[keep].sum() / magnitude.sum().clamp_min(1e-30))
-    return _layout(torch.where(keep, columns, 0), weight, reader), kept
+    return _layout(torch.where(keep, columns, 0), weight, reader), _kept_fraction(magnitude, keep)
+
+
+def _kept_fraction(magnitude: torch.Tensor, keep: torch.Tensor) -> float:
+    return float(magnitude[keep].sum() / magnitude.sum().clamp_min(1e-30))
 
 
 def holds_pattern(weight: torch.Tensor, kind: str, in_axis: int, n: int, m: int) -> bool:

@@ -28,11 +28,10 @@ ROWS = 2048  # rows the search reads at most (evenly spaced); acceptance is deci
 
 @dataclass
 class Permutation:
-    """New order of one family: the channel of component order[p] takes the data of component order[perm[p]]."""
+    """New order of one family, as the index each position of each tensor axis it spans takes its data from."""
 
     family: int
-    order: np.ndarray  # component ids in the readers' column order
-    perm: np.ndarray
+    sources: dict[tuple[str, int], np.ndarray]  # (tensor name, axis) -> source index per position
     readers: list[str]
     kept_before: float  # |W| the N:M masks keep on the readers, identity order
     kept_after: float
@@ -137,15 +136,16 @@ def plan_permutations(model: nn.Module, an: Analysis, layers: list[tuple[str, nn
         sample = stacked[torch.linspace(0, len(stacked) - 1, ROWS).long()] if len(stacked) > ROWS else stacked
         perm = search(sample, n, m)
         before, after = kept(stacked, n, m), kept(stacked[:, perm], n, m)
-        if after > before and _sources(an, f, orders[f], perm.numpy()) is not None:
-            found.append(Permutation(f, orders[f], perm.numpy(), [name for name, _ in items], before, after))
+        sources = _sources(an, orders[f], perm.numpy()) if after > before else None
+        if sources is not None:
+            found.append(Permutation(f, sources, [name for name, _ in items], before, after))
     return found
 
 
-def _sources(an: Analysis, family: int, order: np.ndarray, perm: np.ndarray
-             ) -> dict[tuple[str, int], np.ndarray] | None:
-    """Per (tensor name, axis) the family spans: the index each position takes its data from; None when some
-    tensor holds the family's channels unevenly (then it cannot be reordered)."""
+def _sources(an: Analysis, order: np.ndarray, perm: np.ndarray) -> dict[tuple[str, int], np.ndarray] | None:
+    """Per (tensor name, axis) the family spans: the index each position takes its data from (the channel of
+    component order[p] takes the data of component order[perm[p]]); None when some tensor holds the family's
+    channels unevenly (then it cannot be reordered)."""
     to = dict(zip(order.tolist(), order[perm].tolist()))  # component -> the component whose data it takes
     members = set(to)
     sources = {}
@@ -170,14 +170,14 @@ def _sources(an: Analysis, family: int, order: np.ndarray, perm: np.ndarray
     return sources
 
 
-def apply_permutations(model: nn.Module, an: Analysis, found: list[Permutation], inverse: bool = False) -> None:
+def apply_permutations(model: nn.Module, found: list[Permutation], inverse: bool = False) -> None:
     """Reorder the model's tensors in place (inverse=True puts them back: a pure data move, bit-identical)."""
     from ..plan import named_tensors
 
     tensors = named_tensors(model)
     with torch.no_grad():
         for p in found:
-            perm = np.argsort(p.perm) if inverse else p.perm
-            for (name, axis), source in _sources(an, p.family, p.order, perm).items():
+            for (name, axis), source in p.sources.items():
                 t = tensors[name]
-                t.copy_(t.index_select(axis, torch.as_tensor(source, device=t.device)))
+                index = np.argsort(source) if inverse else source
+                t.copy_(t.index_select(axis, torch.as_tensor(index, device=t.device)))
