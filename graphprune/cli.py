@@ -147,6 +147,20 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                              type=_input_shape, help="shape for an input with unknown dimensions (repeatable)")
 
+    trt = sub.add_parser("trt", help="build a TensorRT engine and report which layers run 2:4 sparse kernels",
+                         description="Build a TensorRT (10 or 11) engine from an ONNX file with sparse weights enabled "
+                                     "and print, per layer, whether TensorRT found it eligible for 2:4 sparse math, "
+                                     "picked a sparse kernel, and what the engine inspector says. Needs TensorRT and "
+                                     "an NVIDIA GPU; the engine is written whole or not at all.")
+    trt.add_argument("input", metavar="SLIM.onnx", help="the ONNX file (float16 for TensorRT 11: prune ... --fp16)")
+    trt.add_argument("-o", "--output", required=True, metavar="SLIM.engine", help="where to write the engine")
+    trt.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
+                     help="let layers whose weights hold 2:4 use sparse kernels (default: on)")
+    trt.add_argument("--fp16", action="store_true", default=None,
+                     help="require float16 (default: the FP16 builder flag where the installed TensorRT has one; "
+                          "TensorRT 11 takes precision from the file)")
+    trt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     version = sub.add_parser("version", help="print the version", description="Print graphprune's version.")
     for command in (demo, prune, inspect, inspect_hf, prune_hf, bench, version):  # --debug works before or after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -251,6 +265,21 @@ def _run(args) -> None:
         if args.report:
             result.plan.report(args.report)
         print(result.summary())
+        return
+    elif args.command == "trt":
+        import os
+
+        from .backends import tensorrt as trt_backend
+        from .errors import UsageError
+
+        if not os.path.isfile(args.input):
+            raise UsageError(f"no such ONNX file: {args.input}")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            raise UsageError(f"the directory of {args.output} does not exist")
+        reason = trt_backend.available()
+        if reason is not None:
+            raise UsageError(reason)
+        print(trt_backend.build(args.input, args.output, sparse=args.sparse, fp16=args.fp16).summary())
         return
     from . import onnx as gonnx
 
