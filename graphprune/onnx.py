@@ -58,19 +58,23 @@ def count_flops(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
 
 
 def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_params: float | None = None,
+         target_latency: float | None = None, runtime: str = "onnxruntime", threads: int = 1,
          importance: Any = "l2", round_to: int | str | None = "auto", max_ratio: float = 0.9,
          allow_lossy: bool = False, input_shapes: dict[str, tuple[int, ...]] | None = None,
          calibration: list[dict[str, np.ndarray]] | None = None, loaded: Loaded | None = None,
          progress: Progress | None = None) -> PruningPlan:
     """Decide what to remove from the ONNX file at `path`; the arguments mean what they do in graphprune.plan
     (the same planning core: passes/pipeline.py). importance="wanda", "flap" or "obs" needs `calibration`:
-    batches of real inputs (dicts of arrays by input name)."""
+    batches of real inputs (dicts of arrays by input name). `target_latency` keeps that fraction of the latency
+    measured on `runtime` with `threads` intra-op threads (a per-layer table, measured once and cached:
+    passes/latency.py); round_to="auto" then keeps the channel multiple that runtime was measured fastest at."""
     from .passes.importance import get_importance
     from .passes.pipeline import PLAN, Job, check_options, parse_budget, run
 
     started = time.perf_counter()
-    kind, ratio = parse_budget(target_flops, target_params)
+    kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
+    latency = _latency_model(runtime, threads) if kind == "latency" else None
     loaded = loaded or read(path, input_shapes, allow_lossy)
     if importance in ("wanda", "flap", "obs"):
         from .passes.calibration import CalibratedImportance
@@ -87,10 +91,29 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
     job = Job(loaded.an, _torch_tensors(loaded.og.tensors), kind, ratio, scorer, round_to=round_to,
               max_ratio=max_ratio, flops=loaded.flops, params=loaded.params,
               target={"importance": str(importance), "source": os.fspath(path)})
+    if latency is not None:
+        job.latency = latency(loaded, progress)
+        job.auto_round = job.latency.table.block
     result = run(PLAN, job).plan
     result._loaded = loaded
     result.notes.append(f"planned in {time.perf_counter() - started:.2f} s")
     return result
+
+
+def _latency_model(runtime: str, threads: Any):
+    """A function (loaded, progress) -> LatencyModel for `runtime`; bad arguments raise before any work."""
+    if runtime != "onnxruntime":
+        raise UsageError(f"runtime={runtime!r}: latency tables are measured on 'onnxruntime' (CPU) so far")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive integer (ONNX Runtime intra-op threads), got {threads!r}")
+
+    def build(loaded: Loaded, progress: Progress | None):
+        from .backends.onnx_latency import measure
+        from .passes.latency import LatencyModel
+
+        return LatencyModel(loaded.an, measure(loaded, threads, progress=progress))
+
+    return build
 
 
 def _torch_tensors(arrays: dict[str, np.ndarray]):
@@ -123,8 +146,10 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
     src, dst = os.fspath(src), os.fspath(dst)
     data_files = external_data_files(src)
     _check_paths(src, data_files, dst, plan_out, report)
-    if the_plan is None and target_flops is None and options.get("target_params") is None:
-        raise UsageError("give a budget: target_flops=R or target_params=R, R in (0, 1] the fraction to keep")
+    if the_plan is None and target_flops is None and options.get("target_params") is None \
+            and options.get("target_latency") is None:
+        raise UsageError("give a budget: target_flops=R, target_params=R or target_latency=R, R in (0, 1] the "
+                         "fraction to keep")
     if the_plan is not None:
         _refuse_weight_changes(the_plan)
     say(f"reading {src}")
@@ -164,6 +189,14 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
             raise BackendError(f"the pruned model does not match the masked original ({problem}); this is a "
                                "graphprune bug: please report it with the model (--no-verify skips the check)")
         result.notes.append("verified against the masked original in ONNX Runtime")
+    if result.latency is not None and the_plan is None:
+        say("timing the original and the pruned model")
+        times = _round_robin([session(src, threads=result.latency["threads"]),
+                              session(slim, threads=result.latency["threads"])], loaded.og.feeds, runs=30, warmup=3)
+        result.latency.update(measured_before=1e3 * float(np.median(times[0])),
+                              measured_after=1e3 * float(np.median(times[1])))
+        from .render import latency_line
+        say(latency_line(result.latency))
     if sparsity is not None:
         say(f"masking {sparsity}")
         result.notes.append(_sparsified(slim, sparsity, check_feeds if verify else None).summary())
@@ -441,24 +474,31 @@ def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threa
         if set(feeds) != set(loaded[0].og.feeds):
             raise UsageError(f"{path} takes inputs {sorted(feeds)}, not {sorted(loaded[0].og.feeds)}: bench compares "
                              "models of the same inputs")
-    sessions = [session(os.fspath(path), threads=threads) for path in paths]
-    for sess in sessions:
-        for _ in range(warmup):
-            sess.run(None, feeds)
-    say = progress or (lambda m: None)
-    times: list[list[float]] = [[] for _ in paths]
-    for k in range(runs):
-        say(f"timing {len(paths)} models, run {k + 1}/{runs}")
-        for sess, t_list in zip(sessions, times):
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            t_list.append(time.perf_counter() - t)
+    times = _round_robin([session(os.fspath(path), threads=threads) for path in paths], feeds, runs, warmup, progress)
     rows = [{"model": os.fspath(path), "median_ms": 1e3 * float(np.median(t)), "p90_ms": 1e3 * float(np.percentile(t, 90)),
              "flops": item.flops.total(), "params": item.params.total(), "threads": threads, "runs": runs}
             for path, t, item in zip(paths, times, loaded)]
     for r in rows:
         r["speedup"] = rows[0]["median_ms"] / r["median_ms"]
     return rows
+
+
+def _round_robin(sessions: list, feeds: dict[str, np.ndarray], runs: int, warmup: int,
+                 progress: Progress | None = None) -> list[list[float]]:
+    """Seconds per run of each session, warm-up first, the sessions taking turns so a change of machine load
+    hits all alike."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for k in range(runs):
+        if progress:
+            progress(f"timing {len(sessions)} models, run {k + 1}/{runs}")
+        for sess, t_list in zip(sessions, times):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            t_list.append(time.perf_counter() - t)
+    return times
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:

@@ -48,6 +48,9 @@ class PruningPlan:
     notes: list[str] = field(default_factory=list)
     # the example inputs' shapes, dtypes and value ranges (ir/inputs.py), to verify a loaded plan on
     inputs: list[dict[str, Any]] | None = None
+    # target_latency plans: runtime, channel block, measured "before" and predicted "after" ms; once the pruned
+    # model was timed, "measured_before" / "measured_after" (passes/latency.py)
+    latency: dict[str, Any] | None = None
 
     # ----- results -------------------------------------------------------------------------------
     @property

@@ -39,6 +39,8 @@ def summary(plan: PruningPlan) -> str:
                  f"({plan.flops_ratio:.3f} of original; target {plan.target['kind']} {plan.target['ratio']})")
     lines.append(f"params: {fmt_num(plan.params['before'])} -> {fmt_num(plan.params['after'])} "
                  f"({plan.params_ratio:.3f} of original)")
+    if plan.latency:
+        lines.append(latency_line(plan.latency))
     pruned = sum(1 for g in plan.groups if g["after"] < g["before"])
     lines.append(f"groups: {len(plan.groups)} prunable, {pruned} pruned; "
                  f"{sum(p['channels'] for p in plan.pinned)} weighted channels pinned (plan.explain() says why)")
@@ -47,6 +49,17 @@ def summary(plan: PruningPlan) -> str:
                      "channels' contribution")
     lines.extend(plan.notes)
     return "\n".join(lines)
+
+
+def latency_line(lat: dict[str, Any]) -> str:
+    """Predicted latency, and measured once the pruned model was timed."""
+    line = (f"latency: {lat['before']:.2f} ms -> {lat['after']:.2f} ms predicted ({lat['after'] / lat['before']:.3f}; "
+            f"{lat['runtime']}, {lat['threads']} thread(s), widths multiples of {lat['block']})")
+    if "measured_after" in lat:
+        line += (f"; measured {lat['measured_before']:.2f} -> {lat['measured_after']:.2f} ms "
+                 f"({lat['measured_before'] / lat['measured_after']:.2f}x), predicted "
+                 f"{100 * (lat['after'] / lat['measured_after'] - 1):+.1f}% off")
+    return line
 
 
 def explain(plan: PruningPlan) -> str:

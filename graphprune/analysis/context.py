@@ -21,6 +21,7 @@ class CostTerm:
     coef: float
     spaces: list[int]
     label: str
+    node: int = -1  # id of the graph node it counts (latency tables time that node)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Context:
     # ----- cost ----------------------------------------------------------------------------------
     def add_flops(self, coef: float, factors: list[tuple[Value, int]]) -> None:
         self.flop_terms.append(CostTerm(float(coef), [self.space(v, a) for v, a in factors],
-                                        self.node.scope or self.node.op))
+                                        self.node.scope or self.node.op, self.node.id))
 
 
 def pin_all(ctx: Context, node: Node, reason: str) -> None:

@@ -20,7 +20,7 @@ from ..analysis.channels import Analysis
 from ..analysis.cost import CostModel
 from ..errors import UsageError
 from ..plan import PruningPlan, indices_by_axis
-from .select import select
+from .select import AUTO_ROUND, select
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Job:
 
     an: Analysis
     tensors: dict[str, Any]  # parameter / initializer name -> tensor (the importance criteria read them)
-    kind: str  # "flops" or "params"
+    kind: str  # "flops", "params" or "latency"
     ratio: float
     scorer: Any  # (analysis, tensors) -> one score per component
     target: dict[str, Any]  # what was asked, recorded in the plan
@@ -46,6 +46,8 @@ class Job:
     multiple: dict[int, int] = field(default_factory=dict)  # family -> units it loses at a time (uniform)
     flops: CostModel | None = None
     params: CostModel | None = None
+    latency: CostModel | None = None  # passes/latency.py's LatencyModel, for kind "latency"
+    auto_round: int = AUTO_ROUND  # round_to="auto"'s multiple (a latency table's channel block)
     scores: np.ndarray | None = None
     removed: np.ndarray | None = None
     plan: PruningPlan | None = None
@@ -53,7 +55,7 @@ class Job:
 
     @property
     def budget(self) -> CostModel:
-        return self.flops if self.kind == "flops" else self.params
+        return {"flops": self.flops, "params": self.params, "latency": self.latency}[self.kind]
 
 
 class Pass:
@@ -110,12 +112,12 @@ class Select(Pass):
     ensures = ("removed",)
 
     def __call__(self, job: Job) -> None:
-        name = "FLOPs" if job.kind == "flops" else "parameters"
+        name = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}[job.kind]
         job.removed = select(job.an, job.scores, job.budget, job.ratio, max_ratio=job.max_ratio,
                              round_to=job.round_to, keep=job.keep, lockstep=job.lockstep, budget_name=name,
                              mass=weight_slices_per_component(job.an),
                              normalize=not getattr(job.scorer, "absolute", False), force=job.force,
-                             multiple=job.multiple)
+                             multiple=job.multiple, auto_round=job.auto_round)
         achieved = job.budget.total(job.removed) / max(job.budget.total(), 1e-300)
         if job.ratio - achieved > MISS:
             note = (f"landed at {achieved:.3f} of the {name} for a target of {job.ratio:.3f}: the units left to "
@@ -148,6 +150,10 @@ class Build(Pass):
             rewrites=_rewrites(an, gone),
             notes=list(job.notes),
         )
+        if job.latency is not None:
+            table = job.latency.table
+            job.plan.latency = {"runtime": table.runtime, "threads": table.threads, "block": table.block,
+                                "before": job.latency.total(), "after": job.latency.total(removed)}
         job.plan._analysis, job.plan._gone = an, gone  # in memory only, for the regenerated-graph fallback
         readers: dict[str, str] = {}
         for node in an.graph.nodes:
@@ -162,12 +168,14 @@ class Build(Pass):
 PLAN = [CostModels(), Score(), Select(), Build()]
 
 
-def parse_budget(target_flops: Any, target_params: Any) -> tuple[str, float]:
-    """("flops" | "params", ratio) from the two budget arguments, exactly one of which is given."""
-    if (target_flops is None) == (target_params is None):
-        raise UsageError("give exactly one budget: target_flops=R or target_params=R, with R in (0, 1] the "
-                         "fraction of the original cost to keep")
-    kind, ratio = ("flops", target_flops) if target_flops is not None else ("params", target_params)
+def parse_budget(target_flops: Any, target_params: Any, target_latency: Any = None) -> tuple[str, float]:
+    """("flops" | "params" | "latency", ratio) from the budget arguments, exactly one of which is given."""
+    given = [(k, r) for k, r in (("flops", target_flops), ("params", target_params), ("latency", target_latency))
+             if r is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one budget: target_flops=R, target_params=R or target_latency=R, with R in "
+                         "(0, 1] the fraction of the original cost (measured latency) to keep")
+    kind, ratio = given[0]
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
         raise UsageError(f"target_{kind} must be a number in (0, 1] (the fraction of {kind} to keep), got "
                          f"{ratio!r}")

@@ -43,7 +43,8 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
            max_ratio: float = 1.0, round_to: int | str | None = None, keep: np.ndarray | None = None,
            budget_name: str = "FLOPs", mass: np.ndarray | None = None,
            lockstep: list[list[int]] | None = None, normalize: bool = True,
-           force: np.ndarray | None = None, multiple: dict[int, int] | None = None) -> np.ndarray:
+           force: np.ndarray | None = None, multiple: dict[int, int] | None = None,
+           auto_round: int = AUTO_ROUND) -> np.ndarray:
     """Return the ids of the components to remove.
 
     lockstep: groups of family indices that lose the same number of channels (uniform widths, see
@@ -51,7 +52,9 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     importance across families (for scores already on one scale, such as calibration-based ones).
     force: components removed already (HESSO's earlier decisions, a bool per component): each family takes
     them first, and the units holding them rank before every other unit.
-    multiple: per family index, the number of components it must lose at a time (a config's divisibility)."""
+    multiple: per family index, the number of components it must lose at a time (a config's divisibility).
+    auto_round: the multiple round_to="auto" keeps in layers of at least 4x that many channels (8, or the
+    channel block a latency table measured fastest)."""
     base = cost.total()
     if base <= 0:
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
@@ -70,7 +73,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         orders = [np.argsort(norm, kind="stable") for norm in norms]
         n_free = len(fams[0])
         limit = min(n_free, n_all - 1, int(math.floor(max_ratio * n_all + 1e-9)))
-        unit = _unit_round(cost, fams[0], n_all, round_to) or 1
+        unit = _unit_round(cost, fams[0], n_all, round_to, auto_round) or 1
         unit = math.lcm(unit, max((multiple or {}).get(i, 1) for i in ids))
         chunk = np.asarray(_chunks(n_all, n_free, limit, unit if unit > 1 else None),
                            dtype=np.int64)
@@ -127,7 +130,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         window = slice(lo - 1, lo - 1 + _FILL_LIMIT)
         chosen = _fill(cost, prefix(lo - 1), units[window], family[ranking][window], target, chosen)
     if round_to == "auto" and target - cost.total(chosen) > AUTO_TOLERANCE * base:
-        log.info("multiples of %d land %.3f under the target: exact widths instead", AUTO_ROUND,
+        log.info("multiples of %d land %.3f under the target: exact widths instead", auto_round,
                  (target - cost.total(chosen)) / base)
         return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
                       budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force,
@@ -195,7 +198,8 @@ def _fill(cost: CostModel, base: np.ndarray, following: list[np.ndarray], famili
     return best
 
 
-def _unit_round(cost: CostModel, fam: np.ndarray, n_all: int, round_to: int | str | None) -> int | None:
+def _unit_round(cost: CostModel, fam: np.ndarray, n_all: int, round_to: int | str | None,
+                auto_round: int = AUTO_ROUND) -> int | None:
     """round_to in components: a component that is several channels wide (a head of head_dim channels)
     needs only round_to / gcd(round_to, width) of them for the width to stay a multiple of round_to.
     "auto": multiples of 8 for layers of at least 32 channels (kernels run them fastest), exact below (a
@@ -204,7 +208,7 @@ def _unit_round(cost: CostModel, fam: np.ndarray, n_all: int, round_to: int | st
         return None
     width = max(int(cost.members[fam[:1]].max()), 1)
     if round_to == "auto":
-        round_to = AUTO_ROUND if n_all * width >= AUTO_MIN_WIDTH else None
+        round_to = auto_round if n_all * width >= AUTO_MIN_WIDTH * auto_round // AUTO_ROUND else None
     if not round_to or round_to <= 1:
         return None
     return round_to // math.gcd(round_to, width)

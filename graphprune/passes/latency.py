@@ -1,0 +1,188 @@
+"""Latency budgets (the HALP idea): the selection spends measured milliseconds instead of FLOPs.
+
+Every node that carries FLOPs (a convolution, a Gemm, a MatMul) is timed once on the target runtime over a grid
+of the widths it can keep (`Layer`: its input and output channel spaces, the ones pruning can change); between
+grid points its time is interpolated bilinearly (a layer's time is close to a + b*c_in + c*c_out + d*c_in*c_out).
+Grid widths are multiples of the channel block the runtime was measured to run fastest, which the plan then
+keeps. What no layer covers (pooling, additions, layout changes, the session itself) is the whole model's
+measured latency minus its layers' share, kept constant. A backend measures the table
+(backends/onnx_latency.py); this module only reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..analysis.channels import Analysis
+from ..analysis.cost import CostModel
+from ..analysis.context import CostTerm
+from ..files import atomic_write
+
+GRID = (0.1, 0.3, 0.55, 0.8, 1.0)  # fractions of a width measured (max_ratio 0.9 keeps at least 0.1)
+MAX_COORDINATES = 2  # a layer with more changing widths is timed at full width and scaled by its FLOPs
+
+
+@dataclass
+class Layer:
+    """One FLOP-bearing node's measured times: ms[i][j] at widths grid[0][i], grid[1][j] of `spaces`
+    ((value id, axis) keys of the analysis); with one space ms[i], with none ms[0] (scaled by FLOPs)."""
+
+    node: int
+    label: str
+    spaces: list[list[int]]
+    grid: list[list[int]]
+    ms: list
+
+
+@dataclass
+class LatencyTable:
+    """What planning needs from a runtime; JSON on disk, keyed by `fingerprint` (structure, runtime, machine)."""
+
+    runtime: str
+    fingerprint: str
+    threads: int
+    block: int  # the channel multiple the runtime's kernels were measured to run fastest
+    whole_ms: float  # the whole model's measured latency
+    layers_ms: float  # the layers' share of it, in context (the runtime's profile)
+    standalone_ms: float  # the same layers timed alone at full width (scaled to layers_ms in predictions)
+    layers: list[Layer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, path: str) -> None:
+        atomic_write(path, json.dumps(asdict(self)).encode())
+
+    @classmethod
+    def load(cls, path: str) -> LatencyTable:
+        with open(path) as f:
+            data = json.load(f)
+        data["layers"] = [Layer(**layer) for layer in data["layers"]]
+        return cls(**data)
+
+
+def layer_spaces(an: Analysis, terms: list[CostTerm]) -> list[int]:
+    """The spaces whose kept width changes one node's time: its FLOP factors that hold prunable channels, one
+    per set of tied channels; none when more than MAX_COORDINATES (then its FLOPs scale its time)."""
+    found: list[int] = []
+    seen: list[np.ndarray] = []
+    for t in terms:
+        for s in t.spaces:
+            comps = an.component[an.space_offset[s]:an.space_offset[s] + an.space_size[s]]
+            if s in found or an.space_size[s] < 2 or not an.prunable[comps].any():
+                continue
+            if any(len(c) == len(comps) and (c == comps).all() for c in seen):
+                continue
+            found.append(int(s))
+            seen.append(comps)
+    return found if len(found) <= MAX_COORDINATES else []
+
+
+def grid_widths(size: int, block: int) -> list[int]:
+    """Widths measured for a space of `size` channels: GRID's fractions, multiples of `block` when the space
+    is wide enough for the plan to round it (select.py's rule), always including the full width."""
+    step = block if size >= 4 * block else 1
+    widths = {max(step, int(f * size) // step * step) for f in GRID[:-1]}
+    return sorted(w for w in widths if w < size) + [size]
+
+
+def flop_nodes(an: Analysis) -> dict[int, list[CostTerm]]:
+    """FLOP terms by the node that carries them, in graph order."""
+    by_node: dict[int, list[CostTerm]] = {}
+    for t in an.flop_terms:
+        by_node.setdefault(t.node, []).append(t)
+    return by_node
+
+
+def removal_for(an: Analysis, widths: dict[int, int]) -> np.ndarray:
+    """Components to remove so that each space in `widths` keeps at most that many channels (the last ones
+    go): the shapes a node is timed at."""
+    removed: list[int] = []
+    for s, w in widths.items():
+        comps = an.component[an.space_offset[s]:an.space_offset[s] + an.space_size[s]]
+        order = list(dict.fromkeys(comps[::-1].tolist()))
+        kept = len(comps)
+        for c in order:
+            if kept <= w:
+                break
+            kept -= int((comps == c).sum())
+            removed.append(c)
+    return np.array(sorted(set(removed)), dtype=np.int64)
+
+
+class LatencyModel(CostModel):
+    """The budget in milliseconds: interpolated layer times, scaled to their share in context, plus the rest."""
+
+    def __init__(self, an: Analysis, table: LatencyTable):
+        self.table = table
+        self.flops = CostModel(an, an.flop_terms)
+        index = an.space_index
+        layers = table.layers
+        coords = [[index[tuple(k)] for k in layer.spaces] for layer in layers]
+        by_node = flop_nodes(an)
+        terms = [CostTerm(1.0, c if c else sorted({s for t in by_node.get(layer.node, []) for s in t.spaces}),
+                          layer.label, layer.node) for layer, c in zip(layers, coords)]
+        super().__init__(an, terms)
+        self.rest = table.whole_ms - table.layers_ms
+        self.scale = table.layers_ms / table.standalone_ms if table.standalone_ms > 0 else 1.0
+        n = max((len(g) for layer in layers for g in layer.grid), default=1)
+        self.gx, self.gy = np.ones((len(layers), n)), np.ones((len(layers), n))
+        self.nx, self.ny = np.ones(len(layers), dtype=np.int64), np.ones(len(layers), dtype=np.int64)
+        self.ms = np.zeros((len(layers), n, n))
+        self.x_space = np.full(len(layers), self.sentinel)
+        self.y_space = np.full(len(layers), self.sentinel)
+        for i, (layer, c) in enumerate(zip(layers, coords)):
+            ms = np.atleast_2d(np.asarray(layer.ms, dtype=np.float64))
+            if len(c) == 1:
+                ms = ms.T
+            self.ms[i] = np.pad(ms, ((0, n - ms.shape[0]), (0, n - ms.shape[1])), mode="edge")
+            for axis, (g_arr, counts, spaces) in enumerate(((self.gx, self.nx, self.x_space),
+                                                            (self.gy, self.ny, self.y_space))):
+                if axis < len(c):
+                    g = layer.grid[axis]
+                    g_arr[i] = np.pad(np.asarray(g, dtype=np.float64), (0, n - len(g)), mode="edge")
+                    counts[i], spaces[i] = len(g), c[axis]
+        # layers timed at full width only: their time follows their FLOPs
+        self.by_flops = np.array([not c for c in coords])
+        node_row = {layer.node: i for i, layer in enumerate(layers)}
+        self.term_row = np.array([node_row.get(t.node, -1) for t in an.flop_terms])
+        self.full_flops = self._layer_flops(self.flops.kept_widths(None))
+
+    def _layer_flops(self, kept: np.ndarray) -> np.ndarray:
+        per_term = self.flops.per_term(kept=kept)
+        ok = self.term_row >= 0
+        return np.bincount(self.term_row[ok], weights=per_term[ok], minlength=len(self.table.layers))
+
+    def per_term(self, removed_components=None, kept: np.ndarray | None = None) -> np.ndarray:
+        """Each layer's predicted time in ms, as it runs inside the model."""
+        if kept is None:
+            kept = self.kept_widths(removed_components)
+        rows = np.arange(len(self.ms))
+        i0, i1, tx = _cell(self.gx, self.nx, kept[self.x_space])
+        j0, j1, ty = _cell(self.gy, self.ny, kept[self.y_space])
+        ms = self.ms
+        value = ((1 - tx) * (1 - ty) * ms[rows, i0, j0] + tx * (1 - ty) * ms[rows, i1, j0]
+                 + (1 - tx) * ty * ms[rows, i0, j1] + tx * ty * ms[rows, i1, j1])
+        if self.by_flops.any():
+            ratio = self._layer_flops(kept) / np.maximum(self.full_flops, 1e-300)
+            value = np.where(self.by_flops, ms[:, 0, 0] * ratio, value)
+        return self.scale * np.maximum(value, 0.0)
+
+    def total(self, removed_components=None) -> float:
+        return self.rest + float(self.per_term(removed_components).sum())
+
+    def total_at(self, kept: np.ndarray) -> float:
+        return self.rest + float(self.per_term(kept=kept).sum())
+
+
+def _cell(grid: np.ndarray, count: np.ndarray, x: np.ndarray):
+    """Per row: the grid cell around x (the first or last one beyond the grid) and x's place in it."""
+    last = np.maximum(count - 1, 0)
+    i0 = np.clip((grid <= x[:, None]).sum(axis=1) - 1, 0, np.maximum(last - 1, 0))
+    i1 = np.minimum(i0 + 1, last)
+    rows = np.arange(len(grid))
+    width = grid[rows, i1] - grid[rows, i0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(width > 0, (x - grid[rows, i0]) / width, 0.0)
+    return i0, i1, t
