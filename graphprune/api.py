@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -36,14 +37,19 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
          target_params: float | None = None, importance: Any = "l2", ignore: Iterable[Any] | None = None,
          round_to: int | str | None = "auto", max_ratio: float = 0.9, allow_lossy: bool = False,
          uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
-         loss_fn: Any = None, depth: int = 0, tracer: str = "dispatch") -> PruningPlan:
-    """Decide what to remove so the model keeps `target_flops` (or `target_params`) of its cost.
+         loss_fn: Any = None, depth: int = 0, tracer: str = "dispatch", target_latency: float | None = None,
+         runtime: str = "onnxruntime", threads: int = 1) -> PruningPlan:
+    """Decide what to remove so the model keeps `target_flops` (or `target_params`, `target_latency`) of its cost.
 
     Args:
         model: the model; it is not modified.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         target_flops: fraction of the original FLOPs to keep, in (0, 1].
         target_params: fraction of the original parameter count to keep, instead of target_flops.
+        target_latency: fraction of the latency measured on `runtime` ("onnxruntime": the CPU, `threads`
+            intra-op threads) to keep, instead of target_flops: the model is exported to ONNX (torch.onnx,
+            dynamo; needs onnxscript) and planned there with per-layer latency tables measured once and cached
+            (passes/latency.py); importance "l1", "l2" or "random"; plan.latency holds the prediction.
         importance: "l2" (default), "l1", "random"; "wanda" or "flap" (need `calibration`); "obs" (needs
             `calibration`: structured Optimal Brain Surgeon, the output error each component leaves once the
             layers reading it are least-squares compensated, as compensate=True then does; X^T X per reading
@@ -73,8 +79,17 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"expected a torch.nn.Module, got {type(model).__name__} (an .onnx file goes through "
                          "graphprune.onnx.plan)")
-    kind, ratio = parse_budget(target_flops, target_params)
+    kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
+    if kind == "latency":
+        refused = {name: value for name, value in (("ignore", ignore), ("uniform", uniform), ("calibration", calibration),
+                                                   ("compensate", compensate), ("depth", depth)) if value}
+        if refused or importance not in ("l1", "l2", "random"):
+            raise UsageError(f"target_latency plans on the model's ONNX export, with importance 'l1', 'l2' or "
+                             f"'random' and none of {sorted(refused) or 'ignore, uniform, calibration, compensate, depth'}"
+                             f" (got importance={importance!r}); use target_flops or target_params for those")
+        return _plan_by_latency(model, example_inputs, ratio, runtime, threads, importance, round_to, max_ratio,
+                                allow_lossy, tracer, started)
     if compensate is True:
         compensate = "ls"
     if depth:
@@ -161,6 +176,67 @@ def _plan_with_depth(model, example_inputs, kind: str, ratio: float, depth: int,
     return result
 
 
+def _plan_by_latency(model, example_inputs, ratio: float, runtime: str, threads: int, importance: str, round_to,
+                     max_ratio: float, allow_lossy: bool, tracer: str, started: float) -> PruningPlan:
+    """Plan on the ONNX export, where the runtime's latency is measured, and carry the removed channels back
+    by parameter name (the dynamo exporter keeps them); the plan says if the two analyses group differently."""
+    import tempfile
+
+    from . import onnx as gonnx
+    from .passes.pipeline import Build, CostModels, gone_from_removed
+
+    gonnx.latency_model(runtime, threads)  # bad arguments raise before the export
+    with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as tmp:
+        path, feeds = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"))
+        loaded = gonnx.read(path, allow_lossy=allow_lossy, feeds=feeds)
+        exported = gonnx.plan(path, target_latency=ratio, runtime=runtime, threads=threads, importance=importance,
+                              round_to=round_to, max_ratio=max_ratio, loaded=loaded)
+    an = analyse(model, example_inputs, None, False, allow_lossy, tracer)[0]
+    tensors = named_tensors(model)
+    shared = set(exported.removed) & set(tensors)  # the exporter may add tensors (a folded batch norm's bias)
+    if exported.removed and not shared:
+        raise UsageError(f"the ONNX export names its weights differently from the model "
+                         f"({sorted(exported.removed)[:3]}): target_latency cannot carry its plan back; use target_flops")
+    job = Job(an, tensors, "latency", ratio, None, target={"importance": importance, "runtime": runtime})
+    job.removed = np.nonzero(gone_from_removed(an, exported.removed))[0]
+    result = run([CostModels(), Build()], job).plan
+    result.latency = exported.latency
+    if any(result.removed.get(n) != exported.removed[n] for n in shared):
+        result.notes.append("the PyTorch analysis groups some channels more coarsely than the ONNX export's: it "
+                            "removes more than the latency prediction counted")
+    result.inputs, result._example_inputs = input_specs(example_inputs), example_inputs
+    result.notes.append(f"planned on the ONNX export in {time.perf_counter() - started:.2f} s")
+    return result
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Any, path: str) -> tuple[str, dict[str, np.ndarray]]:
+    """`model` as an ONNX file (dynamo exporter, static shapes) and its example inputs as ONNX Runtime feeds."""
+    import contextlib
+    import io
+    import warnings
+
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise UsageError("target_latency needs example_inputs as a tensor or a tuple of tensors (the ONNX export's "
+                         "inputs)")
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as exc:
+        raise UsageError("target_latency on a PyTorch model exports it to ONNX, which needs onnxscript: "
+                         "pip install onnxscript") from exc
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, path, dynamo=True, verbose=False)
+    except Exception as exc:
+        raise UsageError(f"target_latency exports the model to ONNX, and torch.onnx.export failed: "
+                         f"{str(exc).splitlines()[0][:300]}; use target_flops") from exc
+    import onnx
+
+    names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+    return path, {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
+
+
 def _totals(model, example_inputs, tracer: str) -> dict[str, float]:
     an = analyze(_tracer(tracer)(model, example_inputs)[0])
     return {"flops": CostModel(an, an.flop_terms).total(), "params": CostModel(an, an.param_terms).total()}
@@ -176,7 +252,26 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
     say so (see PruningPlan.apply).
     """
     the_plan = plan(model, example_inputs, target_flops, **options)
-    return the_plan.apply(model, inplace=inplace, verify=verify)
+    slim = the_plan.apply(model, inplace=inplace, verify=verify)
+    if the_plan.latency is not None and not inplace:
+        _measure_latency(the_plan, model, slim, example_inputs)
+    return slim
+
+
+def _measure_latency(the_plan: PruningPlan, model, slim, example_inputs) -> None:
+    """Time the original and the slim model's ONNX exports side by side: plan.latency's measured values."""
+    import tempfile
+
+    from .ir.from_onnx import session
+    from .onnx import _round_robin
+
+    threads = the_plan.latency["threads"]
+    with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as tmp:
+        before, feeds = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"))
+        after, _ = export_onnx(slim, example_inputs, os.path.join(tmp, "slim.onnx"))
+        times = _round_robin([session(before, threads=threads), session(after, threads=threads)], feeds, 30, 3)
+    the_plan.latency.update(measured_before=1e3 * float(np.median(times[0])),
+                            measured_after=1e3 * float(np.median(times[1])))
 
 
 def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", *, method: str = "magnitude",

@@ -74,7 +74,7 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
     started = time.perf_counter()
     kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
-    latency = _latency_model(runtime, threads) if kind == "latency" else None
+    latency = latency_model(runtime, threads) if kind == "latency" else None
     loaded = loaded or read(path, input_shapes, allow_lossy)
     if importance in ("wanda", "flap", "obs"):
         from .passes.calibration import CalibratedImportance
@@ -100,7 +100,7 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
     return result
 
 
-def _latency_model(runtime: str, threads: Any):
+def latency_model(runtime: str, threads: Any):
     """A function (loaded, progress) -> LatencyModel for `runtime`; bad arguments raise before any work."""
     if runtime != "onnxruntime":
         raise UsageError(f"runtime={runtime!r}: latency tables are measured on 'onnxruntime' (CPU) so far")

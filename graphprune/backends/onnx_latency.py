@@ -71,7 +71,7 @@ def measure(loaded, threads: int = 1, cache: bool = True,
     nodes = flop_nodes(an)
     coords = {n: layer_spaces(an, terms) for n, terms in nodes.items()}
     timer = _Timer(loaded, threads)
-    block = _fastest_block(an, nodes, coords, timer)
+    block = _fastest_block(an, coords, timer)
     layers = []
     for k, (n, spaces) in enumerate(coords.items()):
         say(f"timing layers on {RUNTIME} ({threads} thread(s)) {k + 1}/{len(coords)}")
@@ -195,32 +195,31 @@ class _Timer:
         return 1e3 * float(np.median(walls)), float(sum(np.median(kernels[k]) for k in counted))
 
 
-def _fastest_block(an, nodes, coords, timer: _Timer) -> int:
-    """The channel multiple with the fastest time per MAC on the largest layers (within BLOCK_SLACK the
-    smallest: it leaves the plan the most choice)."""
-    from ..analysis.cost import CostModel
-
-    flops = CostModel(an, an.flop_terms).per_term()
-    by_node = defaultdict(float)
-    for t, f in zip(an.flop_terms, flops):
-        by_node[t.node] += f
-    probes = [n for n in sorted(coords, key=lambda n: -by_node[n]) if coords[n]][:3]
-    if not probes:
+def _fastest_block(an, coords: dict[int, list[int]], timer: _Timer) -> int:
+    """The channel multiple the model runs fastest at: every layer timed near 0.7 of its widths at each
+    multiple, per MAC relative to its full width, weighted by its full-width time; within BLOCK_SLACK of
+    the fastest, the smallest multiple (it leaves the plan the most choice)."""
+    layers = [n for n in coords if coords[n]]
+    full = {n: timer.node_ms(n, {s: int(an.space_size[s]) for s in coords[n]}) for n in layers}
+    total = sum(full.values())
+    if not layers or total <= 0:
         return 1
-    rate = {}
+    slowdown = {}
     for block in BLOCKS:
-        per = []
-        for n in probes:
-            widths = {s: _probe_width(int(an.space_size[s]), block) for s in coords[n]}
-            if any(w is None for w in widths.values()):
+        weighted = 0.0
+        for n in layers:
+            sizes = [int(an.space_size[s]) for s in coords[n]]
+            widths = [_probe_width(size, block) for size in sizes]
+            if None in widths:
                 break
-            per.append(timer.node_ms(n, widths) / np.prod(list(widths.values())))
+            macs = np.prod(widths) / np.prod(sizes)
+            weighted += timer.node_ms(n, dict(zip(coords[n], widths))) / macs
         else:
-            rate[block] = float(np.mean(per))
-    if not rate:
+            slowdown[block] = weighted / total
+    if not slowdown:
         return 1
-    best = min(rate.values())
-    return min(b for b, r in rate.items() if r <= BLOCK_SLACK * best)
+    best = min(slowdown.values())
+    return min(b for b, r in slowdown.items() if r <= BLOCK_SLACK * best)
 
 
 def _probe_width(size: int, block: int) -> int | None:

@@ -20,6 +20,7 @@ from ..analysis.channels import Analysis
 from ..analysis.cost import CostModel
 from ..analysis.context import CostTerm
 from ..files import atomic_write
+from .select import auto_multiple
 
 GRID = (0.1, 0.3, 0.55, 0.8, 1.0)  # fractions of a width measured (max_ratio 0.9 keeps at least 0.1)
 MAX_COORDINATES = 2  # a layer with more changing widths is timed at full width and scaled by its FLOPs
@@ -80,9 +81,9 @@ def layer_spaces(an: Analysis, terms: list[CostTerm]) -> list[int]:
 
 
 def grid_widths(size: int, block: int) -> list[int]:
-    """Widths measured for a space of `size` channels: GRID's fractions, multiples of `block` when the space
-    is wide enough for the plan to round it (select.py's rule), always including the full width."""
-    step = block if size >= 4 * block else 1
+    """Widths measured for a space of `size` channels: GRID's fractions, rounded to the multiple the plan keeps
+    there (select.py's auto_multiple with the measured block), and the full width."""
+    step = auto_multiple(size, block) or 1
     widths = {max(step, int(f * size) // step * step) for f in GRID[:-1]}
     return sorted(w for w in widths if w < size) + [size]
 
