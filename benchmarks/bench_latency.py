@@ -78,18 +78,18 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average at end "
              f"{os.getloadavg()[0]:.2f}", "",
              f"Latency table: {len(table.layers)} layers, {table.notes[0]}; measured in {table_s:.0f} s (cached "
-             f"after: {cache_dir()}). Whole model {table.whole_ms:.1f} ms when measured, layers "
-             f"{table.layers_ms:.1f} ms of it.", "",
+             f"after: {cache_dir()}). Whole model {table.whole_ms:.1f} ms when measured; a plan's latency is "
+             f"{table.rest_ms:.2f} ms + {table.scale:.3f} x its layers' table times.", "",
              "| plan | FLOPs ratio | median [ms] | p90 [ms] | measured speed-up | predicted speed-up | "
              "prediction error | how |", "|---|---|---|---|---|---|---|---|"]
     base = results[0]["median_ms"]
     for (label, _, predicted, how), r in zip(rows, results):
         measured = base / r["median_ms"]
         lines.append(f"| {label} | {r['flops'] / results[0]['flops']:.3f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{measured:.2f}x | {1 / predicted:.2f}x | {100 * (measured * predicted - 1):+.1f}% | {how} |")
+                     f"{measured:.2f}x | {1 / predicted:.2f}x | {100 * (1 / (predicted * measured) - 1):+.1f}% | {how} |")
     lines += ["", f"{args.runs} timed runs per model after 5 warm-up runs, round-robin (graphprune.onnx.bench). "
-              "Prediction error: predicted latency ratio / measured latency ratio - 1 (negative: faster than "
-              "predicted)."]
+              "Prediction error: predicted speed-up / measured speed-up - 1 (positive: the prediction was "
+              "optimistic), as `graphprune prune --target-latency` reports it."]
     text = "\n".join(lines) + "\n"
     print(text)
     atomic_write(args.out, text.encode())

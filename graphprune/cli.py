@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="fine-tuning epochs after pruning (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
-    prune = sub.add_parser("prune", help="prune an ONNX model to a FLOPs or parameter budget",
+    prune = sub.add_parser("prune", help="prune an ONNX model to a FLOPs, parameter or latency budget",
                            description="Prune an ONNX model: the output keeps the given fraction of FLOPs (or "
                                        "parameters), passes the ONNX checker and is verified in ONNX Runtime "
                                        "against the original with the removed channels zeroed. The input file "
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     budget = prune.add_mutually_exclusive_group()
     budget.add_argument("--target-flops", type=_ratio, metavar="R", help="fraction of the FLOPs to keep, in (0, 1]")
     budget.add_argument("--target-params", type=_ratio, metavar="R", help="fraction of the parameters to keep")
+    budget.add_argument("--target-latency", type=_ratio, metavar="R",
+                        help="fraction of the latency measured in ONNX Runtime on this CPU to keep (per-layer "
+                             "tables measured once, cached in ~/.cache/graphprune or $GRAPHPRUNE_CACHE)")
     budget.add_argument("--plan", metavar="PLAN.json", help="apply this plan (graphprune plan JSON) instead")
     prune.add_argument("--importance", default="l2", choices=["l2", "l1", "random", "wanda", "flap", "obs"],
                        help="how channels are ranked (default: %(default)s; wanda, flap and obs read --calibration)")
@@ -65,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration", metavar="FILE.npz",
                        help="real inputs: one array per model input, named like it, samples along the first axis; "
                             "shapes are recorded and the result verified on the first batch")
+    prune.add_argument("--threads", type=_positive, default=1,
+                       help="with --target-latency: ONNX Runtime intra-op threads the latency is measured with "
+                            "(default: %(default)s)")
     prune.add_argument("--plan-out", metavar="PLAN.json", help="also write the plan as JSON")
     prune.add_argument("--report", metavar="REPORT.html", help="also write an HTML report with a width chart")
     prune.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
@@ -135,14 +141,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="largest fraction of one layer's channels that may go (default: %(default)s)")
     prune_hf.add_argument("--report", metavar="REPORT.html", help="also write an HTML report with a width chart")
 
-    bench = sub.add_parser("bench", help="ONNX Runtime latency of ONNX models side by side",
+    bench = sub.add_parser("bench", help="latency of ONNX models side by side (ONNX Runtime CPU or TensorRT)",
                            description="Time ONNX models in ONNX Runtime on the CPU (fixed threads, warm-up, "
-                                       "median and p90 over the runs, the same input for all) and show their "
-                                       "FLOPs and parameters; the first model is the baseline.")
+                                       "median and p90 over the runs, the same input for all) or, with --runtime "
+                                       "tensorrt, as TensorRT engines on the GPU, and show their FLOPs and "
+                                       "parameters; the first model is the baseline.")
     bench.add_argument("inputs", nargs="+", metavar="MODEL.onnx")
     bench.add_argument("--runs", type=_positive, default=50, help="timed runs per model (default: %(default)s)")
     bench.add_argument("--warmup", type=_count, default=5, help="untimed runs first (default: %(default)s)")
     bench.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: cores, at most 4)")
+    bench.add_argument("--runtime", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                       help="onnxruntime: the CPU; tensorrt: each file built into an engine (2:4 sparse kernels "
+                            "allowed) and timed on the GPU; needs TensorRT and an NVIDIA GPU (default: %(default)s)")
     for command in (prune, inspect, bench):
         command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                              type=_input_shape, help="shape for an input with unknown dimensions (repeatable)")
@@ -290,26 +300,28 @@ def _run(args) -> None:
 
         if args.fp16_io and not args.fp16:
             raise UsageError("--fp16-io changes the inputs and outputs of a float16 model: add --fp16")
-        if args.target_flops is None and args.target_params is None and args.plan is None:
+        if args.target_flops is None and args.target_params is None and args.target_latency is None \
+                and args.plan is None:
             if args.sparsity is None:
-                raise UsageError("give a budget: --target-flops R or --target-params R (or --plan PLAN.json), "
-                                 "or --sparsity N:M to mask without pruning")
+                raise UsageError("give a budget: --target-flops R, --target-params R or --target-latency R (or --plan "
+                                 "PLAN.json), or --sparsity N:M to mask without pruning")
             print(gonnx.sparsify(args.input, args.output, args.sparsity, verify=not args.no_verify,
                                  input_shapes=shapes, fp16=args.fp16, float16_io=args.fp16_io))
             return
         batches = gonnx.load_calibration(args.calibration, args.input) if args.calibration else None
+        latency = {"target_latency": args.target_latency, "threads": args.threads} if args.target_latency else {}
         result = gonnx.prune(args.input, args.output, args.target_flops, target_params=args.target_params,
                              importance=args.importance, round_to=args.round_to, max_ratio=args.max_ratio,
                              allow_lossy=args.allow_lossy, input_shapes=shapes, calibration=batches,
                              verify=not args.no_verify, plan_out=args.plan_out, report=args.report,
                              the_plan=PruningPlan.load(args.plan) if args.plan else None, progress=_progress,
-                             sparsity=args.sparsity, fp16=args.fp16, float16_io=args.fp16_io)
+                             sparsity=args.sparsity, fp16=args.fp16, float16_io=args.fp16_io, **latency)
         print(result.summary())
     elif args.command == "inspect":
         print(gonnx.inspect(args.input, shapes, sparsity=args.sparsity))
     elif args.command == "bench":
         rows = gonnx.bench(args.inputs, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                           input_shapes=shapes, progress=_progress)
+                           input_shapes=shapes, progress=_progress, runtime=args.runtime)
         print(gonnx.bench_table(rows))
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from .analysis.channels import Analysis, analyze
 from .analysis.cost import CostModel
 from .errors import BackendError, UsageError
-from .ir.from_onnx import OnnxGraph, example_feeds, external_data_files, load_model, session, to_graph
+from .ir.from_onnx import OnnxGraph, example_feeds, external_data_files, load_model, round_robin, session, to_graph
 from .plan import PruningPlan
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         result.notes.append("verified against the masked original in ONNX Runtime")
     if result.latency is not None and the_plan is None:
         say("timing the original and the pruned model")
-        times = _round_robin([session(src, threads=result.latency["threads"]),
+        times = round_robin([session(src, threads=result.latency["threads"]),
                               session(slim, threads=result.latency["threads"])], loaded.og.feeds, runs=30, warmup=3)
         result.latency.update(measured_before=1e3 * float(np.median(times[0])),
                               measured_after=1e3 * float(np.median(times[1])))
@@ -458,13 +458,22 @@ def _inspect_sparsity(path: str | os.PathLike, pattern: str) -> str:
 
 
 def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threads: int | None = None,
-          input_shapes: dict[str, tuple[int, ...]] | None = None, progress: Progress | None = None
-          ) -> list[dict[str, Any]]:
-    """ONNX Runtime CPU latency of each file on the same random input (threads fixed, warm-up first, the
-    models timed round-robin so a change of machine load hits all alike), with FLOPs and parameters; one
-    row per file, the first one is the baseline of the speed-up column."""
+          input_shapes: dict[str, tuple[int, ...]] | None = None, progress: Progress | None = None,
+          runtime: str = "onnxruntime") -> list[dict[str, Any]]:
+    """Latency of each file on the same random input, with FLOPs and parameters; one row per file, the first one
+    is the baseline of the speed-up column. runtime="onnxruntime": the CPU, threads fixed, warm-up first, the
+    models timed round-robin so a change of machine load hits all alike. runtime="tensorrt": each file built
+    into an engine (2:4 sparse kernels allowed; backends/tensorrt.py) and timed on the GPU by CUDA events."""
     if runs < 1 or warmup < 0:
         raise UsageError("runs must be at least 1 and warmup at least 0")
+    if runtime not in ("onnxruntime", "tensorrt"):
+        raise UsageError(f"runtime must be 'onnxruntime' or 'tensorrt', got {runtime!r}")
+    if runtime == "tensorrt":
+        from .backends import tensorrt as trt_backend
+
+        reason = trt_backend.available()
+        if reason is not None:
+            raise UsageError(reason)
     threads = threads or min(os.cpu_count() or 1, 4)
     loaded, feeds = [], None
     for path in paths:
@@ -474,31 +483,32 @@ def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threa
         if set(feeds) != set(loaded[0].og.feeds):
             raise UsageError(f"{path} takes inputs {sorted(feeds)}, not {sorted(loaded[0].og.feeds)}: bench compares "
                              "models of the same inputs")
-    times = _round_robin([session(os.fspath(path), threads=threads) for path in paths], feeds, runs, warmup, progress)
-    rows = [{"model": os.fspath(path), "median_ms": 1e3 * float(np.median(t)), "p90_ms": 1e3 * float(np.percentile(t, 90)),
-             "flops": item.flops.total(), "params": item.params.total(), "threads": threads, "runs": runs}
-            for path, t, item in zip(paths, times, loaded)]
+    if runtime == "tensorrt":
+        stats = [_tensorrt_ms(os.fspath(path), feeds, runs, warmup, progress) for path in paths]
+    else:
+        times = round_robin([session(os.fspath(path), threads=threads) for path in paths], feeds, runs, warmup,
+                             progress)
+        stats = [(1e3 * float(np.median(t)), 1e3 * float(np.percentile(t, 90))) for t in times]
+    rows = [{"model": os.fspath(path), "median_ms": median, "p90_ms": p90, "flops": item.flops.total(),
+             "params": item.params.total(), "threads": threads, "runs": runs, "runtime": runtime}
+            for path, (median, p90), item in zip(paths, stats, loaded)]
     for r in rows:
         r["speedup"] = rows[0]["median_ms"] / r["median_ms"]
     return rows
 
 
-def _round_robin(sessions: list, feeds: dict[str, np.ndarray], runs: int, warmup: int,
-                 progress: Progress | None = None) -> list[list[float]]:
-    """Seconds per run of each session, warm-up first, the sessions taking turns so a change of machine load
-    hits all alike."""
-    for sess in sessions:
-        for _ in range(warmup):
-            sess.run(None, feeds)
-    times: list[list[float]] = [[] for _ in sessions]
-    for k in range(runs):
-        if progress:
-            progress(f"timing {len(sessions)} models, run {k + 1}/{runs}")
-        for sess, t_list in zip(sessions, times):
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            t_list.append(time.perf_counter() - t)
-    return times
+def _tensorrt_ms(path: str, feeds: dict[str, np.ndarray], runs: int, warmup: int,
+                 progress: Progress | None) -> tuple[float, float]:
+    """(median, p90) ms of `path` built into a TensorRT engine (in a temporary directory) and run on the GPU."""
+    import torch
+
+    from .backends import tensorrt as trt_backend
+
+    (progress or (lambda m: None))(f"building a TensorRT engine from {path}")
+    with tempfile.TemporaryDirectory(prefix="graphprune-trt-") as tmp:
+        engine = os.path.join(tmp, "model.engine")
+        trt_backend.build(path, engine, sparse=True, input_shapes={k: v.shape for k, v in feeds.items()})
+        return trt_backend.latency(engine, {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}, runs, warmup)
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
@@ -509,8 +519,12 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"{r['model']:<{width}}  {r['median_ms']:>10.2f}  {r['p90_ms']:>8.2f}  {r['speedup']:>7.2f}x  "
                      f"{_num(r['flops']):>8}  {_num(r['params']):>8}")
-    lines.append(f"(ONNX Runtime CPU, {rows[0]['threads']} threads, {rows[0]['runs']} runs each after warm-up, "
-                 "round-robin, same input)")
+    if rows[0].get("runtime") == "tensorrt":
+        lines.append(f"(TensorRT engines, 2:4 sparse kernels allowed, {rows[0]['runs']} runs each after warm-up, "
+                     "CUDA events, same input)")
+    else:
+        lines.append(f"(ONNX Runtime CPU, {rows[0]['threads']} threads, {rows[0]['runs']} runs each after warm-up, "
+                     "round-robin, same input)")
     return "\n".join(lines)
 
 

@@ -22,13 +22,14 @@ from collections.abc import Callable
 import numpy as np
 
 from ..ir.graph import ACT, INPUT
-from ..passes.latency import (Layer, LatencyTable, flop_nodes, grid_widths, layer_spaces, removal_for)
+from ..passes.latency import Layer, LatencyModel, LatencyTable, flop_nodes, grid_widths, layer_spaces, removal_for
 
 log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
 BLOCKS = (1, 8, 16, 32)  # channel multiples tried for the fastest kernels
-BLOCK_SLACK = 1.05  # the smallest block within this of the fastest time per MAC wins
+BLOCK_SLACK = 1.03  # the smallest multiple whose model runs within this of the fastest wins
+PROBE_FLOPS = 0.5  # the plans that tell the multiples apart keep this much of the FLOPs
 _LAYOUT = ("ReorderInput", "ReorderOutput", "Transpose")  # what ONNX Runtime adds around a lone node
 
 
@@ -70,8 +71,11 @@ def measure(loaded, threads: int = 1, cache: bool = True,
     an = loaded.an
     nodes = flop_nodes(an)
     coords = {n: layer_spaces(an, terms) for n, terms in nodes.items()}
+    say(f"timing the model pruned at channel multiples {', '.join(map(str, BLOCKS))}")
+    whole_ms, probes = _probe_blocks(loaded, threads)
+    fastest = min(ms for _, ms in probes.values())
+    block = min(b for b, (_, ms) in probes.items() if ms <= BLOCK_SLACK * fastest)
     timer = _Timer(loaded, threads)
-    block = _fastest_block(an, coords, timer)
     layers = []
     for k, (n, spaces) in enumerate(coords.items()):
         say(f"timing layers on {RUNTIME} ({threads} thread(s)) {k + 1}/{len(coords)}")
@@ -81,15 +85,55 @@ def measure(loaded, threads: int = 1, cache: bool = True,
         shape = [len(g) for g in grid]
         layers.append(Layer(n, nodes[n][0].label, [list(an.space_key[s]) for s in spaces], grid,
                             np.array(ms).reshape(shape).tolist() if shape else ms))
-    whole_ms, layers_ms = timer.whole_model()
-    standalone = sum(float(np.asarray(layer.ms)[(-1,) * len(layer.grid)]) for layer in layers)
-    table = LatencyTable(RUNTIME, key, threads, block, whole_ms, layers_ms, standalone, layers,
-                         notes=[f"measured {len(layers)} layers ({timer.count} one-node models) in "
-                                f"{time.perf_counter() - started:.0f} s; channel block {block}"])
+    table = LatencyTable(RUNTIME, key, threads, block, whole_ms, 0.0, 1.0, layers)
+    rest, scale = _fit(LatencyModel(an, table), whole_ms, *probes[block])
+    table.rest_ms, table.scale = rest, scale
+    table.notes = [f"measured {len(layers)} layers ({timer.count} one-node models) in "
+                   f"{time.perf_counter() - started:.0f} s; the model at half its FLOPs runs " +
+                   ", ".join(f"{whole_ms / ms:.2f}x at multiples of {b}" for b, (_, ms) in probes.items()) +
+                   f": channel block {block}"]
     if cache:
         os.makedirs(cache_dir(), exist_ok=True)
         table.save(path)
     return table
+
+
+def _probe_blocks(loaded, threads: int) -> tuple[float, dict[int, tuple[np.ndarray, float]]]:
+    """The whole model's median ms, and per channel multiple the components a half-FLOPs plan at that multiple
+    removes with the median ms of the model they leave, all timed round-robin: which multiple the runtime runs
+    fastest, layout changes and fusions included, and a second point to fit the tables to."""
+    from ..analysis.channels import analyze
+    from ..analysis.cost import CostModel
+    from ..ir.from_onnx import load_model, round_robin, session, to_graph
+    from ..passes.select import select
+    from . import onnx as backend
+
+    an, og = loaded.an, loaded.og
+    flops = CostModel(an, an.flop_terms)
+    plans, sessions = {}, [session(loaded.path, threads=threads)]
+    for block in BLOCKS:
+        removed = select(an, np.ones(len(an.prunable)), flops, PROBE_FLOPS, max_ratio=0.9,
+                         round_to="auto" if block > 1 else None, auto_round=block)
+        fresh = to_graph(load_model(loaded.path), og.feeds)  # the backend edits the graph it is given
+        gone = np.zeros(len(an.prunable), dtype=bool)
+        gone[removed] = True
+        slim = backend.apply(fresh, analyze(fresh.graph, allow_lossy=bool(an.lossy.any())), gone)
+        plans[block] = removed
+        sessions.append(session(slim, threads=threads))
+    times = [1e3 * float(np.median(t)) for t in round_robin(sessions, og.feeds, runs=20, warmup=3)]
+    return times[0], {b: (plans[b], ms) for b, ms in zip(BLOCKS, times[1:])}
+
+
+def _fit(model: LatencyModel, whole_ms: float, removed: np.ndarray, probe_ms: float) -> tuple[float, float]:
+    """rest + scale * (sum of the layers' tables) through the two measured points: the whole model and the
+    probe; where the probe is too close to tell, the layers alone, scaled to the whole."""
+    full, probe = model.total(), model.total(removed)
+    if full - probe > 0.05 * full:
+        scale = (whole_ms - probe_ms) / (full - probe)
+        rest = whole_ms - scale * full
+        if scale > 0 and -0.5 * whole_ms <= rest <= whole_ms:
+            return rest, scale
+    return 0.0, whole_ms / full if full > 0 else 1.0
 
 
 class _Timer:
@@ -143,13 +187,8 @@ class _Timer:
         key = hashlib.sha256(model.SerializeToString()).hexdigest()  # repeated layers are timed once
         if key not in self.cache:
             self.count += 1
-            self.cache[key] = self._profile(model.SerializeToString(), feeds, own=True)[1]
+            self.cache[key] = self._profile(model.SerializeToString(), feeds)
         return self.cache[key]
-
-    def whole_model(self) -> tuple[float, float]:
-        """The whole model: median latency, and the median kernel time of its FLOP-bearing ops."""
-        og = self.loaded.og
-        return self._profile(self.ir.to_proto(og.model).SerializeToString(), og.feeds, own=False)
 
     def _data(self, v, shape: list[int]) -> np.ndarray:
         dtype = np.dtype(v.dtype)
@@ -159,9 +198,8 @@ class _Timer:
             return self.rng.standard_normal(shape).astype(dtype)
         return np.zeros(shape, dtype=dtype)
 
-    def _profile(self, model_bytes: bytes, feeds: dict[str, np.ndarray], own: bool) -> tuple[float, float]:
-        """(median wall ms per run, median ms of the counted kernels per run): for a one-node model (`own`)
-        every kernel but layout changes, for the whole model the kernels of FLOP-bearing op types."""
+    def _profile(self, model_bytes: bytes, feeds: dict[str, np.ndarray]) -> float:
+        """Median ms per run of a one-node model's kernels, layout changes left out."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -172,62 +210,20 @@ class _Timer:
         with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as tmp:
             options.profile_file_prefix = os.path.join(tmp, "profile")
             sess = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-            t = time.perf_counter()
             sess.run(None, feeds)
-            first = time.perf_counter() - t
-            runs = int(np.clip(0.3 / max(first, 1e-6), 5, 30)) if own else int(np.clip(3.0 / max(first, 1e-6), 10, 50))
-            walls = []
-            for _ in range(runs):
-                t = time.perf_counter()
+            first = time.perf_counter()
+            sess.run(None, feeds)
+            first = time.perf_counter() - first
+            for _ in range(int(np.clip(0.3 / max(first, 1e-6), 5, 30))):
                 sess.run(None, feeds)
-                walls.append(time.perf_counter() - t)
             with open(sess.end_profiling()) as f:
                 events = json.load(f)
         kernels: dict[str, list[float]] = defaultdict(list)
-        ops: dict[str, str] = {}
         for e in events:
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            if (e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+                    and e.get("args", {}).get("op_name") not in _LAYOUT):
                 kernels[e["name"]].append(e["dur"] / 1e3)
-                ops[e["name"]] = e.get("args", {}).get("op_name", "")
-        flop_ops = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "FusedConv", "FusedGemm", "FusedMatMul",
-                    "NhwcFusedConv", "NhwcConv"}
-        counted = [k for k in kernels if (ops[k] not in _LAYOUT if own else ops[k] in flop_ops)]
-        return 1e3 * float(np.median(walls)), float(sum(np.median(kernels[k]) for k in counted))
-
-
-def _fastest_block(an, coords: dict[int, list[int]], timer: _Timer) -> int:
-    """The channel multiple the model runs fastest at: every layer timed near 0.7 of its widths at each
-    multiple, per MAC relative to its full width, weighted by its full-width time; within BLOCK_SLACK of
-    the fastest, the smallest multiple (it leaves the plan the most choice)."""
-    layers = [n for n in coords if coords[n]]
-    full = {n: timer.node_ms(n, {s: int(an.space_size[s]) for s in coords[n]}) for n in layers}
-    total = sum(full.values())
-    if not layers or total <= 0:
-        return 1
-    slowdown = {}
-    for block in BLOCKS:
-        weighted = 0.0
-        for n in layers:
-            sizes = [int(an.space_size[s]) for s in coords[n]]
-            widths = [_probe_width(size, block) for size in sizes]
-            if None in widths:
-                break
-            macs = np.prod(widths) / np.prod(sizes)
-            weighted += timer.node_ms(n, dict(zip(coords[n], widths))) / macs
-        else:
-            slowdown[block] = weighted / total
-    if not slowdown:
-        return 1
-    best = min(slowdown.values())
-    return min(b for b, r in slowdown.items() if r <= BLOCK_SLACK * best)
-
-
-def _probe_width(size: int, block: int) -> int | None:
-    """A width near 0.7 of `size` that is a multiple of `block` and not of twice it (odd for block 1)."""
-    for w in range(int(0.7 * size), 0, -1):
-        if w % block == 0 and (block == BLOCKS[-1] or w % (2 * block)):
-            return w
-    return None
+        return float(sum(np.median(k) for k in kernels.values()))
 
 
 def _kept(an, removed: np.ndarray) -> np.ndarray:

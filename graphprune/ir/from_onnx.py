@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,6 +165,24 @@ def session(proto_or_bytes, threads: int | None = None, optimize: bool = True):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else proto_or_bytes.SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def round_robin(sessions: list, feeds: dict[str, np.ndarray], runs: int, warmup: int,
+                progress: Callable[[str], None] | None = None) -> list[list[float]]:
+    """Seconds per run of each session, warm-up first, the sessions taking turns so a change of machine load
+    hits all alike (graphprune bench, latency tables)."""
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: list[list[float]] = [[] for _ in sessions]
+    for k in range(runs):
+        if progress:
+            progress(f"timing {len(sessions)} models, run {k + 1}/{runs}")
+        for sess, t_list in zip(sessions, times):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            t_list.append(time.perf_counter() - t)
+    return times
 
 
 def session_returning(model, names: list[str]):

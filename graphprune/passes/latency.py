@@ -4,8 +4,8 @@ Every node that carries FLOPs (a convolution, a Gemm, a MatMul) is timed once on
 of the widths it can keep (`Layer`: its input and output channel spaces, the ones pruning can change); between
 grid points its time is interpolated bilinearly (a layer's time is close to a + b*c_in + c*c_out + d*c_in*c_out).
 Grid widths are multiples of the channel block the runtime was measured to run fastest, which the plan then
-keeps. What no layer covers (pooling, additions, layout changes, the session itself) is the whole model's
-measured latency minus its layers' share, kept constant. A backend measures the table
+keeps. What the layers alone miss (pooling, additions, layout changes, fusions, the session itself) is fitted
+as a constant and a scale through two measured runs of the whole model. A backend measures the table
 (backends/onnx_latency.py); this module only reads it.
 """
 
@@ -40,15 +40,17 @@ class Layer:
 
 @dataclass
 class LatencyTable:
-    """What planning needs from a runtime; JSON on disk, keyed by `fingerprint` (structure, runtime, machine)."""
+    """What planning needs from a runtime; JSON on disk, keyed by `fingerprint` (structure, runtime, machine).
+    A plan's latency is rest_ms + scale * (sum of its layers' times), fitted through two measured points: the
+    whole model and the model at half its FLOPs in multiples of `block`."""
 
     runtime: str
     fingerprint: str
     threads: int
-    block: int  # the channel multiple the runtime's kernels were measured to run fastest
+    block: int  # the channel multiple the runtime was measured to run fastest
     whole_ms: float  # the whole model's measured latency
-    layers_ms: float  # the layers' share of it, in context (the runtime's profile)
-    standalone_ms: float  # the same layers timed alone at full width (scaled to layers_ms in predictions)
+    rest_ms: float
+    scale: float
     layers: list[Layer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -113,7 +115,7 @@ def removal_for(an: Analysis, widths: dict[int, int]) -> np.ndarray:
 
 
 class LatencyModel(CostModel):
-    """The budget in milliseconds: interpolated layer times, scaled to their share in context, plus the rest."""
+    """The budget in milliseconds: the table's rest plus its scale times the interpolated layer times."""
 
     def __init__(self, an: Analysis, table: LatencyTable):
         self.table = table
@@ -125,8 +127,7 @@ class LatencyModel(CostModel):
         terms = [CostTerm(1.0, c if c else sorted({s for t in by_node.get(layer.node, []) for s in t.spaces}),
                           layer.label, layer.node) for layer, c in zip(layers, coords)]
         super().__init__(an, terms)
-        self.rest = table.whole_ms - table.layers_ms
-        self.scale = table.layers_ms / table.standalone_ms if table.standalone_ms > 0 else 1.0
+        self.rest, self.scale = table.rest_ms, table.scale
         n = max((len(g) for layer in layers for g in layer.grid), default=1)
         self.gx, self.gy = np.ones((len(layers), n)), np.ones((len(layers), n))
         self.nx, self.ny = np.ones(len(layers), dtype=np.int64), np.ones(len(layers), dtype=np.int64)
