@@ -249,12 +249,17 @@ def prune(model: torch.nn.Module, example_inputs: Any, target_flops: float | Non
     With verify=True the slim model is run on example_inputs and compared with plan.mask(model). If the
     module's own forward code cannot follow the new widths (a width held as a constant), the recorded
     graph is regenerated as a torch.fx GraphModule with rewritten shapes instead, and the plan's notes
-    say so (see PruningPlan.apply).
+    say so (see PruningPlan.apply). With target_latency the plan is `slim.graphprune_plan`, and its `latency`
+    also holds the original and the slim model's latency measured side by side (their ONNX exports).
     """
     the_plan = plan(model, example_inputs, target_flops, **options)
     slim = the_plan.apply(model, inplace=inplace, verify=verify)
-    if the_plan.latency is not None and not inplace:
-        _measure_latency(the_plan, model, slim, example_inputs)
+    if the_plan.latency is not None:
+        if not inplace:
+            _measure_latency(the_plan, model, slim, example_inputs)
+        slim.graphprune_plan = the_plan  # graphprune.save(slim, path) stores it
+        from .render import latency_line
+        log.info(latency_line(the_plan.latency))
     return slim
 
 
