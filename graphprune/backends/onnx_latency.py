@@ -2,9 +2,11 @@
 
 Each FLOP-bearing node of an ONNX file is rebuilt alone, as a one-node model at the widths of its grid, and
 timed from ONNX Runtime's profile: only the node's own kernels count, not the layout changes ONNX Runtime
-puts around a lone node that the whole model does not have. The whole model is profiled once for the
-layers' share of its latency in context. A table is cached on disk by a fingerprint of the graph's
-structure (ops, attributes, shapes: not the weights), the runtime, its version, the threads and the CPU.
+puts around a lone node that the whole model does not have. The whole model, and the model pruned to half its
+FLOPs at each candidate channel multiple, are timed round-robin: the fastest multiple, and the two points the
+layers' sum is fitted to. A table is cached on disk by a fingerprint of the graph's structure (ops,
+attributes, shapes, the analysis' FLOP terms: not the weights), the runtime, its version, the threads and
+the CPU.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def fingerprint(loaded, threads: int) -> str:
     import onnxruntime
 
     g = loaded.an.graph
-    parts = [RUNTIME, onnxruntime.__version__, str(threads), _cpu(), platform.machine()]
+    parts = [RUNTIME, onnxruntime.__version__, str(threads), _cpu(), platform.machine(),
+             json.dumps([(t.node, [int(s) for s in t.spaces]) for t in loaded.an.flop_terms])]
     for node in g.nodes:
         shapes = [list(v.shape) if hasattr(v, "shape") else None for v in node.args]
         parts.append(json.dumps([node.op, sorted((k, repr(v)) for k, v in node.kwargs.items()), shapes,
@@ -89,7 +92,7 @@ def measure(loaded, threads: int = 1, cache: bool = True,
     rest, scale = _fit(LatencyModel(an, table), whole_ms, *probes[block])
     table.rest_ms, table.scale = rest, scale
     table.notes = [f"measured {len(layers)} layers ({timer.count} one-node models) in "
-                   f"{time.perf_counter() - started:.0f} s; the model at half its FLOPs runs " +
+                   f"{time.perf_counter() - started:.0f} s; the model pruned by a FLOPs plan runs " +
                    ", ".join(f"{whole_ms / ms:.2f}x at multiples of {b}" for b, (_, ms) in probes.items()) +
                    f": channel block {block}"]
     if cache:
@@ -99,11 +102,12 @@ def measure(loaded, threads: int = 1, cache: bool = True,
 
 
 def _probe_blocks(loaded, threads: int) -> tuple[float, dict[int, tuple[np.ndarray, float]]]:
-    """The whole model's median ms, and per channel multiple the components a half-FLOPs plan at that multiple
-    removes with the median ms of the model they leave, all timed round-robin: which multiple the runtime runs
+    """The whole model's median ms, and per channel multiple the components a half-FLOPs plan (or halfway to
+    the fewest FLOPs reachable) at that multiple removes with the median ms of the model they leave, all timed round-robin: which multiple the runtime runs
     fastest, layout changes and fusions included, and a second point to fit the tables to."""
     from ..analysis.channels import analyze
     from ..analysis.cost import CostModel
+    from ..errors import BudgetError
     from ..ir.from_onnx import load_model, round_robin, session, to_graph
     from ..passes.select import select
     from . import onnx as backend
@@ -111,8 +115,16 @@ def _probe_blocks(loaded, threads: int) -> tuple[float, dict[int, tuple[np.ndarr
     an, og = loaded.an, loaded.og
     flops = CostModel(an, an.flop_terms)
     plans, sessions = {}, [session(loaded.path, threads=threads)]
+    ratio = PROBE_FLOPS
+    try:
+        select(an, np.ones(len(an.prunable)), flops, ratio, max_ratio=0.9)
+    except BudgetError as err:  # little to prune: probe halfway to what can be reached
+        if err.reachable >= 0.98:
+            raise BudgetError(f"nothing in this model can be pruned to save latency ({err})",
+                              reachable=err.reachable) from err
+        ratio = (1 + err.reachable) / 2
     for block in BLOCKS:
-        removed = select(an, np.ones(len(an.prunable)), flops, PROBE_FLOPS, max_ratio=0.9,
+        removed = select(an, np.ones(len(an.prunable)), flops, ratio, max_ratio=0.9,
                          round_to="auto" if block > 1 else None, auto_round=block)
         fresh = to_graph(load_model(loaded.path), og.feeds)  # the backend edits the graph it is given
         gone = np.zeros(len(an.prunable), dtype=bool)
