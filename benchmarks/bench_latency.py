@@ -7,9 +7,9 @@ resnet50 (torchvision, random weights with distinct values as in a trained model
 from a per-layer latency table measured once on this machine (passes/latency.py; the table's measuring time is
 shown, later runs read it from the cache), to half its measured latency. Every plan's latency is predicted
 from the same table; all files are then timed together by graphprune.onnx.bench (same input, fixed threads,
-warm-up, round-robin). The prediction error compares predicted and measured speed-ups (both against the
-original timed in the same run), so a change of machine load between measuring the table and timing the
-files does not count as error.
+warm-up, in turns of back-to-back runs). The prediction error compares predicted and measured speed-ups (both
+against the original timed in the same run), so a change of machine load between measuring the table and
+timing the files does not count as error.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def main() -> None:
         measured = base / r["median_ms"]
         lines.append(f"| {label} | {r['flops'] / results[0]['flops']:.3f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
                      f"{measured:.2f}x | {1 / predicted:.2f}x | {100 * (1 / (predicted * measured) - 1):+.1f}% | {how} |")
-    lines += ["", f"{args.runs} timed runs per model after 5 warm-up runs, round-robin (graphprune.onnx.bench). "
+    lines += ["", f"{args.runs} timed runs per model after 5 warm-up runs, in 5 turns of back-to-back runs "
+              "(graphprune.onnx.bench). "
               "Prediction error: predicted speed-up / measured speed-up - 1 (positive: the prediction was "
               "optimistic), as `graphprune prune --target-latency` reports it."]
     text = "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ multiples of 8 in layers of 32 channels or more, and round_to=1 for exact channe
 timed end to end (read + shapes + analysis + plan + write + checker + ORT verification). The baseline is
 torch-pruning on the PyTorch model (global magnitude pruning, its channel ratio bisected to the same
 FLOPs) exported the same way. All files are timed together by ``graphprune.onnx.bench`` (the function
-behind ``graphprune bench``): same random input, fixed intra-op threads, warm-up, round-robin runs,
+behind ``graphprune bench``): same random input, fixed intra-op threads, warm-up, turns of back-to-back runs,
 median and p90.
 """
 
@@ -82,7 +82,7 @@ def main() -> None:
     for (label, _, how), r in zip(rows, results):
         lines.append(f"| {label} | {r['flops'] / dense_flops:.3f} | {r['params'] / 1e6:.1f} M | {r['median_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['speedup']:.2f}x | {how or 'exported (dynamo)'} |")
-    lines += ["", (f"{args.runs} timed runs per model after 5 warm-up runs, round-robin, {args.threads} intra-op "
+    lines += ["", (f"{args.runs} timed runs per model after 5 warm-up runs, in 5 turns of back-to-back runs, {args.threads} intra-op "
                    "thread(s), the same random input (graphprune.onnx.bench)."), ""]
     text = "\n".join(lines)
     print(gonnx.bench_table(results))

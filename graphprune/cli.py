@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration", metavar="FILE.npz",
                        help="real inputs: one array per model input, named like it, samples along the first axis; "
                             "shapes are recorded and the result verified on the first batch")
-    prune.add_argument("--threads", type=_positive, default=1,
+    prune.add_argument("--threads", type=_positive, default=1, metavar="N",
                        help="with --target-latency: ONNX Runtime intra-op threads the latency is measured with "
                             "(default: %(default)s)")
     prune.add_argument("--plan-out", metavar="PLAN.json", help="also write the plan as JSON")
@@ -298,6 +298,9 @@ def _run(args) -> None:
         from .errors import UsageError
         from .plan import PruningPlan
 
+        if args.threads != 1 and args.target_latency is None:
+            raise UsageError("--threads sets the ONNX Runtime threads a latency budget is measured with: add "
+                             "--target-latency R")
         if args.fp16_io and not args.fp16:
             raise UsageError("--fp16-io changes the inputs and outputs of a float16 model: add --fp16")
         if args.target_flops is None and args.target_params is None and args.target_latency is None \

@@ -202,6 +202,8 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         result.notes.append(_sparsified(slim, sparsity, check_feeds if verify else None).summary())
     if fp16:
         say("converting to float16")
+        if result.latency is not None:
+            result.notes.append("the latency budget was measured in float32, before the float16 conversion")
         slim = _in_float16(slim, check_feeds if verify else None, float16_io)
         result.notes.append("float16 weights and compute" + (", checked against float32 in ONNX Runtime" if verify
                                                               else ""))
@@ -462,7 +464,7 @@ def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threa
           runtime: str = "onnxruntime") -> list[dict[str, Any]]:
     """Latency of each file on the same random input, with FLOPs and parameters; one row per file, the first one
     is the baseline of the speed-up column. runtime="onnxruntime": the CPU, threads fixed, warm-up first, the
-    models timed round-robin so a change of machine load hits all alike. runtime="tensorrt": each file built
+    models taking turns of back-to-back runs (ir/from_onnx.round_robin) so a change of machine load hits all alike. runtime="tensorrt": each file built
     into an engine (2:4 sparse kernels allowed; backends/tensorrt.py) and timed on the GPU by CUDA events."""
     if runs < 1 or warmup < 0:
         raise UsageError("runs must be at least 1 and warmup at least 0")
@@ -524,7 +526,7 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
                      "CUDA events, same input)")
     else:
         lines.append(f"(ONNX Runtime CPU, {rows[0]['threads']} threads, {rows[0]['runs']} runs each after warm-up, "
-                     "round-robin, same input)")
+                     "in 5 turns of back-to-back runs, same input)")
     return "\n".join(lines)
 
 

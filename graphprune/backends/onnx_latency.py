@@ -2,11 +2,11 @@
 
 Each FLOP-bearing node of an ONNX file is rebuilt alone, as a one-node model at the widths of its grid, and
 timed from ONNX Runtime's profile: only the node's own kernels count, not the layout changes ONNX Runtime
-puts around a lone node that the whole model does not have. The whole model, and the model pruned to half its
-FLOPs at each candidate channel multiple, are timed round-robin: the fastest multiple, and the two points the
-layers' sum is fitted to. A table is cached on disk by a fingerprint of the graph's structure (ops,
-attributes, shapes, the analysis' FLOP terms: not the weights), the runtime, its version, the threads and
-the CPU.
+puts around a lone node that the whole model does not have. The whole model and the model pruned by FLOPs plans
+(half the FLOPs at each candidate channel multiple; then more and less at the fastest one) are timed in turns:
+which multiple runs fastest, and the measured points the table's model is fitted to. A table is cached on
+disk by a fingerprint of the graph's structure (ops, attributes, shapes, the analysis' FLOP terms: not the
+weights), the table format, the runtime and its version, the threads and the CPU.
 """
 
 from __future__ import annotations
@@ -24,15 +24,20 @@ from collections.abc import Callable
 import numpy as np
 
 from ..ir.graph import ACT, INPUT
-from ..passes.latency import Layer, LatencyModel, LatencyTable, flop_nodes, grid_widths, layer_spaces, removal_for
+from ..passes.latency import (GRID, Layer, LatencyModel, LatencyTable, flop_nodes, grid_widths, layer_spaces,
+                              removal_for)
 
 log = logging.getLogger(__name__)
 
 RUNTIME = "onnxruntime"
+TABLE_VERSION = 2  # how tables are measured and fitted: a change measures every cached table again
 BLOCKS = (1, 8, 16, 32)  # channel multiples tried for the fastest kernels
 BLOCK_SLACK = 1.03  # the smallest multiple whose model runs within this of the fastest wins
 PROBE_FLOPS = 0.5  # the plans that tell the multiples apart keep this much of the FLOPs
+TURNS = 5  # the probe models are timed in this many turns
 _LAYOUT = ("ReorderInput", "ReorderOutput", "Transpose")  # what ONNX Runtime adds around a lone node
+_FLOP_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "FusedConv", "FusedGemm", "FusedMatMul",
+             "NhwcFusedConv", "NhwcConv", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
 def cache_dir() -> str:
@@ -46,7 +51,8 @@ def fingerprint(loaded, threads: int) -> str:
     import onnxruntime
 
     g = loaded.an.graph
-    parts = [RUNTIME, onnxruntime.__version__, str(threads), _cpu(), platform.machine(),
+    parts = [RUNTIME, f"table {TABLE_VERSION} {GRID} {BLOCKS}", onnxruntime.__version__, str(threads), _cpu(),
+             platform.machine(),
              json.dumps([(t.node, [int(s) for s in t.spaces]) for t in loaded.an.flop_terms])]
     for node in g.nodes:
         shapes = [list(v.shape) if hasattr(v, "shape") else None for v in node.args]
@@ -59,93 +65,117 @@ def measure(loaded, threads: int = 1, cache: bool = True,
             progress: Callable[[str], None] | None = None) -> LatencyTable:
     """The latency table of an ONNX file read by graphprune.onnx.read, from the cache when it is there."""
     say = progress or (lambda message: log.info(message))
+    an = loaded.an
     key = fingerprint(loaded, threads)
     path = os.path.join(cache_dir(), f"{RUNTIME}-{key[:24]}.json")
     if cache and os.path.exists(path):
         try:
             table = LatencyTable.load(path)
-        except (OSError, ValueError, TypeError, KeyError) as exc:  # written by another version: measure again
-            log.warning("ignoring the latency table %s (%s)", path, exc)
+            table.check(an)
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # damaged, or written by another version
+            log.warning("measuring again: the latency table %s is unusable (%s)", path, exc)
         else:
             if table.fingerprint == key:
                 say(f"latency table from {path}")
                 return table
     started = time.perf_counter()
-    an = loaded.an
     nodes = flop_nodes(an)
     coords = {n: layer_spaces(an, terms) for n, terms in nodes.items()}
-    say(f"timing the model pruned at channel multiples {', '.join(map(str, BLOCKS))}")
-    whole_ms, probes = _probe_blocks(loaded, threads)
-    fastest = min(ms for _, ms in probes.values())
-    block = min(b for b, (_, ms) in probes.items() if ms <= BLOCK_SLACK * fastest)
+    ratio = _probe_ratio(an)
+    say(f"timing the model pruned to {ratio:.2f} of its FLOPs at channel multiples {', '.join(map(str, BLOCKS))}")
+    plans = {b: r for b in BLOCKS if (r := _flops_plan(an, ratio, b)) is not None}
+    whole_ms, *times = _time_pruned(loaded, threads, list(plans.values()))
+    by_block = dict(zip(plans, times))
+    block = min(b for b, ms in by_block.items() if ms <= BLOCK_SLACK * min(by_block.values()))
     timer = _Timer(loaded, threads)
     layers = []
     for k, (n, spaces) in enumerate(coords.items()):
         say(f"timing layers on {RUNTIME} ({threads} thread(s)) {k + 1}/{len(coords)}")
-        grid = [grid_widths(int(an.space_size[s]), block) for s in spaces]
+        grid = [grid_widths(an, s, block) for s in spaces]
         points = np.array(np.meshgrid(*grid, indexing="ij")).reshape(len(spaces), -1).T if spaces else [()]
         ms = [timer.node_ms(n, dict(zip(spaces, map(int, p)))) for p in points]
         shape = [len(g) for g in grid]
         layers.append(Layer(n, nodes[n][0].label, [list(an.space_key[s]) for s in spaces], grid,
                             np.array(ms).reshape(shape).tolist() if shape else ms))
-    table = LatencyTable(RUNTIME, key, threads, block, whole_ms, 0.0, 1.0, layers)
-    rest, scale = _fit(LatencyModel(an, table), whole_ms, *probes[block])
-    table.rest_ms, table.scale = rest, scale
+    table = LatencyTable(RUNTIME, key, threads, block, whole_ms, 0.0, 1.0, 0.0, layers)
+    _fit(table, LatencyModel(an, table).parts(None)[0], *timer.whole_kernels(), an, plans[block], by_block[block])
     table.notes = [f"measured {len(layers)} layers ({timer.count} one-node models) in "
-                   f"{time.perf_counter() - started:.0f} s; the model pruned by a FLOPs plan runs " +
-                   ", ".join(f"{whole_ms / ms:.2f}x at multiples of {b}" for b, (_, ms) in probes.items()) +
-                   f": channel block {block}"]
+                   f"{time.perf_counter() - started:.0f} s; the model pruned to {ratio:.2f} of its FLOPs runs " +
+                   ", ".join(f"{whole_ms / ms:.2f}x at multiples of {b}" for b, ms in by_block.items()) +
+                   f": channel block {block}; latency = {table.rest_ms:.2f} ms + {table.scale:.3f} x layers + "
+                   f"{table.activation_ms:.2f} ms x activations kept"]
     if cache:
         os.makedirs(cache_dir(), exist_ok=True)
         table.save(path)
     return table
 
 
-def _probe_blocks(loaded, threads: int) -> tuple[float, dict[int, tuple[np.ndarray, float]]]:
-    """The whole model's median ms, and per channel multiple the components a half-FLOPs plan (or halfway to
-    the fewest FLOPs reachable) at that multiple removes with the median ms of the model they leave, all timed round-robin: which multiple the runtime runs
-    fastest, layout changes and fusions included, and a second point to fit the tables to."""
-    from ..analysis.channels import analyze
+def _probe_ratio(an) -> float:
+    """The FLOPs the probe plans keep: half, or halfway to the fewest reachable."""
     from ..analysis.cost import CostModel
     from ..errors import BudgetError
-    from ..ir.from_onnx import load_model, round_robin, session, to_graph
     from ..passes.select import select
-    from . import onnx as backend
 
-    an, og = loaded.an, loaded.og
-    flops = CostModel(an, an.flop_terms)
-    plans, sessions = {}, [session(loaded.path, threads=threads)]
-    ratio = PROBE_FLOPS
     try:
-        select(an, np.ones(len(an.prunable)), flops, ratio, max_ratio=0.9)
-    except BudgetError as err:  # little to prune: probe halfway to what can be reached
+        select(an, np.ones(len(an.prunable)), CostModel(an, an.flop_terms), PROBE_FLOPS, max_ratio=0.9)
+        return PROBE_FLOPS
+    except BudgetError as err:
         if err.reachable >= 0.98:
             raise BudgetError(f"nothing in this model can be pruned to save latency ({err})",
                               reachable=err.reachable) from err
-        ratio = (1 + err.reachable) / 2
-    for block in BLOCKS:
-        removed = select(an, np.ones(len(an.prunable)), flops, ratio, max_ratio=0.9,
-                         round_to="auto" if block > 1 else None, auto_round=block)
+        return (1 + err.reachable) / 2
+
+
+def _flops_plan(an, ratio: float, block: int) -> np.ndarray | None:
+    """The components a FLOPs plan at `ratio` removes with widths in multiples of `block` (None: out of reach)."""
+    from ..analysis.cost import CostModel
+    from ..errors import BudgetError
+    from ..passes.select import select
+
+    try:
+        return select(an, np.ones(len(an.prunable)), CostModel(an, an.flop_terms), ratio, max_ratio=0.9,
+                      round_to="auto" if block > 1 else None, auto_round=block)
+    except BudgetError:
+        return None
+
+
+def _time_pruned(loaded, threads: int, removals: list[np.ndarray]) -> list[float]:
+    """Ms per run of the whole model, then of the model without each set of components, timed in turns: the
+    fastest turn's median, so a burst of load on the machine during one turn does not count."""
+    from ..analysis.channels import analyze
+    from ..ir.from_onnx import load_model, round_robin, session, to_graph
+    from . import onnx as backend
+
+    an, og = loaded.an, loaded.og
+    sessions = [session(loaded.path, threads=threads)]
+    for removed in removals:
         fresh = to_graph(load_model(loaded.path), og.feeds)  # the backend edits the graph it is given
         gone = np.zeros(len(an.prunable), dtype=bool)
         gone[removed] = True
-        slim = backend.apply(fresh, analyze(fresh.graph, allow_lossy=bool(an.lossy.any())), gone)
-        plans[block] = removed
-        sessions.append(session(slim, threads=threads))
-    times = [1e3 * float(np.median(t)) for t in round_robin(sessions, og.feeds, runs=20, warmup=3)]
-    return times[0], {b: (plans[b], ms) for b, ms in zip(BLOCKS, times[1:])}
+        sessions.append(session(backend.apply(fresh, analyze(fresh.graph, allow_lossy=bool(an.lossy.any())), gone),
+                                threads=threads))
+    times = round_robin(sessions, og.feeds, runs=40, warmup=3, turns=TURNS)
+    return [1e3 * min(float(np.median(turn)) for turn in np.array_split(t, TURNS)) for t in times]
 
 
-def _fit(model: LatencyModel, whole_ms: float, removed: np.ndarray, probe_ms: float) -> tuple[float, float]:
-    """rest + scale * (sum of the layers' tables) through the two measured points: the whole model and the
-    probe; where the probe is too close to tell, the layers alone, scaled to the whole."""
-    full, probe = model.total(), model.total(removed)
-    if full - probe > 0.05 * full:
-        scale = (whole_ms - probe_ms) / (full - probe)
-        rest = whole_ms - scale * full
-        if scale > 0 and -0.5 * whole_ms <= rest <= whole_ms:
-            return rest, scale
-    return 0.0, whole_ms / full if full > 0 else 1.0
+def _fit(table: LatencyTable, alone_ms: float, layers_ms: float, other_ms: float, an, probe: np.ndarray,
+         probe_ms: float) -> None:
+    """Set the table's scale, activation_ms and rest_ms. The whole model's profile splits its kernels into the
+    layers' (in context: `layers_ms`, against `alone_ms` timed alone) and the others'; one factor on both and a
+    constant then put the prediction through the two measured models, the whole one and the probe (a profile
+    misses what runs between kernels). Where that would need a negative constant or factor, the profile alone."""
+    table.scale = layers_ms / alone_ms if alone_ms > 0 else 1.0
+    table.activation_ms = other_ms
+    table.rest_ms = 0.0
+    model = LatencyModel(an, table)
+    full, pruned = model.total(), model.total(probe)
+    if full - pruned > 0.05 * full:
+        factor = (table.whole_ms - probe_ms) / (full - pruned)
+        rest = table.whole_ms - factor * full
+        if factor > 0 and rest >= 0:
+            table.scale, table.activation_ms, table.rest_ms = factor * table.scale, factor * other_ms, rest
+            return
+    table.rest_ms = max(0.0, table.whole_ms - full)
 
 
 class _Timer:
@@ -199,7 +229,8 @@ class _Timer:
         key = hashlib.sha256(model.SerializeToString()).hexdigest()  # repeated layers are timed once
         if key not in self.cache:
             self.count += 1
-            self.cache[key] = self._profile(model.SerializeToString(), feeds)
+            by_op = self._profile(model.SerializeToString(), feeds)
+            self.cache[key] = sum(ms for op, ms in by_op.items() if op not in _LAYOUT)
         return self.cache[key]
 
     def _data(self, v, shape: list[int]) -> np.ndarray:
@@ -210,14 +241,15 @@ class _Timer:
             return self.rng.standard_normal(shape).astype(dtype)
         return np.zeros(shape, dtype=dtype)
 
-    def _profile(self, model_bytes: bytes, feeds: dict[str, np.ndarray]) -> float:
-        """Median ms per run of a one-node model's kernels, layout changes left out."""
+    def _profile(self, model_bytes: bytes, feeds: dict[str, np.ndarray], seconds: float = 0.3) -> dict[str, float]:
+        """Median ms per run of the model's kernels, summed by op type (ONNX Runtime's profile)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as ir/from_onnx.session
         options.enable_profiling = True
         with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as tmp:
             options.profile_file_prefix = os.path.join(tmp, "profile")
@@ -226,16 +258,27 @@ class _Timer:
             first = time.perf_counter()
             sess.run(None, feeds)
             first = time.perf_counter() - first
-            for _ in range(int(np.clip(0.3 / max(first, 1e-6), 5, 30))):
+            for _ in range(int(np.clip(seconds / max(first, 1e-6), 5, 30))):
                 sess.run(None, feeds)
             with open(sess.end_profiling()) as f:
                 events = json.load(f)
         kernels: dict[str, list[float]] = defaultdict(list)
+        op_of: dict[str, str] = {}
         for e in events:
-            if (e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
-                    and e.get("args", {}).get("op_name") not in _LAYOUT):
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
                 kernels[e["name"]].append(e["dur"] / 1e3)
-        return float(sum(np.median(k) for k in kernels.values()))
+                op_of[e["name"]] = e.get("args", {}).get("op_name", "")
+        by_op: dict[str, float] = defaultdict(float)
+        for name, durations in kernels.items():
+            by_op[op_of[name]] += float(np.median(durations))
+        return dict(by_op)
+
+    def whole_kernels(self) -> tuple[float, float]:
+        """The whole model's kernels, median ms per run: (FLOP-bearing ones, all others)."""
+        og = self.loaded.og
+        by_op = self._profile(self.ir.to_proto(og.model).SerializeToString(), og.feeds, seconds=2.0)
+        layers = sum(ms for op, ms in by_op.items() if op in _FLOP_OPS)
+        return layers, sum(by_op.values()) - layers
 
 
 def _kept(an, removed: np.ndarray) -> np.ndarray:

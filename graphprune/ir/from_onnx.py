@@ -153,7 +153,8 @@ def _real_inputs(graph) -> list:
 
 
 def session(proto_or_bytes, threads: int | None = None, optimize: bool = True):
-    """A CPU ONNX Runtime session; `threads` fixes intra-op threads (benchmarks)."""
+    """A CPU ONNX Runtime session; `threads` fixes intra-op threads for timing, with idle threads not spinning
+    (several sessions timed in turn would otherwise fight over the cores: up to 6x slower on two)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -161,6 +162,7 @@ def session(proto_or_bytes, threads: int | None = None, optimize: bool = True):
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     data = proto_or_bytes if isinstance(proto_or_bytes, (bytes, str)) else proto_or_bytes.SerializeToString()
@@ -168,20 +170,26 @@ def session(proto_or_bytes, threads: int | None = None, optimize: bool = True):
 
 
 def round_robin(sessions: list, feeds: dict[str, np.ndarray], runs: int, warmup: int,
-                progress: Callable[[str], None] | None = None) -> list[list[float]]:
-    """Seconds per run of each session, warm-up first, the sessions taking turns so a change of machine load
-    hits all alike (graphprune bench, latency tables)."""
+                progress: Callable[[str], None] | None = None, turns: int = 5) -> list[list[float]]:
+    """Seconds per run of each session (graphprune bench, latency tables). The sessions take `turns` turns, so a
+    change of machine load hits all alike; in each turn a session runs once untimed, then its share of `runs`
+    back to back: a model run in alternation with others would be timed with cold caches (five small models
+    alternating run 1.5x slower each)."""
     for sess in sessions:
         for _ in range(warmup):
             sess.run(None, feeds)
     times: list[list[float]] = [[] for _ in sessions]
-    for k in range(runs):
+    turns = max(1, min(turns, runs))
+    for turn in range(turns):
         if progress:
-            progress(f"timing {len(sessions)} models, run {k + 1}/{runs}")
+            progress(f"timing {len(sessions)} models, turn {turn + 1}/{turns}")
+        share = runs // turns + (turn < runs % turns)
         for sess, t_list in zip(sessions, times):
-            t = time.perf_counter()
             sess.run(None, feeds)
-            t_list.append(time.perf_counter() - t)
+            for _ in range(share):
+                t = time.perf_counter()
+                sess.run(None, feeds)
+                t_list.append(time.perf_counter() - t)
     return times
 
 

@@ -4,8 +4,9 @@ Every node that carries FLOPs (a convolution, a Gemm, a MatMul) is timed once on
 of the widths it can keep (`Layer`: its input and output channel spaces, the ones pruning can change); between
 grid points its time is interpolated bilinearly (a layer's time is close to a + b*c_in + c*c_out + d*c_in*c_out).
 Grid widths are multiples of the channel block the runtime was measured to run fastest, which the plan then
-keeps. What the layers alone miss (pooling, additions, layout changes, fusions, the session itself) is fitted
-as a constant and a scale through two measured runs of the whole model. A backend measures the table
+keeps. What the layers alone miss comes from a profile of the whole model: a scale on the layers (fusions,
+caches), the other kernels (elementwise ops, normalization, pooling, concatenation, layout changes) as a cost
+per activation element kept, and the rest of the measured latency as a constant. A backend measures the table
 (backends/onnx_latency.py); this module only reads it.
 """
 
@@ -41,8 +42,9 @@ class Layer:
 @dataclass
 class LatencyTable:
     """What planning needs from a runtime; JSON on disk, keyed by `fingerprint` (structure, runtime, machine).
-    A plan's latency is rest_ms + scale * (sum of its layers' times), fitted through two measured points: the
-    whole model and the model at half its FLOPs in multiples of `block`."""
+    A plan's latency is rest_ms + scale * (its layers' times) + activation_ms * (its activations' share): from
+    the whole model's profile, scale brings the layers timed alone to their kernels' time in the model,
+    activation_ms is all other kernels, rest_ms what is left of the measured latency (the session)."""
 
     runtime: str
     fingerprint: str
@@ -51,8 +53,18 @@ class LatencyTable:
     whole_ms: float  # the whole model's measured latency
     rest_ms: float
     scale: float
+    activation_ms: float  # what all activations' elementwise work costs at full width (activation_terms)
     layers: list[Layer] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def check(self, an: Analysis) -> None:
+        """Raise ValueError unless every layer's spaces are the analysis' and its times fill its grid."""
+        for layer in self.layers:
+            missing = [k for k in layer.spaces if tuple(k) not in an.space_index]
+            shape = np.shape(layer.ms)
+            if missing or shape != (tuple(len(g) for g in layer.grid) or (1,)):
+                raise ValueError(f"layer {layer.label}: spaces {missing} unknown or times {shape} do not fill "
+                                 f"its grid")
 
     def save(self, path: str) -> None:
         atomic_write(path, json.dumps(asdict(self)).encode())
@@ -82,12 +94,34 @@ def layer_spaces(an: Analysis, terms: list[CostTerm]) -> list[int]:
     return found if len(found) <= MAX_COORDINATES else []
 
 
-def grid_widths(size: int, block: int) -> list[int]:
-    """Widths measured for a space of `size` channels: GRID's fractions, rounded to the multiple the plan keeps
-    there (select.py's auto_multiple with the measured block), and the full width."""
+def grid_widths(an: Analysis, space: int, block: int) -> list[int]:
+    """Widths measured for a space: GRID's fractions, rounded to the multiple the plan keeps there (select.py's
+    auto_multiple with the measured block), as whole components leave them (a head goes whole), and the full
+    width."""
+    size = int(an.space_size[space])
     step = auto_multiple(size, block) or 1
-    widths = {max(step, int(f * size) // step * step) for f in GRID[:-1]}
-    return sorted(w for w in widths if w < size) + [size]
+    comps = an.component[an.space_offset[space]:an.space_offset[space] + size]
+    widths = {int(np.isin(comps, removal_for(an, {space: max(step, int(f * size) // step * step)}),
+                          invert=True).sum()) for f in GRID[:-1]}
+    return sorted(w for w in widths if 0 < w < size) + [size]
+
+
+def activation_terms(an: Analysis) -> list[CostTerm]:
+    """One term per output of a node that carries no FLOPs (elementwise, normalization, pooling, copies), its
+    element count as a function of its prunable channel widths: work the layers' tables do not see."""
+    flop = {t.node for t in an.flop_terms}
+    terms = []
+    for node in an.graph.nodes:
+        if node.id in flop:
+            continue
+        for v in node.outputs:
+            spaces = [an.space_index[(v.id, a)] for a in range(v.ndim) if (v.id, a) in an.space_index]
+            spaces = [s for s in spaces if an.prunable[an.component[an.space_offset[s]:an.space_offset[s]
+                                                                      + an.space_size[s]]].any()]
+            if spaces:
+                size = float(np.prod([an.space_size[s] for s in spaces]))
+                terms.append(CostTerm(float(np.prod(v.shape)) / size, spaces, node.scope or node.op, node.id))
+    return terms
 
 
 def flop_nodes(an: Analysis) -> dict[int, list[CostTerm]]:
@@ -115,7 +149,8 @@ def removal_for(an: Analysis, widths: dict[int, int]) -> np.ndarray:
 
 
 class LatencyModel(CostModel):
-    """The budget in milliseconds: the table's rest plus its scale times the interpolated layer times."""
+    """The budget in milliseconds: the table's rest, its scale times the interpolated layer times, and its
+    activation cost times the share of activation elements kept."""
 
     def __init__(self, an: Analysis, table: LatencyTable):
         self.table = table
@@ -128,6 +163,9 @@ class LatencyModel(CostModel):
                           layer.label, layer.node) for layer, c in zip(layers, coords)]
         super().__init__(an, terms)
         self.rest, self.scale = table.rest_ms, table.scale
+        self.activations = CostModel(an, activation_terms(an))
+        full = self.activations.total()
+        self.per_element = table.activation_ms / full if full > 0 else 0.0
         n = max((len(g) for layer in layers for g in layer.grid), default=1)
         self.gx, self.gy = np.ones((len(layers), n)), np.ones((len(layers), n))
         self.nx, self.ny = np.ones(len(layers), dtype=np.int64), np.ones(len(layers), dtype=np.int64)
@@ -172,10 +210,21 @@ class LatencyModel(CostModel):
         return self.scale * np.maximum(value, 0.0)
 
     def total(self, removed_components=None) -> float:
-        return self.rest + float(self.per_term(removed_components).sum())
+        return self.total_at(self.kept_widths(removed_components))
 
     def total_at(self, kept: np.ndarray) -> float:
-        return self.rest + float(self.per_term(kept=kept).sum())
+        return (self.rest + float(self.per_term(kept=kept).sum())
+                + self.per_element * self.activations.total_at(kept))
+
+    def parts(self, removed_components=None) -> tuple[float, float]:
+        """(sum of the layers' table times, unscaled; the share of activation elements kept)."""
+        kept = self.kept_widths(removed_components)
+        full = self.activations.total()
+        return (float(self.per_term(kept=kept).sum()) / self.scale if self.scale else 0.0,
+                self.activations.total_at(kept) / full if full > 0 else 0.0)
+
+    def first_order_saving(self) -> np.ndarray:
+        return super().first_order_saving() + self.per_element * self.activations.first_order_saving()
 
 
 def _cell(grid: np.ndarray, count: np.ndarray, x: np.ndarray):
