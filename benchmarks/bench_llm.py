@@ -83,8 +83,6 @@ GP_METHODS = [
     ("graphprune flap", {"importance": "flap", "compensate": False}),
     ("graphprune flap + compensate", {"importance": "flap", "compensate": True}),
     ("graphprune flap + compensate, uniform", {"importance": "flap", "compensate": True, "uniform": True}),
-    ("graphprune flap + compensate, flap allocation", {"importance": "flap", "compensate": True,
-                                                       "allocation": "flap"}),
 ]
 GP_TAYLOR = ("graphprune taylor", {"importance": "taylor"})
 

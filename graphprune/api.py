@@ -18,7 +18,7 @@ from .ir.from_torch import trace
 from .ir.inputs import input_specs
 from .passes.calibration import CalibratedImportance, Compensate, collect
 from .passes.importance import get_importance
-from .passes.pipeline import ALLOCATIONS, PLAN, Job, check_options, parse_budget, run
+from .passes.pipeline import PLAN, Job, check_options, parse_budget, run
 from .plan import PruningPlan, named_tensors
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
          round_to: int | str | None = "auto", max_ratio: float = 0.9, allow_lossy: bool = False,
          uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
          loss_fn: Any = None, depth: int = 0, tracer: str = "dispatch", target_latency: float | None = None,
-         runtime: str = "onnxruntime", threads: int = 1, allocation: str = "global") -> PruningPlan:
+         runtime: str = "onnxruntime", threads: int = 1) -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`, `target_latency`) of its cost.
 
     Args:
@@ -63,11 +63,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         allow_lossy: also prune axes normalized by LayerNorm (changes outputs; flagged in the summary).
         uniform: every layer keeps the same widths and head counts (layers are matched by parameter names
             up to the layer index), so a Hugging Face config can describe the result and save_pretrained /
-            from_pretrained round-trip. The same as allocation="uniform".
-        allocation: how the budget is spread over layers: "global" (default: the least importance per unit of
-            cost saved, a layer dearer as it thins), "uniform" (as uniform=True) or "flap" (FLAP's adaptive
-            structure: scores standardized among the layers' modules of one type, one global threshold, each
-            unit priced at its parameter count; meant for the calibrated criteria "flap" and "wanda").
+            from_pretrained round-trip.
         calibration: a list of batches shaped like example_inputs; one no-grad pass over them gathers the
             input statistics of every layer that reads channels (passes/calibration.py).
         compensate: True or "ls" (least-squares reconstruction of each layer that lost inputs, folded into
@@ -85,9 +81,6 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                          "graphprune.onnx.plan)")
     kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
-    if allocation not in ALLOCATIONS:
-        raise UsageError(f"allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}")
-    uniform = uniform or allocation == "uniform"
     if kind == "latency":
         refused = {name: value for name, value in (("ignore", ignore), ("uniform", uniform), ("calibration", calibration),
                                                    ("compensate", compensate), ("depth", depth)) if value}
@@ -103,7 +96,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         return _plan_with_depth(model, example_inputs, kind, ratio, depth, dict(
             importance=importance, ignore=sorted(_resolve_ignore(model, ignore)), round_to=round_to,
             max_ratio=max_ratio, allow_lossy=allow_lossy, uniform=uniform, calibration=calibration,
-            compensate=compensate, loss_fn=loss_fn, tracer=tracer, allocation=allocation))
+            compensate=compensate, loss_fn=loss_fn, tracer=tracer))
     if (compensate or importance in CALIBRATED) and calibration is None:
         raise UsageError(f"importance={importance!r}, compensate={compensate!r} need calibration=[batch, ...]: "
                          "a few batches of real inputs shaped like example_inputs")
@@ -122,9 +115,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     if scorer is None:  # wanda / flap / obs read the statistics just gathered
         scorer = CalibratedImportance(importance, readers, compensate)
     job = Job(an, tensors, kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep,
-              multiple=multiple, allocation="flap" if allocation == "flap" else "global",
-              target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False,
-                      "allocation": "uniform" if uniform else allocation})
+              multiple=multiple,
+              target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})
     passes = PLAN + ([Compensate(readers, compensate)] if compensate else [])
     try:
         result = run(passes, job).plan

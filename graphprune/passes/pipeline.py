@@ -48,7 +48,6 @@ class Job:
     params: CostModel | None = None
     latency: CostModel | None = None  # passes/latency.py's LatencyModel, for kind "latency"
     auto_round: int = AUTO_ROUND  # round_to="auto"'s multiple (a latency table's channel block)
-    allocation: str = "global"  # "global": importance per cost; "flap": standardized per module type, one threshold
     scores: np.ndarray | None = None
     removed: np.ndarray | None = None
     plan: PruningPlan | None = None
@@ -104,8 +103,6 @@ class Score(Pass):
         if job.scores.shape != (len(job.an.prunable),):
             raise UsageError(f"the importance criterion returned {job.scores.shape} scores, expected one per "
                              f"component ({len(job.an.prunable)})")
-        if job.allocation == "flap":
-            job.scores = standardized(job.an, job.scores)
 
 
 class Select(Pass):
@@ -119,10 +116,8 @@ class Select(Pass):
         job.removed = select(job.an, job.scores, job.budget, job.ratio, max_ratio=job.max_ratio,
                              round_to=job.round_to, keep=job.keep, lockstep=job.lockstep, budget_name=name,
                              mass=weight_slices_per_component(job.an),
-                             normalize=not getattr(job.scorer, "absolute", False) and job.allocation != "flap",
-                             force=job.force,
-                             multiple=job.multiple, auto_round=job.auto_round,
-                             per_cost=job.allocation != "flap")
+                             normalize=not getattr(job.scorer, "absolute", False), force=job.force,
+                             multiple=job.multiple, auto_round=job.auto_round)
         achieved = job.budget.total(job.removed) / max(job.budget.total(), 1e-300)
         if job.ratio - achieved > MISS:
             note = (f"landed at {achieved:.3f} of the {name} for a target of {job.ratio:.3f}: the units left to "
@@ -197,27 +192,6 @@ def check_options(round_to: Any, max_ratio: Any) -> int | str | None:
         raise UsageError(f"round_to must be a positive integer, None (exact widths) or 'auto' (multiples of 8 for "
                          f"layers of 32 channels or more), got {round_to!r}")
     return None if round_to == 1 else round_to
-
-
-ALLOCATIONS = ("global", "uniform", "flap")
-
-
-def standardized(an: Analysis, scores: np.ndarray) -> np.ndarray:
-    """FLAP's adaptive structure: each component's score as a z-score among the components of the same module
-    type in every layer (families whose parameter names match up to the layer index: all MLP channels, all
-    attention heads), so one global threshold compares heads with channels and deep layers with shallow ones.
-    A family no other layer repeats (the residual stream) is kept whole, as in FLAP: +inf."""
-    out = np.full(len(scores), np.inf)
-    by_role: dict[str, list[np.ndarray]] = {}
-    for fam, role in zip(an.families, an.family_role):
-        by_role.setdefault(role, []).append(fam)
-    for fams in by_role.values():
-        if len(fams) < 2:
-            continue
-        ids = np.concatenate(fams)
-        values = scores[ids]
-        out[ids] = (values - values.mean()) / max(values.std(), 1e-12 * max(abs(values.mean()), 1e-300))
-    return out
 
 
 def weight_slices_per_component(an: Analysis) -> np.ndarray:

@@ -44,7 +44,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
            budget_name: str = "FLOPs", mass: np.ndarray | None = None,
            lockstep: list[list[int]] | None = None, normalize: bool = True,
            force: np.ndarray | None = None, multiple: dict[int, int] | None = None,
-           auto_round: int = AUTO_ROUND, per_cost: bool = True) -> np.ndarray:
+           auto_round: int = AUTO_ROUND) -> np.ndarray:
     """Return the ids of the components to remove.
 
     lockstep: groups of family indices that lose the same number of channels (uniform widths, see
@@ -54,10 +54,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     them first, and the units holding them rank before every other unit.
     multiple: per family index, the number of components it must lose at a time (a config's divisibility).
     auto_round: the multiple round_to="auto" keeps in layers of at least 4x that many channels (8, or the
-    channel block a latency table measured fastest).
-    per_cost=False ranks units by their mean importance alone, one global threshold (FLAP's adaptive structure,
-    on scores standardized per module type: passes/pipeline.py), instead of importance per unit of cost saved
-    with the thinning penalty; the cost only says where the threshold falls."""
+    channel block a latency table measured fastest)."""
     base = cost.total()
     if base <= 0:
         raise BudgetError(f"the model has no {budget_name} graphprune can count, so a {budget_name} target "
@@ -91,8 +88,6 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
         thinning = n_all / np.maximum(n_all - starts - chunk / 2, 1)
         with np.errstate(divide="ignore"):
             score = np.where(chunk_saving > 0, thinning * chunk_norm / np.maximum(chunk_saving, 1e-300), np.inf)
-        if not per_cost:
-            score = np.where(chunk_saving > 0, chunk_norm / (chunk * len(fams)), np.inf)
         if force is not None:
             score[np.add.reduceat(force[taken].any(axis=1).astype(np.int64), starts) > 0] = -1.0
         score = np.maximum.accumulate(score)  # keep the family's own order
@@ -139,7 +134,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
                  (target - cost.total(chosen)) / base)
         return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
                       budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force,
-                      multiple=multiple, auto_round=auto_round, per_cost=per_cost)
+                      multiple=multiple)
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
