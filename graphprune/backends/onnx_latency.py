@@ -34,7 +34,7 @@ TABLE_VERSION = 2  # how tables are measured and fitted: a change measures every
 BLOCKS = (1, 8, 16, 32)  # channel multiples tried for the fastest kernels
 BLOCK_SLACK = 1.03  # the smallest multiple whose model runs within this of the fastest wins
 PROBE_FLOPS = 0.5  # the plans that tell the multiples apart keep this much of the FLOPs
-TURNS = 5  # the probe models are timed in this many turns
+TURNS = 6  # the probe models are timed in this many turns of 10 runs
 _LAYOUT = ("ReorderInput", "ReorderOutput", "Transpose")  # what ONNX Runtime adds around a lone node
 _FLOP_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "FusedConv", "FusedGemm", "FusedMatMul",
              "NhwcFusedConv", "NhwcConv", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
@@ -154,7 +154,7 @@ def _time_pruned(loaded, threads: int, removals: list[np.ndarray]) -> list[float
         gone[removed] = True
         sessions.append(session(backend.apply(fresh, analyze(fresh.graph, allow_lossy=bool(an.lossy.any())), gone),
                                 threads=threads))
-    times = round_robin(sessions, og.feeds, runs=40, warmup=3, turns=TURNS)
+    times = round_robin(sessions, og.feeds, runs=10 * TURNS, warmup=3, turns=TURNS)
     return [1e3 * min(float(np.median(turn)) for turn in np.array_split(t, TURNS)) for t in times]
 
 
@@ -163,16 +163,18 @@ def _fit(table: LatencyTable, alone_ms: float, layers_ms: float, other_ms: float
     """Set the table's scale, activation_ms and rest_ms. The whole model's profile splits its kernels into the
     layers' (in context: `layers_ms`, against `alone_ms` timed alone) and the others'; one factor on both and a
     constant then put the prediction through the two measured models, the whole one and the probe (a profile
-    misses what runs between kernels). Where that would need a negative constant or factor, the profile alone."""
+    misses what runs between kernels). Where that would need a negative factor, or a constant beyond what the
+    profile leaves between kernels (a burst of load while the probe ran), the profile alone."""
     table.scale = layers_ms / alone_ms if alone_ms > 0 else 1.0
     table.activation_ms = other_ms
     table.rest_ms = 0.0
     model = LatencyModel(an, table)
     full, pruned = model.total(), model.total(probe)
+    between = max(0.0, table.whole_ms - layers_ms - other_ms) + 0.05 * table.whole_ms
     if full - pruned > 0.05 * full:
         factor = (table.whole_ms - probe_ms) / (full - pruned)
         rest = table.whole_ms - factor * full
-        if factor > 0 and rest >= 0:
+        if factor > 0 and 0 <= rest <= between:
             table.scale, table.activation_ms, table.rest_ms = factor * table.scale, factor * other_ms, rest
             return
     table.rest_ms = max(0.0, table.whole_ms - full)
