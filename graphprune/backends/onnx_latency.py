@@ -164,7 +164,8 @@ def _fit(table: LatencyTable, alone_ms: float, layers_ms: float, other_ms: float
     layers' (in context: `layers_ms`, against `alone_ms` timed alone) and the others'; one factor on both and a
     constant then put the prediction through the two measured models, the whole one and the probe (a profile
     misses what runs between kernels). Where that would need a negative factor, or a constant beyond what the
-    profile leaves between kernels (a burst of load while the probe ran), the profile alone."""
+    profile leaves between kernels (a burst of load while the probe ran), the profile alone. Either way the
+    prediction for the whole model is its measured latency."""
     table.scale = layers_ms / alone_ms if alone_ms > 0 else 1.0
     table.activation_ms = other_ms
     table.rest_ms = 0.0
@@ -177,7 +178,9 @@ def _fit(table: LatencyTable, alone_ms: float, layers_ms: float, other_ms: float
         if factor > 0 and 0 <= rest <= between:
             table.scale, table.activation_ms, table.rest_ms = factor * table.scale, factor * other_ms, rest
             return
-    table.rest_ms = max(0.0, table.whole_ms - full)
+    factor = min(1.0, table.whole_ms / full) if full > 0 else 1.0  # kernels timed longer than the whole run
+    table.scale, table.activation_ms = factor * table.scale, factor * other_ms
+    table.rest_ms = table.whole_ms - factor * full
 
 
 class _Timer:
