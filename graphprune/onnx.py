@@ -409,8 +409,16 @@ def save_model(proto, dst: str, external: bool = False) -> None:
         tmp = os.path.join(tmpdir, os.path.basename(dst))
         location = os.path.basename(dst) + ".data"
         if external:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
+            from onnx.external_data_helper import _get_all_tensors, convert_model_to_external_data
+
+            # onnx refuses a location that exists relative to the working directory (a previous output, when
+            # run from its folder): convert under a fresh name, then point every tensor at the real one
+            convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=None, size_threshold=1024)
+            for tensor in _get_all_tensors(proto):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = location
+            onnx.save_model(proto, tmp)
             if os.path.exists(os.path.join(tmpdir, location)):  # nothing is written when every tensor is small
                 os.replace(os.path.join(tmpdir, location), os.path.join(directory, location))
         else:

@@ -463,6 +463,22 @@ def test_outputs_never_overwrite_the_input(tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_external_data_output_overwrites_a_previous_one_from_its_folder(tmp_path, monkeypatch):
+    """Weights kept in an external file stay external; pruning again into the same output, run from the output's
+    folder, replaces both files (onnx's own writer refuses a data file that exists relative to the working
+    directory)."""
+    model = onnx.load(export_onnx(distinct_params(ConvNet()), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx"))
+    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    for ratio in (0.6, 0.5):
+        plan = gonnx.prune("ext.onnx", "slim.onnx", ratio)
+        assert (tmp_path / "slim.onnx.data").exists()
+        assert gonnx.count_flops("slim.onnx") == pytest.approx(plan.flops["after"])
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".graphprune-") or p.endswith(".data")
+                and p not in ("ext.onnx.data", "slim.onnx.data")]
+
+
 class PickChannels(nn.Module):
     """A fixed 1-d channel selection (Gather with constant indices) read by a conv."""
 
