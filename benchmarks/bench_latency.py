@@ -78,8 +78,7 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average at end "
              f"{os.getloadavg()[0]:.2f}", "",
              f"Latency table: {len(table.layers)} layers, {table.notes[0]}; measured in {table_s:.0f} s (cached "
-             f"after: {cache_dir()}). Whole model {table.whole_ms:.1f} ms when measured; a plan's latency is "
-             f"{table.rest_ms:.2f} ms + {table.scale:.3f} x its layers' table times.", "",
+             f"after: {cache_dir()}). Whole model {table.whole_ms:.1f} ms when measured.", "",
              "| plan | FLOPs ratio | median [ms] | p90 [ms] | measured speed-up | predicted speed-up | "
              "prediction error | how |", "|---|---|---|---|---|---|---|---|"]
     base = results[0]["median_ms"]

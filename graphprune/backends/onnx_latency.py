@@ -98,7 +98,8 @@ def measure(loaded, threads: int = 1, cache: bool = True,
         layers.append(Layer(n, nodes[n][0].label, [list(an.space_key[s]) for s in spaces], grid,
                             np.array(ms).reshape(shape).tolist() if shape else ms))
     table = LatencyTable(RUNTIME, key, threads, block, whole_ms, 0.0, 1.0, 0.0, layers)
-    _fit(table, LatencyModel(an, table).parts(None)[0], *timer.whole_kernels(), an, plans[block], by_block[block])
+    alone = sum(float(np.ravel(layer.ms)[-1]) for layer in layers)  # the last point: full widths
+    _fit(table, alone, *timer.whole_kernels(), an, plans[block], by_block[block])
     table.notes = [f"measured {len(layers)} layers ({timer.count} one-node models) in "
                    f"{time.perf_counter() - started:.0f} s; the model pruned to {ratio:.2f} of its FLOPs runs " +
                    ", ".join(f"{whole_ms / ms:.2f}x at multiples of {b}" for b, ms in by_block.items()) +

@@ -216,13 +216,6 @@ class LatencyModel(CostModel):
         return (self.rest + float(self.per_term(kept=kept).sum())
                 + self.per_element * self.activations.total_at(kept))
 
-    def parts(self, removed_components=None) -> tuple[float, float]:
-        """(sum of the layers' table times, unscaled; the share of activation elements kept)."""
-        kept = self.kept_widths(removed_components)
-        full = self.activations.total()
-        return (float(self.per_term(kept=kept).sum()) / self.scale if self.scale else 0.0,
-                self.activations.total_at(kept) / full if full > 0 else 0.0)
-
     def first_order_saving(self) -> np.ndarray:
         return super().first_order_saving() + self.per_element * self.activations.first_order_saving()
 
