@@ -81,6 +81,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                          "graphprune.onnx.plan)")
     kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
+    if kind != "latency" and (runtime != "onnxruntime" or threads != 1):
+        raise UsageError("runtime= and threads= say where a latency budget is measured: give target_latency=R")
     if kind == "latency":
         refused = {name: value for name, value in (("ignore", ignore), ("uniform", uniform), ("calibration", calibration),
                                                    ("compensate", compensate), ("depth", depth)) if value}

@@ -74,6 +74,8 @@ def plan(path: str | os.PathLike, target_flops: float | None = None, *, target_p
     started = time.perf_counter()
     kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
+    if kind != "latency" and (runtime != "onnxruntime" or threads != 1):
+        raise UsageError("runtime= and threads= say where a latency budget is measured: give target_latency=R")
     latency = latency_model(runtime, threads) if kind == "latency" else None
     loaded = loaded or read(path, input_shapes, allow_lossy)
     if importance in ("wanda", "flap", "obs"):

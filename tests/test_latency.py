@@ -204,6 +204,10 @@ def test_bad_latency_arguments_are_refused_before_any_work(resnet):
         graphprune.plan(model, x, target_latency=0.5, importance="taylor")
     with pytest.raises(UsageError, match="uniform"):
         graphprune.plan(model, x, target_latency=0.5, uniform=True)
+    with pytest.raises(UsageError, match="target_latency"):  # threads mean nothing to a FLOPs budget
+        gonnx.plan(path, target_flops=0.5, threads=2)
+    with pytest.raises(UsageError, match="target_latency"):
+        graphprune.plan(model, x, target_flops=0.5, runtime="tensorrt")
 
 
 def test_cli_prunes_to_a_latency_budget(pruned, resnet, tmp_path, capsys):
