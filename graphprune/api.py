@@ -269,15 +269,12 @@ def _measure_latency(the_plan: PruningPlan, model, slim, example_inputs) -> None
     """Time the original and the slim model's ONNX exports side by side: plan.latency's measured values."""
     import tempfile
 
-    from .ir.from_onnx import round_robin, session
+    from .onnx import time_side_by_side
 
-    threads = the_plan.latency["threads"]
     with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as tmp:
         before, feeds = export_onnx(model, example_inputs, os.path.join(tmp, "model.onnx"))
         after, _ = export_onnx(slim, example_inputs, os.path.join(tmp, "slim.onnx"))
-        times = round_robin([session(before, threads=threads), session(after, threads=threads)], feeds, 30, 3)
-    the_plan.latency.update(measured_before=1e3 * float(np.median(times[0])),
-                            measured_after=1e3 * float(np.median(times[1])))
+        time_side_by_side(the_plan.latency, before, after, feeds)
 
 
 def sparsify(model: torch.nn.Module, example_inputs: Any, pattern: str = "2:4", *, method: str = "magnitude",

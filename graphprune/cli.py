@@ -169,10 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--fp16", action="store_true", default=None,
                      help="require float16 (default: the FP16 builder flag where the installed TensorRT has one; "
                           "TensorRT 11 takes precision from the file)")
-    trt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     version = sub.add_parser("version", help="print the version", description="Print graphprune's version.")
-    for command in (demo, prune, inspect, inspect_hf, prune_hf, bench, version):  # --debug works before or after the command name
+    for command in (demo, prune, inspect, inspect_hf, prune_hf, bench, trt, version):  # --debug works before or after the command name
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

@@ -118,6 +118,15 @@ def latency_model(runtime: str, threads: Any):
     return build
 
 
+def time_side_by_side(latency: dict[str, Any], original, slim, feeds: dict[str, np.ndarray]) -> None:
+    """Add the measured latency of the original and the pruned model (files or protos), timed in turns, to a
+    plan's `latency`, with the threads its table was measured with."""
+    threads = latency["threads"]
+    times = round_robin([session(original, threads=threads), session(slim, threads=threads)], feeds, runs=30,
+                        warmup=3)
+    latency.update(measured_before=1e3 * float(np.median(times[0])), measured_after=1e3 * float(np.median(times[1])))
+
+
 def _torch_tensors(arrays: dict[str, np.ndarray]):
     import torch
 
@@ -193,10 +202,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, target_flops: float | 
         result.notes.append("verified against the masked original in ONNX Runtime")
     if result.latency is not None and the_plan is None:
         say("timing the original and the pruned model")
-        times = round_robin([session(src, threads=result.latency["threads"]),
-                              session(slim, threads=result.latency["threads"])], loaded.og.feeds, runs=30, warmup=3)
-        result.latency.update(measured_before=1e3 * float(np.median(times[0])),
-                              measured_after=1e3 * float(np.median(times[1])))
+        time_side_by_side(result.latency, src, slim, loaded.og.feeds)
         from .render import latency_line
         say(latency_line(result.latency))
     if sparsity is not None:
@@ -474,8 +480,9 @@ def bench(paths: list[str | os.PathLike], runs: int = 50, warmup: int = 5, threa
           runtime: str = "onnxruntime") -> list[dict[str, Any]]:
     """Latency of each file on the same random input, with FLOPs and parameters; one row per file, the first one
     is the baseline of the speed-up column. runtime="onnxruntime": the CPU, threads fixed, warm-up first, the
-    models taking turns of back-to-back runs (ir/from_onnx.round_robin) so a change of machine load hits all alike. runtime="tensorrt": each file built
-    into an engine (2:4 sparse kernels allowed; backends/tensorrt.py) and timed on the GPU by CUDA events."""
+    models taking turns of back-to-back runs (ir/from_onnx.round_robin) so a change of machine load hits all
+    alike. runtime="tensorrt": each file built into an engine (2:4 sparse kernels allowed; backends/tensorrt.py)
+    and timed on the GPU by CUDA events."""
     if runs < 1 or warmup < 0:
         raise UsageError("runs must be at least 1 and warmup at least 0")
     if runtime not in ("onnxruntime", "tensorrt"):

@@ -81,9 +81,9 @@ def measure(loaded, threads: int = 1, cache: bool = True,
     started = time.perf_counter()
     nodes = flop_nodes(an)
     coords = {n: layer_spaces(an, terms) for n, terms in nodes.items()}
-    ratio = _probe_ratio(an)
+    ratio = _probe_ratio(loaded)
     say(f"timing the model pruned to {ratio:.2f} of its FLOPs at channel multiples {', '.join(map(str, BLOCKS))}")
-    plans = {b: r for b in BLOCKS if (r := _flops_plan(an, ratio, b)) is not None}
+    plans = {b: r for b in BLOCKS if (r := _flops_plan(loaded, ratio, b)) is not None}
     whole_ms, *times = _time_pruned(loaded, threads, list(plans.values()))
     by_block = dict(zip(plans, times))
     block = min(b for b, ms in by_block.items() if ms <= BLOCK_SLACK * min(by_block.values()))
@@ -111,14 +111,13 @@ def measure(loaded, threads: int = 1, cache: bool = True,
     return table
 
 
-def _probe_ratio(an) -> float:
+def _probe_ratio(loaded) -> float:
     """The FLOPs the probe plans keep: half, or halfway to the fewest reachable."""
-    from ..analysis.cost import CostModel
     from ..errors import BudgetError
     from ..passes.select import select
 
     try:
-        select(an, np.ones(len(an.prunable)), CostModel(an, an.flop_terms), PROBE_FLOPS, max_ratio=0.9)
+        select(loaded.an, np.ones(len(loaded.an.prunable)), loaded.flops, PROBE_FLOPS, max_ratio=0.9)
         return PROBE_FLOPS
     except BudgetError as err:
         if err.reachable >= 0.98:
@@ -127,14 +126,13 @@ def _probe_ratio(an) -> float:
         return (1 + err.reachable) / 2
 
 
-def _flops_plan(an, ratio: float, block: int) -> np.ndarray | None:
+def _flops_plan(loaded, ratio: float, block: int) -> np.ndarray | None:
     """The components a FLOPs plan at `ratio` removes with widths in multiples of `block` (None: out of reach)."""
-    from ..analysis.cost import CostModel
     from ..errors import BudgetError
     from ..passes.select import select
 
     try:
-        return select(an, np.ones(len(an.prunable)), CostModel(an, an.flop_terms), ratio, max_ratio=0.9,
+        return select(loaded.an, np.ones(len(loaded.an.prunable)), loaded.flops, ratio, max_ratio=0.9,
                       round_to="auto" if block > 1 else None, auto_round=block)
     except BudgetError:
         return None
@@ -205,7 +203,7 @@ class _Timer:
 
         an = self.loaded.an
         node = self.by_id[node_id]
-        kept = _kept(an, removal_for(an, widths))
+        kept = self.loaded.flops.kept_widths(removal_for(an, widths))
         proto = self.ir.serde.serialize_node(node.target)
         inits, inputs, feeds = [], [], {}
         for i, v in enumerate(node.args):
@@ -249,17 +247,10 @@ class _Timer:
 
     def _profile(self, model_bytes: bytes, feeds: dict[str, np.ndarray], seconds: float = 0.3) -> dict[str, float]:
         """Median ms per run of the model's kernels, summed by op type (ONNX Runtime's profile)."""
-        import onnxruntime as ort
+        from ..ir.from_onnx import session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as ir/from_onnx.session
-        options.enable_profiling = True
         with tempfile.TemporaryDirectory(prefix="graphprune-latency-") as tmp:
-            options.profile_file_prefix = os.path.join(tmp, "profile")
-            sess = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+            sess = session(model_bytes, threads=self.threads, profile=os.path.join(tmp, "profile"))
             sess.run(None, feeds)
             first = time.perf_counter()
             sess.run(None, feeds)
@@ -285,12 +276,6 @@ class _Timer:
         by_op = self._profile(self.ir.to_proto(og.model).SerializeToString(), og.feeds, seconds=2.0)
         layers = sum(ms for op, ms in by_op.items() if op in _FLOP_OPS)
         return layers, sum(by_op.values()) - layers
-
-
-def _kept(an, removed: np.ndarray) -> np.ndarray:
-    from ..analysis.cost import CostModel
-
-    return CostModel(an, []).kept_widths(removed)
 
 
 def _scale_groups(proto, full: int, kept: int) -> None:

@@ -202,7 +202,7 @@ def _unit_round(cost: CostModel, fam: np.ndarray, n_all: int, round_to: int | st
                 auto_round: int = AUTO_ROUND) -> int | None:
     """round_to in components: a component that is several channels wide (a head of head_dim channels)
     needs only round_to / gcd(round_to, width) of them for the width to stay a multiple of round_to.
-    "auto": multiples of 8 for layers of at least 32 channels (kernels run them fastest), exact below (a
+    "auto": auto_multiple's (8 for layers of at least 32 channels, which kernels run fastest; exact below, where a
     narrow layer would otherwise lose most of its prunability)."""
     if len(fam) == 0:
         return None
