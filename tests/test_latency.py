@@ -190,6 +190,8 @@ def test_a_pytorch_model_is_planned_on_its_export(pruned, resnet):
             assert plan.removed[name] == axes
     assert dict(slim.named_parameters())["conv1.weight"].shape[0] == 64 - len(pruned[0].removed["conv1.weight"][0])
     assert torch.isfinite(slim(x)).all()
+    with torch.no_grad():  # another batch size: an ordinary module, as the original
+        assert torch.allclose(slim(torch.cat([x, 2 * x, -x]))[1], slim(2 * x)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_latency_arguments_are_refused_before_any_work(resnet):
