@@ -401,6 +401,7 @@ def bench_smollm2(args) -> str:
                 best = (row["ppl"], f"{row['method']} at {removed:.0%}", pruned)
             del pruned
     grads = None
+    sweep = calibration_sweep(model, tokenizer, example, windows, total, nonemb, dense_ppl, args)
 
     lat = []
     if not args.no_latency:
@@ -413,7 +414,46 @@ def bench_smollm2(args) -> str:
                 log(f"SmolLM2 latency {label}: batch 1 {one * 1e3:.0f} ms, batch 16 {sixteen * 1e3:.0f} ms")
         except Exception as exc:  # noqa: BLE001
             log(f"SmolLM2 latency: error: {short_error(exc)}")
-    return smollm2_markdown(rows, lat, facts, total, nonemb, len(calibration), len(windows), args, eval_s)
+    return (smollm2_markdown(rows, lat, facts, total, nonemb, len(calibration), len(windows), args, eval_s)
+            + sweep_markdown(sweep, args, dense_ppl))
+
+
+SWEEP_METHODS = [("flap + least squares, uniform", {"importance": "flap", "compensate": "ls", "uniform": True}),
+                 ("flap + bias only, uniform", {"importance": "flap", "compensate": "bias", "uniform": True})]
+
+
+def calibration_sweep(model, tokenizer, example, windows, total: int, nonemb: int, dense_ppl: float, args) -> list:
+    """--sweep: the same budget with calibration of each size and window length (the eval windows stay as they
+    are), least squares against bias-only compensation: how much the result depends on the data a user brings."""
+    rows = []
+    keep = 1 - args.sweep_ratio * nonemb / total
+    for length in args.sweep_windows:
+        for tokens in args.sweep:
+            calibration = llm_data.lm_splits(tokenizer, length, tokens // length, 1)[0]
+            for label, options in SWEEP_METHODS:
+                def row_work(options=options, calibration=calibration):
+                    slim, seconds = gp_prune(model, example, keep, {**options, "calibration": calibration})
+                    return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, windows, dense_ppl)}, slim
+
+                row, _ = measure(rows, label, args.sweep_ratio, row_work, args.verbose)
+                row.update(tokens=tokens, length=length)
+                log(f"SmolLM2 sweep {tokens} tokens in windows of {length}, {label}: {describe(row, 'ppl')}")
+    return rows
+
+
+def sweep_markdown(rows: list, args, dense_ppl: float) -> str:
+    if not rows:
+        return ""
+    out = [f"\nCalibration sensitivity ({args.sweep_ratio:.0%} of the non-embedding parameters removed; the same "
+           f"held-out windows; calibration windows from the first half):\n",
+           "| calibration tokens | window | method | perplexity | ratio to dense | pruning [s] |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['tokens']} | {r['length']} | {r['method']} | error: {r['error']} | | |")
+        else:
+            out.append(f"| {r['tokens']} | {r['length']} | {r['method']} | {r['ppl']:.3f} | {r['ppl'] / dense_ppl:.3f} "
+                       f"| {r['time']:.1f} |")
+    return "\n".join(out) + "\n"
 
 
 def lm_row(pruned, total: int, nonemb: int, windows, dense_ppl: float) -> dict:
@@ -598,6 +638,12 @@ def parse_args(argv=None):
                              "head pruning is not clean: under SDPA it fails, under eager it removes at most one "
                              "query head per KV group)")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--sweep", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
+                        help="SmolLM2: calibration sizes in tokens (e.g. 4096,8192,16384,32768) for the calibration "
+                             "sensitivity rows: least squares vs bias-only at --sweep-ratio")
+    parser.add_argument("--sweep-windows", type=lambda v: [int(t) for t in v.split(",")], default=[128, 256],
+                        help="calibration window lengths for --sweep")
+    parser.add_argument("--sweep-ratio", type=float, default=0.2, help="fraction removed in the --sweep rows")
     parser.add_argument("--methods", default="",
                         help="only the graphprune rows whose label contains one of these ';'-separated parts, "
                              "e.g. 'uniform' or 'flap + compensate'")
@@ -607,10 +653,10 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     parser.add_argument("--out", default=os.path.join(HERE, "results_llm.md"))
     args = parser.parse_args(argv)
-    args.ratios = [float(r) for r in args.ratios.split(",")]
+    args.ratios = [float(r) for r in args.ratios.split(",") if r]  # empty: no main rows (--sweep alone)
     args.minilm_ratios = [float(r) for r in args.minilm_ratios.split(",")]
     if args.quick:
-        args.ratios, args.minilm_ratios = [max(args.ratios)], [max(args.minilm_ratios)]
+        args.ratios, args.minilm_ratios = args.ratios and [max(args.ratios)], [max(args.minilm_ratios)]
         args.eval_windows = min(args.eval_windows, 8)
     return args
 

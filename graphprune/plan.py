@@ -51,6 +51,9 @@ class PruningPlan:
     # target_latency plans: runtime, channel block, measured "before" and predicted "after" ms; once the pruned
     # model was timed, "measured_before" / "measured_after" (passes/latency.py)
     latency: dict[str, Any] | None = None
+    # compensate="ls" with held-out calibration batches: per layer, the ridge chosen (None: bias-only), the tokens
+    # fitted and held out, and the held-out output error relative to bias-only's (passes/calibration.choose_ridge)
+    ridges: list[dict[str, Any]] = field(default_factory=list)
 
     # ----- results -------------------------------------------------------------------------------
     @property

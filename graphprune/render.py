@@ -7,6 +7,8 @@ import html
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .errors import UsageError
 from .files import atomic_write
 
@@ -41,6 +43,8 @@ def summary(plan: PruningPlan) -> str:
                  f"({plan.params_ratio:.3f} of original)")
     if plan.latency:
         lines.append(latency_line(plan.latency))
+    if plan.ridges:
+        lines.append(ridges_line(plan.ridges))
     pruned = sum(1 for g in plan.groups if g["after"] < g["before"])
     lines.append(f"groups: {len(plan.groups)} prunable, {pruned} pruned; "
                  f"{sum(p['channels'] for p in plan.pinned)} weighted channels pinned (plan.explain() says why)")
@@ -49,6 +53,20 @@ def summary(plan: PruningPlan) -> str:
                      "channels' contribution")
     lines.extend(plan.notes)
     return "\n".join(lines)
+
+
+def ridges_line(ridges: list[dict[str, Any]]) -> str:
+    """How least squares chose its ridges on the held-out calibration batches (plan.ridges)."""
+    chosen = [r["ridge"] for r in ridges if r["ridge"] is not None]
+    errors = [r["error_vs_bias"] for r in ridges if r["error_vs_bias"] is not None]
+    line = (f"least squares: ridge chosen per layer on {ridges[0]['held_out_tokens']} held-out calibration tokens "
+            f"(fitted on {ridges[0]['fitted_tokens']}): {len(ridges) - len(chosen)} of {len(ridges)} layers "
+            "bias-only")
+    if chosen:
+        line += f", ridge {min(chosen):g}..{max(chosen):g} (median {float(np.median(chosen)):g}) elsewhere"
+    if errors:
+        line += f"; held-out error {float(np.median(errors)):.2f} of bias-only's (median)"
+    return line
 
 
 def latency_line(lat: dict[str, Any]) -> str:

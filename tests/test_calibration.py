@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
 
 import graphprune
+from graphprune.passes import calibration as cal
 
 from .conftest import run
 from .test_transformers import MODELS
@@ -124,3 +126,69 @@ def test_depth_removes_the_least_influential_blocks_then_widths_fill_the_budget(
     assert slim.generate(x["input_ids"][:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
     graphprune.save(slim, tmp_path / "slim.pt")
     assert torch.allclose(run(graphprune.load(tmp_path / "slim.pt", factory), x)[0], run(slim, x)[0])
+
+
+def _held_out_error(x_fit, x_held, w_p, kept, removed, ridge):
+    """Brute force: least squares fitted on x_fit (ridge times the mean kept variance; None: bias-only), its
+    output error on x_held."""
+    mean = x_fit.mean(0)
+    c = x_fit - mean
+    s_kk, s_kp = c[:, kept].T @ c[:, kept] / len(c), c[:, kept].T @ c[:, removed] / len(c)
+    a = torch.zeros(len(removed), len(kept), dtype=torch.float64)
+    if ridge is not None:
+        a = torch.linalg.solve(s_kk + ridge * s_kk.diagonal().mean() * torch.eye(len(kept), dtype=torch.float64),
+                               s_kp).T
+    d = x_held - mean
+    return float(((d[:, removed] - d[:, kept] @ a.T) @ w_p.T).pow(2).sum(1).mean())
+
+
+def test_least_squares_ridge_is_the_one_with_the_least_held_out_error():
+    """Batches fed as calibration feeds them (every HOLDOUT-th held out); choose_ridge against brute force."""
+    gen = torch.Generator().manual_seed(1)
+    d_in, rows = 48, 10  # few rows per feature: the plain least-squares fit overfits
+    mix = torch.eye(d_in) + 0.3 * torch.randn(d_in, d_in, generator=gen)
+    batches = [torch.randn(rows, d_in, generator=gen) @ mix + 1.0 for _ in range(12)]
+    reader = cal.Reader("fc", "fc.weight", 1, "linear", want_gram=True, columns=np.arange(d_in))
+    for i, b in enumerate(batches):
+        cal.hold_out([reader], i)
+        reader.add(b)
+    reader.cpu()
+    held = [b for i, b in enumerate(batches) if i % cal.HOLDOUT == cal.HOLDOUT - 1]
+    fit = [b for i, b in enumerate(batches) if i % cal.HOLDOUT != cal.HOLDOUT - 1]
+    assert reader.n == 12 * rows and reader.holdout.n == len(held) * rows
+    w = torch.randn(5, d_in, generator=gen, dtype=torch.float64)
+    removed, kept = torch.arange(0, 16), torch.arange(16, d_in)
+    brute = {ridge: _held_out_error(torch.cat(fit).double(), torch.cat(held).double(), w[:, removed], kept, removed,
+                                    None if np.isinf(ridge) else ridge) for ridge in cal.RIDGES}
+    choice = cal.choose_ridge(reader, kept, removed, w[:, removed])
+    best = min(brute, key=brute.get)
+    assert choice["ridge"] == (None if np.isinf(best) else best)
+    assert choice["error_vs_bias"] == pytest.approx(brute[best] / brute[float("inf")], rel=1e-6)
+    assert max(brute.values()) > 1.5 * min(brute.values())  # the ridge matters here: the choice is no accident
+    assert (choice["fitted_tokens"], choice["held_out_tokens"]) == (len(fit) * rows, len(held) * rows)
+
+
+def test_held_out_ridge_keeps_scarce_calibration_from_overfitting(monkeypatch, tmp_path):
+    """A pretrained MiniLM, 8 calibration batches of 24 tokens (fewer than its 1536 MLP inputs): the ridge chosen on
+    held-out batches leaves less error on other text than the fixed one, and the plan says how it chose."""
+    tokenizer, model = _minilm()
+    calibration = _text_batches(tokenizer, 8, start=0, length=24)
+    held_out = _text_batches(tokenizer, 8, start=20_000)
+    dense = [run(model, b)[0] for b in held_out]
+
+    def error(slim):
+        return sum(float((run(slim, b)[0] - d).pow(2).mean() / d.pow(2).mean()) for b, d in zip(held_out, dense))
+
+    def plan():
+        return graphprune.plan(model, calibration[0], target_flops=0.7, importance="flap", calibration=calibration,
+                               compensate="ls")
+
+    chosen = plan()
+    assert chosen.ridges and all(r["held_out_tokens"] == 2 * 24 for r in chosen.ridges)
+    assert "ridge chosen per layer on 48 held-out calibration tokens" in chosen.summary()
+    chosen.save(tmp_path / "plan.json")
+    assert graphprune.PruningPlan.load(tmp_path / "plan.json").ridges == chosen.ridges
+    monkeypatch.setattr(cal, "HOLDOUT", 10 ** 9)  # no batch held out: the fixed ridge
+    fixed = plan()
+    assert not fixed.ridges and "fixed ridge" in fixed.summary()
+    assert error(chosen.apply(model)) < error(fixed.apply(model))

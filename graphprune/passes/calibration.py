@@ -15,7 +15,10 @@ Compensation, for layers that are a channel's only reader:
   bias:  b' = b + W[:, P] E[x_P]            (FLAP)
   ls:    ridge regression of the removed inputs on the kept ones, folded into the kept weights and the
          bias: W_K' = W_K + W_P A, b' = b + W_P (E[x_P] - A E[x_K]), A = S_PK (S_KK + lambda I)^-1 with S
-         the input covariance. Exact when the removed inputs are linear in the kept ones.
+         the input covariance. Exact when the removed inputs are linear in the kept ones. A regression fits
+         its data: every HOLDOUT-th calibration batch is held out, and each layer takes the ridge (of RIDGES,
+         bias-only included) whose update, fitted on the other batches, leaves the least output error on the
+         held-out ones (choose_ridge); the final update is fitted on all batches.
 
 obs (structured Optimal Brain Surgeon: SPA / OBSPA, ZipLM, SlimGPT), the error ls leaves, as the score:
   Treat the bias as the weight of a constant input 1 that is never removed, so H = E[x~ x~^T] over
@@ -58,6 +61,9 @@ log = logging.getLogger(__name__)
 
 ROWS = 256  # input rows converted to float at a time while statistics accumulate
 RIDGE = 1e-2  # times the mean kept-input variance: keeps A stable when inputs are nearly collinear
+HOLDOUT = 4  # every 4th calibration batch is held out to choose each layer's ridge (compensate="ls")
+# ridge strengths tried on the held-out batches, times the mean kept-input variance (inf: bias-only compensation)
+RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf"))
 
 
 @dataclass
@@ -80,8 +86,18 @@ class Reader:
     split: tuple[torch.Tensor, torch.Tensor] | None = None
     kk: torch.Tensor | None = None
     kp: torch.Tensor | None = None
+    # held-out batches (see held_out): gathered apart as well, so least squares can choose its ridge on data it was
+    # not fitted on; cpu() counts them into this reader's totals too
+    holding: bool = False
+    holdout: Reader | None = None
 
     def add(self, x: torch.Tensor) -> None:
+        if self.holding and (self.want_gram or self.split is not None):
+            if self.holdout is None:
+                self.holdout = Reader(self.module, self.weight, self.in_axis, self.kind, want_gram=self.want_gram,
+                                      gram_dtype=self.gram_dtype, columns=self.columns, split=self.split)
+            self.holdout.add(x)
+            return
         x = x.detach()
         if self.kind == "conv":
             x = x.movedim(1, -1)
@@ -110,11 +126,23 @@ class Reader:
                 self.kp.addmm_(kept.T, part[:, self.split[1]].double())
 
     def cpu(self) -> Reader:
-        """The statistics on the CPU, where importance and compensation use them."""
+        """The statistics on the CPU, where importance and compensation use them, the held-out batches counted in
+        (the holdout keeps its own copy)."""
         self.s1, self.s2, self.gram, self.kk, self.kp = (None if t is None else t.cpu() for t in (
             self.s1, self.s2, self.gram, self.kk, self.kp))
         if self.split is not None:
             self.split = tuple(i.cpu() for i in self.split)
+        held = self.holdout
+        if held is not None and held.n:
+            held.cpu()
+            for name in ("s1", "s2", "gram", "kk", "kp"):
+                mine, theirs = getattr(self, name), getattr(held, name)
+                if mine is None:  # no batch was fitted: the held-out ones are all there is
+                    setattr(self, name, None if theirs is None else theirs.clone())
+                else:
+                    mine += theirs
+            self.holdout = held if self.n else None
+            self.n += held.n
         return self
 
     @property
@@ -157,6 +185,7 @@ def feed(model: nn.Module, readers: list[Reader], batches: Any) -> list[Reader]:
     with hooked(model.named_modules(), readers), eval_mode(model), torch.no_grad():
         for batch in batches:
             args, kwargs = normalize_inputs(batch)
+            hold_out(readers, count)
             model(*args, **kwargs)
             count += 1
             log.info("calibration batch %d done (%.1f s)", count, time.perf_counter() - started)
@@ -186,6 +215,13 @@ def make_readers(modules: Any, an: Analysis, tensors: dict[str, torch.Tensor], g
         sole = bool((readers_of[r.columns[an.prunable[r.columns]]] == 1).any()) and r.kind != "conv"
         r.want_gram = grams or sole
     return readers
+
+
+def hold_out(readers: list[Reader], index: int) -> None:
+    """Before calibration batch `index` (from 0): every HOLDOUT-th batch is held out, gathered apart by the readers
+    whose least squares can use it (with fewer than HOLDOUT batches none is, and the ridge stays RIDGE)."""
+    for r in readers:
+        r.holding = index % HOLDOUT == HOLDOUT - 1
 
 
 @contextlib.contextmanager
@@ -224,7 +260,9 @@ class CalibratedImportance:
     "flap" scores a component by the error its removal leaves in the reading layer's output, under the
     compensation that will follow: E||W_P x_P||^2 with none, tr(W_P Cov_PP W_P^T) once the mean goes into
     the bias (FLAP's fluctuation, with the cross terms between a head's columns), and with least squares
-    the covariance of x_P given the kept inputs, (Cov^-1)_PP^-1 (an optimal-brain-surgeon score). Readers
+    the covariance of x_P given the kept inputs, (Cov^-1)_PP^-1 (an optimal-brain-surgeon score), measured on
+    the held-out calibration batches (what the fitted update really leaves on data it did not see: on few
+    tokens the in-sample value promises more than the update delivers) where there are any. Readers
     without X^T X (a residual-stream channel read by many layers) use the per-column diagonal. "obs" is
     that last score on every reader, whatever the compensation (see the module docstring).
     """
@@ -260,8 +298,10 @@ class CalibratedImportance:
 
     def _errors(self, r: Reader, w: torch.Tensor, an: Analysis) -> np.ndarray:
         """Per column, its component's output error (put on the component's first column)."""
-        moment = precision = None
-        if self.compensate == "ls" or self.criterion == "obs":
+        moment = precision = held = None
+        if self.compensate == "ls" and self.criterion == "flap" and r.holdout is not None:
+            precision, held = _held_out_residuals(r)
+        elif self.compensate == "ls" or self.criterion == "obs":
             precision, lam = _ridge_precision(r, release=self.release)
         else:
             moment = (_covariance(r, self.release) if self.compensate != "none" else _second_moment(r, self.release))
@@ -275,6 +315,9 @@ class CalibratedImportance:
                 continue
             if precision is None:
                 block = moment[cols][:, cols]
+            elif held is not None:  # held-out covariance of the residual x_P - E[x_P | x_K] fitted without it
+                inv = torch.linalg.inv(precision[cols][:, cols])
+                block = inv @ held[cols][:, cols] @ inv
             else:
                 block = torch.linalg.inv(precision[cols][:, cols])
                 if self.criterion == "obs":  # less what the ridge adds: the error of ls's ridge update
@@ -283,6 +326,23 @@ class CalibratedImportance:
             m = w[:, cols].double()
             out[order[lo]] = max(float(((m @ block) * m).sum()), 0.0)
         return out
+
+
+def _held_out_residuals(r: Reader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Theta, Theta D Theta): Theta = (S + lam I)^-1 from the batches not held out, D the held-out second moment
+    about their mean. The least-squares residual of inputs P given the rest is (Theta_PP)^-1 (Theta (x - m))_P, so
+    its held-out covariance is (Theta_PP)^-1 (Theta D Theta)_PP (Theta_PP)^-1: what removing P and compensating
+    really leaves on data the fit did not see."""
+    held = r.holdout
+    n_h, n_f = held.n, r.n - held.n
+    m_h, m_f = held.s1 / n_h, (r.s1 - held.s1) / n_f
+    g_h = held.gram.double()
+    s = (r.gram.double() - g_h).div_(n_f).addr_(m_f, m_f, alpha=-1)
+    s.diagonal().add_(RIDGE * float(s.diagonal().mean().clamp_min(1e-12)))
+    theta = torch.linalg.inv(s)
+    del s
+    d = g_h.div_(n_h).addr_(m_h, m_f, alpha=-1).addr_(m_f, m_h, alpha=-1).addr_(m_f, m_f)
+    return theta, theta @ d @ theta
 
 
 def _second_moment(r: Reader, release: bool = False) -> torch.Tensor:
@@ -356,10 +416,12 @@ def _column_sums(t: torch.Tensor, in_axis: int, square: bool) -> torch.Tensor:
 
 
 def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: dict[str, torch.Tensor],
-               method: str, release: bool = False) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
+               method: str, release: bool = False, report: list | None = None
+               ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
     """New full-shape weights and biases for readers that lost inputs, and the biases added, each as
     (bias name, weight name, weight axis of the outputs). release=True drops each reader's X^T X once its turn
-    is over (the Compensate pass, its last user), so the matrices go one by one as the updates come."""
+    is over (the Compensate pass, its last user), so the matrices go one by one as the updates come. `report`
+    gets, per least-squares layer, the ridge it chose and the data it chose by (see choose_ridge)."""
     if method not in ("ls", "bias"):
         raise ValueError(f"compensate must be True, 'ls', 'bias' or False, got {method!r}")
     readers_of = _readers_per_component(readers, len(an.prunable))
@@ -367,16 +429,17 @@ def compensate(readers: list[Reader], an: Analysis, gone: np.ndarray, tensors: d
     added: list[tuple[str, str, int]] = []
     for r in readers:
         try:
-            _compensate_one(r, readers_of, gone, tensors, method, updates, added, release)
+            _compensate_one(r, readers_of, gone, tensors, method, updates, added, release,
+                            report if report is not None else [])
         finally:
             if release:
-                r.gram = None
+                r.gram = r.holdout = None
     return updates, added
 
 
 def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors: dict[str, torch.Tensor],
                     method: str, updates: dict[str, torch.Tensor], added: list[tuple[str, str, int]],
-                    release: bool = False) -> None:
+                    release: bool, report: list) -> None:
     removed = gone[r.columns]
     # only where this reader is the removed channels' sole reader: it then sees exactly the pruned tensor
     if not removed.any() or (readers_of[r.columns[removed]] != 1).any():
@@ -385,12 +448,18 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
     k_idx = torch.from_numpy(np.nonzero(~removed)[0])
     a = None
     if method == "ls" and (r.gram is not None or r.kk is not None):
+        ridge = RIDGE
+        if r.holdout is not None:
+            choice = choose_ridge(r, k_idx, p_idx, _weight_columns(tensors, r, dtype=None)[:, p_idx].double())
+            report.append(choice)
+            ridge = choice["ridge"]
         s_kk, s_kp = _covariance_blocks(r, k_idx, p_idx)
         if release:
-            r.gram = r.kk = r.kp = None
-        lam = RIDGE * float(s_kk.diagonal().mean().clamp_min(1e-12))
-        s_kk.diagonal().add_(lam)
-        a = torch.from_numpy(_spd_solve(s_kk, s_kp)).T
+            r.gram = r.kk = r.kp = r.holdout = None
+        if ridge is not None:  # None: bias-only did best on the held-out batches
+            lam = ridge * float(s_kk.diagonal().mean().clamp_min(1e-12))
+            s_kk.diagonal().add_(lam)
+            a = torch.from_numpy(_spd_solve(s_kk, s_kp)).T
         del s_kk, s_kp  # before the float64 weight is made
     w = _weight_columns(tensors, r)
     w_p = w[:, p_idx]
@@ -414,6 +483,57 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
     else:
         base = old_bias.detach().double()
     updates[bias_name] = (base + shift).to(tensors[r.weight].dtype)
+
+
+def choose_ridge(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor, w_p: torch.Tensor) -> dict[str, Any]:
+    """The ridge (of RIDGES, None for bias-only) whose least-squares update, fitted on the batches not held out,
+    leaves the least output error on the held-out ones: the removed inputs are predicted as
+    x_P ~ m_P + A (x_K - m_K), A = S_PK (S_KK + lam I)^-1 (m, S: fitted mean and covariance), and the error is
+    E_held ||W_P (x_P - m_P - A (x_K - m_K))||^2. With S_KK = Q diag(e) Q^T every ridge costs O(|K|^2): A's
+    dependence on lam is the diagonal 1/(e + lam). Returns the ridge and, for the plan, the layer, the tokens
+    fitted and held out, and the held-out error relative to bias-only's (None where the removed-removed block
+    was not gathered: prune-hf's split statistics)."""
+    held = r.holdout
+    n_h, n_f = held.n, r.n - held.n
+    m_h, m_f = held.s1 / n_h, (r.s1 - held.s1) / n_f
+    all_kk, all_kp, _ = _raw_blocks(r, k_idx, p_idx)
+    h_kk, h_kp, h_pp = _raw_blocks(held, k_idx, p_idx, pp=True)
+    mk, mp, hk, hp = m_f[k_idx], m_f[p_idx], m_h[k_idx], m_h[p_idx]
+    s_kk = (all_kk - h_kk).div_(n_f).addr_(mk, mk, alpha=-1)
+    s_kp = (all_kp - h_kp).div_(n_f).addr_(mk, mp, alpha=-1)
+    del all_kk, all_kp
+    # held-out second moments about the FITTED mean (the update subtracts that mean)
+    d_kk = h_kk.div_(n_h).addr_(hk, mk, alpha=-1).addr_(mk, hk, alpha=-1).addr_(mk, mk)
+    d_kp = h_kp.div_(n_h).addr_(hk, mp, alpha=-1).addr_(mk, hp, alpha=-1).addr_(mk, mp)
+    scale = float(s_kk.diagonal().mean().clamp_min(1e-12))
+    e, q = torch.linalg.eigh(s_kk)
+    del s_kk
+    h = w_p @ (q.T @ s_kp).T  # [out, K]: W_P A = h diag(1 / (e + lam)) Q^T
+    cross = ((q.T @ d_kp @ w_p.T) * h.T).sum(1)  # tr(W_P A D_KP W_P^T) = cross . s
+    quad = (q.T @ d_kk @ q).mul_(h.T @ h)  # tr(W_P A D_KK A^T W_P^T) = s . quad s
+    errors = []
+    for ridge in RIDGES:
+        s = 1.0 / (e.clamp_min(0) + ridge * scale)
+        errors.append(float(s @ quad @ s - 2 * (s @ cross)))  # less the bias-only error, common to all
+    best = int(np.argmin(errors))
+    base = None
+    if h_pp is not None:
+        d_pp = h_pp.div_(n_h).addr_(hp, mp, alpha=-1).addr_(mp, hp, alpha=-1).addr_(mp, mp)
+        base = float(((w_p @ d_pp) * w_p).sum())
+    ridge = RIDGES[best]
+    return {"module": r.module or r.weight, "ridge": None if np.isinf(ridge) else ridge, "fitted_tokens": n_f,
+            "held_out_tokens": n_h, "error_vs_bias": None if not base else max(base + errors[best], 0.0) / base}
+
+
+def _raw_blocks(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor, pp: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sums of x_K x_K^T, x_K x_P^T (and x_P x_P^T with pp=True, where X^T X was gathered whole) as new float64
+    matrices."""
+    if r.kk is not None:
+        return r.kk.clone(), r.kp.clone(), None
+    g = r.gram
+    out = (g[k_idx][:, k_idx].double(), g[k_idx][:, p_idx].double())
+    return (*out, g[p_idx][:, p_idx].double() if pp else None)
 
 
 def _covariance_blocks(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,7 +588,12 @@ class Compensate(Pass):
 
     def __call__(self, job) -> None:
         plan = job.plan
+        tokens = self.readers[0].n if self.readers else 0
         # the pass is the statistics' last user: each X^T X is dropped as soon as its layer is done
-        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method, release=True))
-        plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from "
-                          f"{sum(r.n for r in self.readers[:1])} calibration tokens")
+        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method, release=True,
+                                          report=plan.ridges))
+        plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from {tokens} "
+                          f"calibration tokens")
+        if self.method == "ls" and not plan.ridges:
+            plan.notes.append(f"least squares used the fixed ridge {RIDGE:g}: with {HOLDOUT} or more calibration "
+                              f"batches, every {HOLDOUT}th is held out to choose each layer's ridge")
