@@ -68,7 +68,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             input statistics of every layer that reads channels (passes/calibration.py).
         compensate: True or "ls" (least-squares reconstruction of each layer that lost inputs, folded into
             its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
-            without a bias gets one.
+            without a bias gets one. Least squares holds out every 4th calibration batch to choose each
+            layer's ridge (plan.ridges); give it 4 or more batches.
         loss_fn: for importance="taylor": loss_fn(model, batch) -> scalar loss to differentiate.
         depth: remove this many whole blocks of residual stacks first, the least influential on the
             `calibration` batches (passes/depth.py); widths then make up the rest of the budget.

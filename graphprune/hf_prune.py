@@ -45,7 +45,7 @@ from .backends.torch import masked_in_place, sliced
 from .errors import GraphPruneError, UsageError
 from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, load_config
 from .ir.from_torch import eval_mode
-from .passes.calibration import CalibratedImportance, compensate, hooked, make_readers
+from .passes.calibration import CalibratedImportance, compensate, hold_out, hooked, make_readers
 from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
 from .plan import PruningPlan, named_tensors
 from .shards import ShardReader, ShardWriter
@@ -484,12 +484,16 @@ class _Runner:
         for name, _ in list(layer.named_parameters()):
             self._set(prefix + name, None)
 
-    def run(self, layer: nn.Module, hidden: list[torch.Tensor], readers=(), keep: bool = True) -> list[torch.Tensor]:
-        """The layer's outputs for every batch (on the CPU), feeding `readers` its inputs on the way."""
+    def run(self, layer: nn.Module, hidden: list[torch.Tensor], readers=(), keep: bool = True,
+            hold: bool = False) -> list[torch.Tensor]:
+        """The layer's outputs for every batch (on the CPU), feeding `readers` its inputs on the way (hold=True:
+        the held-out batches apart as well, as graphprune.plan's calibration holds them out)."""
         outs = []
         modules = _prefixed(layer, f"{self.stack}.0.")
         with torch.no_grad(), eval_mode(layer), hooked(modules, list(readers)):
-            for h, kwargs in zip(hidden, self.kwargs):
+            for index, (h, kwargs) in enumerate(zip(hidden, self.kwargs)):
+                if hold:
+                    hold_out(readers, index)
                 y = layer(h.to(self.device), **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
                 if keep:
@@ -505,7 +509,7 @@ def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_
     readers = make_readers(_prefixed(layer, zero), layer_an, tensors, grams=importance == "obs")
     for r in readers:  # as graphprune.plan collects them (wanda reads no X^T X); one layer's matrices at a time, so
         r.want_gram, r.gram_dtype = r.want_gram and importance != "wanda", torch.float64  # float64 (no copy later)
-    out = runner.run(layer, hidden, readers)
+    out = runner.run(layer, hidden, readers, hold=compensate == "ls" and importance == "flap")
     seen = [r.cpu() for r in readers if r.n]
     scores = CalibratedImportance(importance, seen, compensate, release=True)(layer_an, _on_cpu(tensors))
     del readers, seen, layer, tensors
@@ -612,9 +616,11 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
             if r.want_gram and method == "ls" and removed.any():
                 r.split = (torch.from_numpy(np.nonzero(~removed)[0]), torch.from_numpy(np.nonzero(removed)[0]))
             r.want_gram = False
-    dense = runner.run(layer, hidden, readers, keep=propagate == "dense")
+    dense = runner.run(layer, hidden, readers, keep=propagate == "dense", hold=method == "ls")
+    ridges: list[dict] = []
     updates, new_biases = (compensate([r.cpu() for r in readers if r.n], layer_an, gone, _on_cpu(tensors), method,
-                                      release=True) if method else ({}, []))
+                                      release=True, report=ridges) if method else ({}, []))
+    the_plan.ridges.extend({**r, "module": prefix + r["module"][len(zero):]} for r in ridges)
     del readers
     local = PruningPlan(removed=mine, zeroed={zero + n[len(prefix):]: a for n, a in the_plan.zeroed.items()
                                              if n.startswith(prefix)},

@@ -64,6 +64,9 @@ RIDGE = 1e-2  # times the mean kept-input variance: keeps A stable when inputs a
 HOLDOUT = 4  # every 4th calibration batch is held out to choose each layer's ridge (compensate="ls")
 # ridge strengths tried on the held-out batches, times the mean kept-input variance (inf: bias-only compensation)
 RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, float("inf"))
+# wider layers keep RIDGE: the choice takes an eigendecomposition and about five |K| x |K| float64 matrices (a 70B
+# model's 28672-wide MLP: hours and 30 GB), and their calibration (hundreds of thousands of tokens) overfits less
+CHOOSE_MAX = 8192
 
 
 @dataclass
@@ -299,7 +302,7 @@ class CalibratedImportance:
     def _errors(self, r: Reader, w: torch.Tensor, an: Analysis) -> np.ndarray:
         """Per column, its component's output error (put on the component's first column)."""
         moment = precision = held = None
-        if self.compensate == "ls" and self.criterion == "flap" and r.holdout is not None:
+        if self.compensate == "ls" and self.criterion == "flap" and r.holdout is not None and len(r.s1) <= CHOOSE_MAX:
             precision, held = _held_out_residuals(r)
         elif self.compensate == "ls" or self.criterion == "obs":
             precision, lam = _ridge_precision(r, release=self.release)
@@ -449,7 +452,7 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
     a = None
     if method == "ls" and (r.gram is not None or r.kk is not None):
         ridge = RIDGE
-        if r.holdout is not None:
+        if r.holdout is not None and len(k_idx) <= CHOOSE_MAX:
             choice = choose_ridge(r, k_idx, p_idx, _weight_columns(tensors, r, dtype=None)[:, p_idx].double())
             report.append(choice)
             ridge = choice["ridge"]
