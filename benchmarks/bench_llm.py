@@ -21,6 +21,7 @@ Rows:
 * graphprune: ``graphprune.prune(model, example, target_params=keep, importance=..., calibration=batches,
   compensate=..., verify=False)`` for l2 (data-free, no calibration arguments), wanda and flap (each
   without and with compensation), flap with compensation and ``uniform=True`` (every layer the same widths),
+  flap with compensation and ``allocation="search"`` (per-layer widths from measured sensitivity),
   and taylor (LM loss on the calibration batches; SmolLM2 only). A row
   whose arguments graphprune does not accept, or whose model fails, prints ``error: <message>``.
 * torch-pruning 1.6, following its LLM example (examples/LLMs/prune_llm.py): local pruning, round_to=4,
@@ -83,6 +84,7 @@ GP_METHODS = [
     ("graphprune flap", {"importance": "flap", "compensate": False}),
     ("graphprune flap + compensate", {"importance": "flap", "compensate": True}),
     ("graphprune flap + compensate, uniform", {"importance": "flap", "compensate": True, "uniform": True}),
+    ("graphprune flap + compensate, search", {"importance": "flap", "compensate": True, "allocation": "search"}),
 ]
 GP_TAYLOR = ("graphprune taylor", {"importance": "taylor"})
 

@@ -38,7 +38,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
          round_to: int | str | None = "auto", max_ratio: float = 0.9, allow_lossy: bool = False,
          uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
          loss_fn: Any = None, depth: int = 0, tracer: str = "dispatch", target_latency: float | None = None,
-         runtime: str = "onnxruntime", threads: int = 1) -> PruningPlan:
+         runtime: str = "onnxruntime", threads: int = 1, allocation: str = "global") -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`, `target_latency`) of its cost.
 
     Args:
@@ -70,6 +70,10 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
             without a bias gets one. Least squares holds out every 4th calibration batch to choose each
             layer's ridge (plan.ridges); give it 4 or more batches.
+        allocation: "global" (default: one ranking of every component's score across layers) or "search"
+            (needs `calibration`, 4+ batches: every MLP's and every layer's heads' width is chosen from the
+            output distance, KL for logits, measured on held-out calibration batches with that layer alone cut
+            to a few widths (passes/allocation.py); the residual stream stays whole).
         loss_fn: for importance="taylor": loss_fn(model, batch) -> scalar loss to differentiate.
         depth: remove this many whole blocks of residual stacks first, the least influential on the
             `calibration` batches (passes/depth.py); widths then make up the rest of the budget.
@@ -93,13 +97,18 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                              f" (got importance={importance!r}); use target_flops or target_params for those")
         return _plan_by_latency(model, example_inputs, ratio, runtime, threads, importance, round_to, max_ratio,
                                 allow_lossy, tracer, started)
+    if allocation not in ("global", "search"):
+        raise UsageError(f"allocation must be 'global' or 'search', got {allocation!r}")
+    if allocation == "search" and (uniform or calibration is None):
+        raise UsageError("allocation='search' measures per-layer widths on calibration=[batch, ...] (4 or more "
+                         "batches) and gives layers different widths: not with uniform=True")
     if compensate is True:
         compensate = "ls"
     if depth:
         return _plan_with_depth(model, example_inputs, kind, ratio, depth, dict(
             importance=importance, ignore=sorted(_resolve_ignore(model, ignore)), round_to=round_to,
             max_ratio=max_ratio, allow_lossy=allow_lossy, uniform=uniform, calibration=calibration,
-            compensate=compensate, loss_fn=loss_fn, tracer=tracer))
+            compensate=compensate, loss_fn=loss_fn, tracer=tracer, allocation=allocation))
     if (compensate or importance in CALIBRATED) and calibration is None:
         raise UsageError(f"importance={importance!r}, compensate={compensate!r} need calibration=[batch, ...]: "
                          "a few batches of real inputs shaped like example_inputs")
@@ -113,14 +122,20 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         scorer = None if importance in CALIBRATED else get_importance(importance)
     an, keep, lockstep, multiple = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
     tensors = named_tensors(model)
-    needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs"))
+    needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs")
+                                                 or allocation == "search")
     readers = collect(model, an, calibration, tensors, grams=importance == "obs") if needs_readers else []
     if scorer is None:  # wanda / flap / obs read the statistics just gathered
         scorer = CalibratedImportance(importance, readers, compensate)
     job = Job(an, tensors, kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep,
               multiple=multiple,
               target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})
-    passes = PLAN + ([Compensate(readers, compensate)] if compensate else [])
+    search = []
+    if allocation == "search":  # between Score and Select: it turns the scores into per-family widths
+        from .passes.allocation import Allocate
+
+        search = [Allocate(model, readers, list(calibration), compensate)]
+    passes = PLAN[:2] + search + PLAN[2:] + ([Compensate(readers, compensate)] if compensate else [])
     try:
         result = run(passes, job).plan
     except BudgetError as err:

@@ -192,3 +192,37 @@ def test_held_out_ridge_keeps_scarce_calibration_from_overfitting(monkeypatch, t
     fixed = plan()
     assert not fixed.ridges and "fixed ridge" in fixed.summary()
     assert error(chosen.apply(model)) < error(fixed.apply(model))
+
+
+def test_search_spends_the_budget_where_measured_distance_is_cheapest():
+    """_spend against brute force over every allocation of three convex curves."""
+    import itertools
+
+    from graphprune.passes import allocation as al
+
+    curves = {0: al._convex([0, 2, 4], [0.0, 0.1, 0.5]), 1: al._convex([0, 1, 2, 3], [0.0, 0.02, 0.3, 0.9]),
+              2: al._convex([0, 4], [0.0, 0.2])}
+    saving, unit = {0: 1.0, 1: 2.0, 2: 0.5}, {0: 1, 1: 1, 2: 2}
+    for need in (1.0, 3.0, 5.5, 8.0):
+        got = al._spend(curves, saving, unit, need)
+        best = min(sum(curves[f][r] for f, r in enumerate(rs))
+                   for rs in itertools.product(range(5), range(4), (0, 2, 4))
+                   if sum(r * saving[f] for f, r in enumerate(rs)) >= need)
+        assert sum(got[f] * saving[f] for f in got) >= need
+        assert sum(curves[f][r] for f, r in got.items()) <= best + 0.05  # greedy on convex curves: one step off
+
+
+def test_search_allocation_plans_exactly_and_says_what_it_measured():
+    factory, model, inputs, calibration = _llama()
+    x = inputs()
+    plan = graphprune.plan(model, x, target_params=0.8, importance="flap", calibration=calibration, compensate=True,
+                           allocation="search")
+    assert abs(plan.params_ratio - 0.8) <= 0.01
+    assert "allocation search:" in plan.summary()
+    slim = plan.apply(model)  # verified against the masked model
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="uniform"):
+        graphprune.plan(model, x, target_params=0.8, calibration=calibration, allocation="search", uniform=True)
+    with pytest.raises(ValueError, match="at least 4 batches"):
+        graphprune.plan(model, x, target_params=0.8, importance="flap", calibration=calibration[:3],
+                        allocation="search")

@@ -89,7 +89,7 @@ class Reader:
     split: tuple[torch.Tensor, torch.Tensor] | None = None
     kk: torch.Tensor | None = None
     kp: torch.Tensor | None = None
-    # held-out batches (see held_out): gathered apart as well, so least squares can choose its ridge on data it was
+    # held-out batches (see hold_out): gathered apart as well, so least squares can choose its ridge on data it was
     # not fitted on; cpu() counts them into this reader's totals too
     holding: bool = False
     holdout: Reader | None = None
@@ -339,7 +339,7 @@ def _held_out_residuals(r: Reader) -> tuple[torch.Tensor, torch.Tensor]:
     held = r.holdout
     n_h, n_f = held.n, r.n - held.n
     m_h, m_f = held.s1 / n_h, (r.s1 - held.s1) / n_f
-    g_h = held.gram.double()
+    g_h = held.gram.to(torch.float64, copy=True)  # never the holdout's own (compensation reads it later)
     s = (r.gram.double() - g_h).div_(n_f).addr_(m_f, m_f, alpha=-1)
     s.diagonal().add_(RIDGE * float(s.diagonal().mean().clamp_min(1e-12)))
     theta = torch.linalg.inv(s)

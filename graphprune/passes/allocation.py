@@ -1,0 +1,196 @@
+"""allocation="search": how many channels each layer loses, from measured sensitivity instead of per-channel
+scores compared across layers.
+
+Per-channel errors are measured in each layer's own output; what a layer's error costs at the model's output
+differs from layer to layer (an LLM's first MLP is many times more sensitive than its middle ones), so a single
+threshold over them thins the wrong layers. Here every family whose channels have one compensable reader (an
+MLP's hidden channels, a layer's attention heads or KV groups) is cut alone to a few candidate widths, the least
+important components first and the reader compensated as the plan will be; the model runs on the held-out
+calibration batches and the distance of its outputs to the dense model's is recorded (the KL divergence of the
+next-token distributions for a model that returns logits, else the relative squared error). Each family's curve
+of distance against components removed is made convex, and the budget is spent greedily where a unit of cost
+adds the least distance (optimal for convex curves under the assumption that the distances add up). Families
+not measured (the residual stream, channels read by several layers) are kept whole.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import GraphPruneError, UsageError
+from ..ir.from_torch import eval_mode, normalize_inputs
+from .calibration import HOLDOUT, Reader, _readers_per_component, compensate
+from .pipeline import Pass
+from .select import auto_multiple
+
+log = logging.getLogger(__name__)
+
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # candidate fractions removed from a wide family
+NARROW = 8  # families of at most this many components (heads) try every count
+MAX_BATCHES = 8  # held-out batches the candidates run on
+KEEP, TAKE = 1e12, 1e-6  # forced scores: what the selection keeps, and the scale of what it removes
+
+
+class Allocate(Pass):
+    """Replace the scores so the selection removes, in each measured family, the number of components the search
+    chose (its least important ones), and nothing elsewhere."""
+
+    requires = ("an", "tensors", "scores", "flops", "params")
+    ensures = ("scores",)
+
+    def __init__(self, model: nn.Module, readers: list[Reader], calibration: list, method: str | bool):
+        self.model, self.readers, self.method = model, readers, method or None
+        self.batches = [b for i, b in enumerate(calibration) if i % HOLDOUT == HOLDOUT - 1][:MAX_BATCHES]
+        if not self.batches:
+            raise UsageError(f"allocation='search' measures candidates on held-out calibration batches (every "
+                                  f"{HOLDOUT}th): pass at least {HOLDOUT} batches")
+
+    def __call__(self, job) -> None:
+        started = time.perf_counter()
+        an, cost = job.an, job.budget
+        families = searchable(an, self.readers, job.scores, job.keep)
+        if not families:
+            raise GraphPruneError("allocation='search' found no family with one compensable reader to measure "
+                                  "(MLP channels, attention heads); use the default allocation")
+        dense = [self._run(b) for b in self.batches]
+        base = cost.total()
+        curves, saving, unit = {}, {}, {}
+        for f, order in families.items():
+            n = len(order)
+            unit[f] = (auto_multiple(n, job.auto_round) if job.round_to == "auto" else job.round_to) or 1
+            limit = min(n - 1, int(np.floor(job.max_ratio * n + 1e-9)))
+            counts = sorted({r for r in (range(1, n) if n <= NARROW else (round(n * c / unit[f]) * unit[f]
+                                                                          for c in FRACTIONS)) if 0 < r <= limit})
+            if not counts:
+                continue
+            distances = [self._distance(an, order[:r], dense) for r in counts]
+            curves[f] = _convex([0] + counts, [0.0] + distances)
+            log.info("allocation search: %d of %d families measured (%.0f s)", len(curves), len(families),
+                     time.perf_counter() - started)
+            saving[f] = (base - cost.total(order[:1]))  # every component of an internal family saves the same
+        removed = _spend(curves, saving, unit, base - job.ratio * base)
+        scores = np.full(len(an.prunable), KEEP)
+        for f, r in removed.items():
+            scores[families[f][:r]] = TAKE * np.arange(1, r + 1) / max(r, 1)
+        job.scores = scores
+        widths = [len(families[f]) - removed.get(f, 0) for f in sorted(curves)]
+        job.notes.append(f"allocation search: {len(curves)} families measured at {sum(len(c) for c in curves.values())}"
+                         f" widths on {len(self.batches)} held-out calibration batches in "
+                         f"{time.perf_counter() - started:.0f} s; widths kept {min(widths)}..{max(widths)} "
+                         f"(families in model order: {', '.join(map(str, widths))})")
+
+    def _run(self, batch: Any) -> torch.Tensor:
+        """The model's output on one batch: log-probabilities where it returns logits, else its tensors flattened."""
+        args, kwargs = normalize_inputs(batch)
+        with eval_mode(self.model), torch.no_grad():
+            out = self.model(*args, **kwargs)
+        logits = getattr(out, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return torch.log_softmax(logits.float(), -1)
+        return torch.cat([t.float().reshape(-1) for t in tree_flatten(out)[0]
+                          if isinstance(t, torch.Tensor) and t.is_floating_point()])
+
+    def _distance(self, an, gone_ids: np.ndarray, dense: list[torch.Tensor]) -> float:
+        """The output distance to the dense model with `gone_ids` removed (their readers' input columns zeroed and
+        the readers compensated), the model restored afterwards."""
+        gone = np.zeros(len(an.prunable), dtype=bool)
+        gone[gone_ids] = True
+        with _cut(self.model, self.readers, an, gone, self.method):
+            got = [self._run(b) for b in self.batches]
+        if dense[0].ndim > 1:  # log-probabilities: KL(dense || cut), mean over positions
+            return float(np.mean([(d.exp() * (d - g)).sum(-1).mean() for d, g in zip(dense, got)]))
+        return float(sum((g - d).square().sum() for d, g in zip(dense, got)) / sum(d.square().sum() for d in dense))
+
+
+def searchable(an, readers: list[Reader], scores: np.ndarray, keep: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Families whose components each have one reader that gathered X^T X (zeroing its input columns is removing
+    them, and compensation applies), none kept whole and all scored: family -> components, least important first."""
+    readers_of = _readers_per_component(readers, len(an.prunable))
+    has_gram = np.zeros(len(an.prunable), dtype=bool)
+    for r in readers:
+        if r.gram is not None or r.kk is not None:
+            has_gram[r.columns] = True
+    out = {}
+    for f, fam in enumerate(an.families):
+        fam = np.asarray(fam)
+        if (len(fam) < 2 or not an.prunable[fam].all() or (readers_of[fam] != 1).any() or not has_gram[fam].all()
+                or (keep is not None and keep[fam].any()) or not np.isfinite(scores[fam]).all()):
+            continue
+        out[f] = fam[np.argsort(scores[fam], kind="stable")]
+    return out
+
+
+class _cut:
+    """Context: the readers of removed components get their compensated weights with those input columns zeroed."""
+
+    def __init__(self, model: nn.Module, readers: list[Reader], an, gone: np.ndarray, method: str | None):
+        self.model, self.readers, self.an, self.gone, self.method = model, readers, an, gone, method
+        self.saved: list[tuple[nn.Module, torch.Tensor, Any]] = []
+
+    def __enter__(self):
+        touched = [r for r in self.readers if self.gone[r.columns].any()]
+        tensors = {r.weight: self.model.get_submodule(r.module).weight for r in touched}
+        for r in touched:
+            bias = self.model.get_submodule(r.module).bias
+            if bias is not None:
+                tensors[r.module + ".bias" if r.module else "bias"] = bias
+        updates = compensate(touched, self.an, self.gone, tensors, self.method)[0] if self.method else {}
+        for r in touched:
+            module = self.model.get_submodule(r.module)
+            self.saved.append((module, module.weight.data, module.bias))
+            w = updates.get(r.weight, module.weight.data).clone()
+            w.index_fill_(r.in_axis, torch.from_numpy(np.nonzero(self.gone[r.columns])[0]), 0)
+            module.weight.data = w
+            bias = updates.get(r.module + ".bias" if r.module else "bias")
+            if bias is not None:
+                module.bias = nn.Parameter(bias, requires_grad=False)
+        return self
+
+    def __exit__(self, *exc):
+        for module, weight, bias in self.saved:
+            module.weight.data = weight
+            module.bias = bias
+        return False
+
+
+def _convex(counts: list[int], distances: list[float]) -> np.ndarray:
+    """The lower convex hull of (components removed, distance), read at every count from 0 to the largest."""
+    hull: list[tuple[int, float]] = []
+    for p in zip(counts, np.maximum.accumulate(np.maximum(distances, 0.0))):
+        while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])
+                                  >= (p[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+            hull.pop()
+        hull.append(p)
+    xs, ys = zip(*hull)
+    return np.interp(np.arange(xs[-1] + 1), xs, ys)
+
+
+def _spend(curves: dict[int, np.ndarray], saving: dict[int, float], unit: dict[int, int], need: float
+           ) -> dict[int, int]:
+    """Components to remove per family: units taken where the least distance is added per cost saved, until the
+    savings reach `need` (convex curves: each family's next unit costs at least its last)."""
+    removed = {f: 0 for f in curves}
+    heap: list[tuple[float, int]] = []
+
+    def push(f: int) -> None:
+        r, step = removed[f], unit[f]
+        if r + step < len(curves[f]):
+            heapq.heappush(heap, ((curves[f][r + step] - curves[f][r]) / max(step * saving[f], 1e-300), f))
+
+    for f in curves:
+        push(f)
+    got = 0.0
+    while got < need and heap:
+        _, f = heapq.heappop(heap)
+        removed[f] += unit[f]
+        got += unit[f] * saving[f]
+        push(f)
+    return removed
