@@ -120,6 +120,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         scorer = TaylorImportance(model, calibration, loss_fn)
     else:
         scorer = None if importance in CALIBRATED else get_importance(importance)
+    if allocation == "search":
+        calibration = list(calibration)  # read twice: the statistics, then the candidates (a generator would be spent)
     an, keep, lockstep, multiple = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
     tensors = named_tensors(model)
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs")
@@ -134,7 +136,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     if allocation == "search":  # between Score and Select: it turns the scores into per-family widths
         from .passes.allocation import Allocate
 
-        search = [Allocate(model, readers, list(calibration), compensate)]
+        search = [Allocate(model, readers, calibration, compensate)]
     passes = PLAN[:2] + search + PLAN[2:] + ([Compensate(readers, compensate)] if compensate else [])
     try:
         result = run(passes, job).plan

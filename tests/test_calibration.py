@@ -215,8 +215,8 @@ def test_search_spends_the_budget_where_measured_distance_is_cheapest():
 def test_search_allocation_plans_exactly_and_says_what_it_measured():
     factory, model, inputs, calibration = _llama()
     x = inputs()
-    plan = graphprune.plan(model, x, target_params=0.8, importance="flap", calibration=calibration, compensate=True,
-                           allocation="search")
+    plan = graphprune.plan(model, x, target_params=0.8, importance="flap", calibration=iter(calibration),
+                           compensate=True, allocation="search")  # a generator: read for statistics and candidates
     assert abs(plan.params_ratio - 0.8) <= 0.01
     assert "allocation search:" in plan.summary()
     slim = plan.apply(model)  # verified against the masked model
