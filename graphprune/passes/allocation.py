@@ -51,7 +51,7 @@ class Allocate(Pass):
         self.batches = [b for i, b in enumerate(calibration) if i % HOLDOUT == HOLDOUT - 1][:MAX_BATCHES]
         if not self.batches:
             raise UsageError(f"allocation='search' measures candidates on held-out calibration batches (every "
-                                  f"{HOLDOUT}th): pass at least {HOLDOUT} batches")
+                             f"{HOLDOUT}th): pass at least {HOLDOUT} batches")
 
     def __call__(self, job) -> None:
         started = time.perf_counter()
@@ -75,7 +75,7 @@ class Allocate(Pass):
             curves[f] = _convex([0] + counts, [0.0] + distances)
             log.info("allocation search: %d of %d families measured (%.0f s)", len(curves), len(families),
                      time.perf_counter() - started)
-            saving[f] = (base - cost.total(order[:1]))  # every component of an internal family saves the same
+            saving[f] = base - cost.total(order[:1])  # every component of an internal family saves the same
         removed = _spend(curves, saving, unit, base - job.ratio * base)
         scores = np.full(len(an.prunable), KEEP)
         for f, r in removed.items():
@@ -141,7 +141,7 @@ class _cut:
         for r in touched:
             bias = self.model.get_submodule(r.module).bias
             if bias is not None:
-                tensors[r.module + ".bias" if r.module else "bias"] = bias
+                tensors[r.bias_name] = bias
         updates = compensate(touched, self.an, self.gone, tensors, self.method)[0] if self.method else {}
         for r in touched:
             module = self.model.get_submodule(r.module)
@@ -149,7 +149,7 @@ class _cut:
             w = updates.get(r.weight, module.weight.data).clone()
             w.index_fill_(r.in_axis, torch.from_numpy(np.nonzero(self.gone[r.columns])[0]), 0)
             module.weight.data = w
-            bias = updates.get(r.module + ".bias" if r.module else "bias")
+            bias = updates.get(r.bias_name)
             if bias is not None:
                 module.bias = nn.Parameter(bias, requires_grad=False)
         return self

@@ -149,6 +149,11 @@ class Reader:
         return self
 
     @property
+    def bias_name(self) -> str:
+        """The name of the reading layer's bias, whether it has one yet or compensation adds it."""
+        return self.module + ".bias" if self.module else "bias"
+
+    @property
     def mean(self) -> torch.Tensor:
         return self.s1 / max(self.n, 1)
 
@@ -336,16 +341,34 @@ def _held_out_residuals(r: Reader) -> tuple[torch.Tensor, torch.Tensor]:
     about their mean. The least-squares residual of inputs P given the rest is (Theta_PP)^-1 (Theta (x - m))_P, so
     its held-out covariance is (Theta_PP)^-1 (Theta D Theta)_PP (Theta_PP)^-1: what removing P and compensating
     really leaves on data the fit did not see."""
-    held = r.holdout
-    n_h, n_f = held.n, r.n - held.n
-    m_h, m_f = held.s1 / n_h, (r.s1 - held.s1) / n_f
-    g_h = held.gram.to(torch.float64, copy=True)  # never the holdout's own (compensation reads it later)
-    s = (r.gram.double() - g_h).div_(n_f).addr_(m_f, m_f, alpha=-1)
+    n_f, n_h, m_f, m_h = _split_means(r)
+    g_h = r.holdout.gram.to(torch.float64, copy=True)  # never the holdout's own (compensation reads it later)
+    s = _fitted_covariance(r.gram.double(), g_h, n_f, m_f, m_f)
     s.diagonal().add_(RIDGE * float(s.diagonal().mean().clamp_min(1e-12)))
     theta = torch.linalg.inv(s)
     del s
-    d = g_h.div_(n_h).addr_(m_h, m_f, alpha=-1).addr_(m_f, m_h, alpha=-1).addr_(m_f, m_f)
+    d = _held_about_fitted_mean(g_h, n_h, m_h, m_h, m_f, m_f)
     return theta, theta @ d @ theta
+
+
+def _split_means(r: Reader) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(rows fitted, rows held out, fitted mean, held-out mean) of a reader whose totals include its holdout."""
+    held = r.holdout
+    n_f = r.n - held.n
+    return n_f, held.n, (r.s1 - held.s1) / n_f, held.s1 / held.n
+
+
+def _fitted_covariance(total: torch.Tensor, held: torch.Tensor, n_f: int, m_a: torch.Tensor, m_b: torch.Tensor
+                       ) -> torch.Tensor:
+    """A block of the covariance of the batches not held out, from its sums x_a x_b^T over all and held-out rows."""
+    return (total - held).div_(n_f).addr_(m_a, m_b, alpha=-1)
+
+
+def _held_about_fitted_mean(held: torch.Tensor, n_h: int, h_a: torch.Tensor, h_b: torch.Tensor, f_a: torch.Tensor,
+                            f_b: torch.Tensor) -> torch.Tensor:
+    """A block of the held-out second moment about the FITTED mean (h, f: held-out and fitted means), in place of
+    its held-out sums: E_held[(x_a - f_a)(x_b - f_b)^T], what an update subtracting the fitted mean leaves."""
+    return held.div_(n_h).addr_(h_a, f_b, alpha=-1).addr_(f_a, h_b, alpha=-1).addr_(f_a, f_b)
 
 
 def _second_moment(r: Reader, release: bool = False) -> torch.Tensor:
@@ -476,7 +499,7 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
         w[:, k_idx] += delta
         del delta, a
         updates[r.weight] = _back_to_layout(w, original, r)
-    bias_name = r.module + ".bias" if r.module else "bias"
+    bias_name = r.bias_name
     old_bias = tensors.get(bias_name)
     if r.kind == "conv":
         shift = shift.reshape(tensors[r.weight].shape[0], -1).sum(1)  # kernel taps all see the mean
@@ -496,18 +519,15 @@ def choose_ridge(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor, w_p: torch
     dependence on lam is the diagonal 1/(e + lam). Returns the ridge and, for the plan, the layer, the tokens
     fitted and held out, and the held-out error relative to bias-only's (None where the removed-removed block
     was not gathered: prune-hf's split statistics)."""
-    held = r.holdout
-    n_h, n_f = held.n, r.n - held.n
-    m_h, m_f = held.s1 / n_h, (r.s1 - held.s1) / n_f
+    n_f, n_h, m_f, m_h = _split_means(r)
     all_kk, all_kp, _ = _raw_blocks(r, k_idx, p_idx)
-    h_kk, h_kp, h_pp = _raw_blocks(held, k_idx, p_idx, pp=True)
+    h_kk, h_kp, h_pp = _raw_blocks(r.holdout, k_idx, p_idx, pp=True)
     mk, mp, hk, hp = m_f[k_idx], m_f[p_idx], m_h[k_idx], m_h[p_idx]
-    s_kk = (all_kk - h_kk).div_(n_f).addr_(mk, mk, alpha=-1)
-    s_kp = (all_kp - h_kp).div_(n_f).addr_(mk, mp, alpha=-1)
+    s_kk = _fitted_covariance(all_kk, h_kk, n_f, mk, mk)
+    s_kp = _fitted_covariance(all_kp, h_kp, n_f, mk, mp)
     del all_kk, all_kp
-    # held-out second moments about the FITTED mean (the update subtracts that mean)
-    d_kk = h_kk.div_(n_h).addr_(hk, mk, alpha=-1).addr_(mk, hk, alpha=-1).addr_(mk, mk)
-    d_kp = h_kp.div_(n_h).addr_(hk, mp, alpha=-1).addr_(mk, hp, alpha=-1).addr_(mk, mp)
+    d_kk = _held_about_fitted_mean(h_kk, n_h, hk, hk, mk, mk)
+    d_kp = _held_about_fitted_mean(h_kp, n_h, hk, hp, mk, mp)
     scale = float(s_kk.diagonal().mean().clamp_min(1e-12))
     e, q = torch.linalg.eigh(s_kk)
     del s_kk
@@ -521,7 +541,7 @@ def choose_ridge(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor, w_p: torch
     best = int(np.argmin(errors))
     base = None
     if h_pp is not None:
-        d_pp = h_pp.div_(n_h).addr_(hp, mp, alpha=-1).addr_(mp, hp, alpha=-1).addr_(mp, mp)
+        d_pp = _held_about_fitted_mean(h_pp, n_h, hp, hp, mp, mp)
         base = float(((w_p @ d_pp) * w_p).sum())
     ridge = RIDGES[best]
     return {"module": r.module or r.weight, "ridge": None if np.isinf(ridge) else ridge, "fitted_tokens": n_f,
