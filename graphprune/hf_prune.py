@@ -20,7 +20,6 @@ it will see in the pruned model.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import logging
@@ -45,6 +44,7 @@ from .backends.torch import masked_in_place, sliced
 from .errors import GraphPruneError, UsageError
 from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, load_config
 from .ir.from_torch import eval_mode
+from .ir.hf_config import empty_weights
 from .passes.calibration import CalibratedImportance, compensate, hold_out, hooked, make_readers
 from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
 from .plan import PruningPlan, named_tensors
@@ -203,7 +203,7 @@ def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = No
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
         model.graphprune_plan = the_plan
         return model.eval()
-    with _empty_weights(), warnings.catch_warnings():
+    with empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
     model = the_plan.apply(model, inplace=True, verify=False)
@@ -358,27 +358,10 @@ def _stored_dtype(weights: ShardReader) -> torch.dtype:
 
 # --- the model, a layer at a time ----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _empty_weights():
-    """Build modules with parameters on the meta device and buffers (rotary frequencies) real, on the CPU."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _skeleton(config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    with _empty_weights(), warnings.catch_warnings():
+    with empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_config(config).eval()
 

@@ -120,17 +120,17 @@ def apply_verified(plan: PruningPlan, model: nn.Module, inplace: bool = False, v
 
 def _in_place_checked(plan: PruningPlan, model: nn.Module, inputs: Any, expected: list[torch.Tensor]) -> str | None:
     """Slim the user's model itself and check it, with no second copy of it: None if it passed, else what went
-    wrong, the model restored bit-identically (backends/torch.py Undo). A half-precision model that misses the
-    half tolerance is checked again in float32 (_check_in_float32), which needs the original for the reference."""
+    wrong, the model restored bit-identically (backends/torch.py Undo). A model that misses the tolerance is
+    checked again in a wider float type (_check_widened), which needs the original for the reference."""
     problem = _slim_and_check(plan, model, lambda: check(model, inputs, expected, plan.lossy))
-    if problem is None or _half(model) is None:
+    narrow = _narrow(model)
+    if problem is None or narrow is None:
         return problem
-    floats, expected = _float32_reference(plan, model, inputs)
-    return _slim_and_check(plan, model, lambda: _check_float32(plan, model, floats, expected, _half(model)),
-                           problem)
+    wide, expected = _wide_reference(plan, model, inputs, narrow)
+    return _slim_and_check(plan, model, lambda: _check_wide(plan, model, wide, expected, narrow), problem)
 
 
-def _slim_and_check(plan: PruningPlan, model: nn.Module, run_check, half_problem: str | None = None) -> str | None:
+def _slim_and_check(plan: PruningPlan, model: nn.Module, run_check, narrow_problem: str | None = None) -> str | None:
     """apply_plan in place, then run_check(); undone unless it passed."""
     undo = Undo(model)
     try:
@@ -145,26 +145,30 @@ def _slim_and_check(plan: PruningPlan, model: nn.Module, run_check, half_problem
         raise
     if problem is not None:
         undo.restore()
-    elif half_problem is not None:
-        plan.notes.append(_FLOAT32_NOTE.format(half_problem))
+    elif narrow_problem is not None:
+        plan.notes.append(_WIDE_NOTE.format(narrow_problem))
     return problem
 
 
-_HALF = (torch.float16, torch.bfloat16)
+# each float type and the wider one that tells its rounding from a real mismatch
+_WIDER = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64}
 
 
-def _half(model: nn.Module) -> torch.dtype | None:
-    """The model's half-precision dtype, if it has one."""
-    return next((t.dtype for t in model.parameters() if t.dtype in _HALF), None)
+def _narrow(model: nn.Module) -> torch.dtype | None:
+    """The model's narrowest float type that a wider one can check (half precision first)."""
+    dtypes = {t.dtype for t in model.parameters()}
+    return next((d for d in _WIDER if d in dtypes), None)
 
 
 @contextlib.contextmanager
-def _in_float32(module: nn.Module):
-    """The module's half-precision parameters and buffers in float32 for a while; they come back bit-identical (every
-    half value is a float32 value), as the same objects."""
-    changed = [(t, t.dtype) for t in itertools.chain(module.parameters(), module.buffers()) if t.dtype in _HALF]
+def _widened(module: nn.Module, narrow: torch.dtype):
+    """The module's parameters and buffers of `narrow`'s width (both half types for half) in the wider type for a
+    while; they come back bit-identical (every narrow value is a wider one), as the same objects."""
+    wide = _WIDER[narrow]
+    changed = [(t, t.dtype) for t in itertools.chain(module.parameters(), module.buffers())
+               if t.dtype in _WIDER and _WIDER[t.dtype] == wide]
     for t, _ in changed:
-        t.data = t.data.float()
+        t.data = t.data.to(wide)
     try:
         yield
     finally:
@@ -174,41 +178,47 @@ def _in_float32(module: nn.Module):
 
 def _check_against(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs: Any,
                    expected: list[torch.Tensor]) -> str | None:
-    """check(), and for a half-precision model that misses the half tolerance, the float32 run below."""
+    """check(), and for a model that misses the tolerance, the wider run below."""
     problem = check(slim, inputs, expected, plan.lossy)
-    if problem is not None and _half(model) is not None:
-        problem = _check_in_float32(plan, model, slim, inputs, problem)
+    if problem is not None and _narrow(model) is not None:
+        problem = _check_widened(plan, model, slim, inputs, problem)
     return problem
 
 
-def _check_in_float32(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs: Any, problem: str) -> str | None:
-    """Half precision rounds every op, and through many layers the slim and the masked model drift apart by more
-    than any fixed tolerance although they compute the same function: the same weights run in float32 tell a
-    real mismatch from rounding (for the run, the model takes twice its memory). What is left is the one rounding
-    of the weights the slim model rewrote in half precision (compensation, rescaled RMS norms): the tolerance is
-    that precision's epsilon (bfloat16: 0.0078 of the largest output), below the half tolerance."""
-    floats, expected = _float32_reference(plan, model, inputs)
-    again = _check_float32(plan, slim, floats, expected, _half(model))
+def _check_widened(plan: PruningPlan, model: nn.Module, slim: nn.Module, inputs: Any, problem: str) -> str | None:
+    """Every op rounds, and through many layers (or the outlier activations of LLMs, SmolLM2's reach thousands) the
+    slim and the masked model drift apart by more than a fixed tolerance although they compute the same function:
+    the same weights run in the wider type (half in float32, float32 in float64) tell a real mismatch from rounding
+    (for the run, the model takes twice its memory). What is left is the one rounding of the weights the slim model
+    rewrote (compensation, rescaled RMS norms): the tolerance is the narrow type's epsilon (bfloat16: 0.0078 of the
+    largest output; float32: 1.2e-7)."""
+    narrow = _narrow(model)
+    wide, expected = _wide_reference(plan, model, inputs, narrow)
+    again = _check_wide(plan, slim, wide, expected, narrow)
     if again is None:
-        plan.notes.append(_FLOAT32_NOTE.format(problem))
+        plan.notes.append(_WIDE_NOTE.format(problem))
     return again
 
 
-_FLOAT32_NOTE = "verified with the same weights in float32: in half precision the outputs differ by rounding ({})"
+_WIDE_NOTE = "verified with the same weights in a wider float type: the outputs differ by rounding ({})"
 
 
-def _float32_reference(plan: PruningPlan, model: nn.Module, inputs: Any) -> tuple[Any, list[torch.Tensor]]:
-    """The inputs upcast to float32, and the masked model's outputs on them with its weights in float32."""
-    floats = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, inputs)
-    with _in_float32(model):
-        return floats, masked_outputs(plan, model, floats)
+def _wide_reference(plan: PruningPlan, model: nn.Module, inputs: Any, narrow: torch.dtype
+                    ) -> tuple[Any, list[torch.Tensor]]:
+    """The inputs widened, and the masked model's outputs on them with its weights widened."""
+    wide = _WIDER[narrow]
+    widen = (lambda t: t.to(wide) if isinstance(t, torch.Tensor) and t.dtype in _WIDER and _WIDER[t.dtype] == wide
+             else t)
+    inputs = tree_map(widen, inputs)
+    with _widened(model, narrow):
+        return inputs, masked_outputs(plan, model, inputs)
 
 
-def _check_float32(plan: PruningPlan, slim: nn.Module, floats: Any, expected: list[torch.Tensor],
-                   half: torch.dtype) -> str | None:
-    """check() with the slim model's weights in float32, within the half type's epsilon (see above)."""
-    with _in_float32(slim):
-        return check(slim, floats, expected, plan.lossy, torch.finfo(half).eps)
+def _check_wide(plan: PruningPlan, slim: nn.Module, inputs: Any, expected: list[torch.Tensor],
+                narrow: torch.dtype) -> str | None:
+    """check() with the slim model's weights widened, within the narrow type's epsilon (see above)."""
+    with _widened(slim, narrow):
+        return check(slim, inputs, expected, plan.lossy, torch.finfo(narrow).eps)
 
 
 def masked_outputs(plan: PruningPlan, model: nn.Module, inputs: Any) -> list[torch.Tensor]:

@@ -442,31 +442,34 @@ def test_apply_copy_shares_no_memory_with_the_model_or_the_plan():
     assert not theirs & {t.untyped_storage().data_ptr() for t in list(slim.parameters()) + list(slim.buffers())}
 
 
-def test_half_precision_rounding_is_told_from_a_wrong_model_by_a_float32_run(monkeypatch):
-    """Through many bf16 layers the slim and masked models drift apart by rounding (a 1.6 B LLaMA: 2.3% of the
-    largest logit); verification then runs the same weights in float32, which a correct slim model matches and a
-    wrong one does not. The half-precision tolerance is set to zero here so that any rounding takes that path."""
-    from graphprune.verify import _check_in_float32
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rounding_is_told_from_a_wrong_model_by_a_wider_run(monkeypatch, dtype):
+    """Through many layers the slim and masked models drift apart by rounding (a 1.6 B LLaMA in bf16: 2.3% of the
+    largest logit; SmolLM2-135M in float32: 1.3e-4 of it, over the float32 tolerance); verification then runs the
+    same weights in the wider type (float32, float64), which a correct slim model matches and a wrong one does not.
+    The tolerances are set to zero here so that any rounding takes that path."""
+    from graphprune.verify import _check_widened
 
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6,
                                       num_attention_heads=8, num_key_value_heads=4, vocab_size=100)
-    model = transformers.LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    model = transformers.LlamaForCausalLM(config).eval().to(dtype)
     ids = torch.randint(0, 100, (8, 64))
     options = dict(target_params=0.8, importance="flap", compensate=True, uniform=True,
                    calibration=[{"input_ids": b} for b in ids.split(4)])
     monkeypatch.setattr(graphprune.verify, "_HALF_TOLERANCE", 0.0)
+    monkeypatch.setattr(graphprune.verify, "_TOLERANCE", 0.0)
     snapshot = _snapshot(model)
     slim = graphprune.prune(model, {"input_ids": ids[:1]}, **options)
-    assert any("in float32" in note for note in slim.graphprune_plan.notes)  # bf16 alone differed
-    assert _unchanged(model, snapshot) and slim.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert any("wider float type" in note for note in slim.graphprune_plan.notes)  # the narrow type alone differed
+    assert _unchanged(model, snapshot) and slim.model.layers[0].mlp.down_proj.weight.dtype == dtype
 
     plan = slim.graphprune_plan
     with torch.no_grad():
         slim.model.layers[1].mlp.down_proj.weight[:, 0] += 0.05  # one wrong column
-    problem = _check_in_float32(plan, model, slim, {"input_ids": ids[:1]}, "bf16 differs")
+    problem = _check_widened(plan, model, slim, {"input_ids": ids[:1]}, "differs")
     assert problem is not None and "differs" in problem
-    assert _unchanged(model, snapshot) and slim.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert _unchanged(model, snapshot) and slim.model.layers[1].mlp.down_proj.weight.dtype == dtype
 
 
 X_IMAGE = torch.randn(2, 3, 32, 32)
@@ -546,7 +549,7 @@ def test_inplace_verifies_the_users_model_itself_without_a_copy(monkeypatch):
     monkeypatch.setattr(graphprune.verify, "_HALF_TOLERANCE", 0.0)
     slim = plan.apply(model, inplace=True)
     assert slim is model and model.model.layers[1] is layer and layer.mlp.up_proj.weight.dtype == torch.bfloat16
-    assert layer.mlp.up_proj.out_features < 128 and any("in float32" in note for note in plan.notes)
+    assert layer.mlp.up_proj.out_features < 128 and any("wider float type" in note for note in plan.notes)
     assert rel(run(model.float(), {"input_ids": ids}).logits, want) <= 2e-2
 
 
@@ -562,7 +565,7 @@ def test_regenerated_graph_carries_the_biases_compensation_added(monkeypatch):
 
     def first_fails(*args, **kwargs):
         calls.append(1)
-        return "forced mismatch" if len(calls) == 1 else real(*args, **kwargs)
+        return "forced mismatch" if len(calls) <= 2 else real(*args, **kwargs)  # the check and its float64 rerun
 
     monkeypatch.setattr(graphprune.verify, "check", first_fails)
     slim = plan.apply(model)

@@ -137,12 +137,14 @@ def _refuse_save_pretrained(model: nn.Module, reason: str) -> None:
     """The config still describes the old widths: say so now, and make save_pretrained refuse rather than write
     a checkpoint that from_pretrained cannot load."""
     message = f"the pruned model's Hugging Face config no longer matches its weights ({reason})"
-    warnings.warn(f"{message}; save it with graphprune.save, not save_pretrained", stacklevel=4)
+    warnings.warn(f"{message}; save it with graphprune.save_pretrained (a per-layer config runtimes read) or "
+                  "graphprune.save, not its own save_pretrained", stacklevel=4)
 
     def save_pretrained(*_args, **_kwargs):
         raise UnsupportedModelError(f"{message}: save_pretrained would write a checkpoint from_pretrained cannot "
-                                    "load. Save with graphprune.save(model, path) and load with graphprune.load(path, "
-                                    "factory), or plan with uniform=True so the config can describe the widths")
+                                    "load. Save with graphprune.save_pretrained(model, directory) (LLaMA family: a "
+                                    "per-layer config) or graphprune.save(model, path), load with graphprune.load, or "
+                                    "plan with uniform=True so the config can describe the widths")
 
     model.save_pretrained = save_pretrained
 

@@ -10,6 +10,7 @@ shape exactly. Per-layer widths that differ (a non-uniform plan) have no solutio
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -150,3 +151,27 @@ def _make_explicit(cls, config, base: Shapes) -> None:
                 fits.append(size)
         if len(fits) == 1:
             setattr(config, key, fits[0])
+
+
+def describes(model: nn.Module) -> bool:
+    """Whether model.config builds exactly the model's tensor shapes, so save_pretrained / from_pretrained
+    round-trip it."""
+    config = getattr(model, "config", None)
+    return hasattr(config, "to_dict") and _build(type(model), config) == _shapes(model)
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build modules with parameters on the meta device and buffers (rotary frequencies) real, on the CPU."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
