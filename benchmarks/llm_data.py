@@ -99,16 +99,60 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
 
 
-@torch.inference_mode()
 def perplexity(model, windows: torch.Tensor) -> float:
     """exp(mean next-token NLL) over the windows, each scored independently (batch 1, no cache)."""
-    total, count = 0.0, 0
+    return lm_eval(model, windows)[0]
+
+
+@torch.inference_mode()
+def lm_eval(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(perplexity, the most likely next token at every position [windows, seq_len - 1]): the predictions of a
+    pruned model against the dense model's give the top-1 agreement."""
+    total, count, predicted = 0.0, 0, []
     for row in windows:
         x = row[None]
         logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
         total += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
         count += x.shape[1] - 1
-    return float(np.exp(total / count))
+        predicted.append(logits.argmax(-1))
+    return float(np.exp(total / count)), torch.stack(predicted)
+
+
+NEAR = 512  # choice_items' wrong continuations start within this many tokens of the true one
+
+
+def choice_items(tokenizer, n_items: int = 200, context: int = 48, span: int = 16, choices: int = 4,
+                 seed: int = 0) -> torch.Tensor:
+    """A zero-shot multiple-choice set that needs no download, from the held-out (second) half of the pydoc
+    text: `context` tokens, then `choices` continuations of `span` tokens: the true one first, the others taken
+    from random places up to NEAR tokens away (fluent text on the same topic, wrong only for this context).
+    Items start at evenly spread positions. LongTensor[n_items, choices, context + span]."""
+    ids = torch.tensor(tokenizer(pydoc_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    held_out = ids[len(ids) // 2:]
+    length = context + span
+    starts = _spread(len(held_out) - length, n_items)
+    rng = np.random.default_rng(seed)
+    items = []
+    for start in starts:
+        window = held_out[start:start + length]
+        options = [window]
+        for gap in rng.integers(span, NEAR, size=choices - 1):  # nearby: the same topic, wrong place
+            other = start + context + gap if start + length + gap + span <= len(held_out) else start - gap
+            options.append(torch.cat([window[:context], held_out[other:other + span]]))
+        items.append(torch.stack(options))
+    return torch.stack(items)
+
+
+@torch.inference_mode()
+def choice_accuracy(model, items: torch.Tensor, span: int = 16) -> float:
+    """Fraction of items whose true continuation (choice 0) gets a strictly higher log-likelihood than every
+    other choice (the same length in tokens, so sums compare)."""
+    right = 0
+    for options in items:
+        logits = model(input_ids=options, use_cache=False).logits[:, -span - 1:-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, options[:, -span:, None])[..., 0].sum(-1)
+        right += int(logp[0] > logp[1:].max())
+    return right / len(items)
 
 
 # ----- all-MiniLM-L6-v2 --------------------------------------------------------------------------------
