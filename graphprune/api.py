@@ -19,6 +19,7 @@ from .ir.inputs import input_specs
 from .passes.calibration import CalibratedImportance, Compensate, collect
 from .passes.importance import get_importance
 from .passes.pipeline import PLAN, Job, check_options, parse_budget, run
+from .passes.select import AUTO_ROUND, LLM_ROUND
 from .plan import PruningPlan, named_tensors
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         ignore: modules or parameter names whose parameters are kept whole.
         round_to: keep each layer's width a multiple of this; "auto" (default): multiples of 8 for layers of 32
             channels or more (kernels run such widths fastest: resnet50 at half the FLOPs runs 1.7x faster in
-            ONNX Runtime instead of 1.5x), exact below, so narrow layers stay prunable; None or 1: exact widths.
+            ONNX Runtime instead of 1.5x), exact below, so narrow layers stay prunable; in causal LMs (models
+            that generate) multiples of 64 for layers of 256 or more; None or 1: exact widths.
         max_ratio: the largest fraction of any one layer's channels that may go.
         allow_lossy: also prune axes normalized by LayerNorm (changes outputs; flagged in the summary).
         uniform: every layer keeps the same widths and head counts (layers are matched by parameter names
@@ -130,7 +132,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     if scorer is None:  # wanda / flap / obs read the statistics just gathered
         scorer = CalibratedImportance(importance, readers, compensate)
     job = Job(an, tensors, kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep,
-              multiple=multiple,
+              multiple=multiple, auto_round=LLM_ROUND if _generates(model) else AUTO_ROUND,
               target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})
     search = []
     if allocation == "search":  # between Score and Select: it turns the scores into per-family widths
@@ -423,3 +425,9 @@ def _ignored_components(an: Analysis, names: set[str]) -> np.ndarray | None:
         for axis in range(v.ndim):
             keep[an.component[an.elements(v, axis)]] = True
     return keep
+
+
+def _generates(model: torch.nn.Module) -> bool:
+    """A causal LM (transformers' can_generate): its widths round to LLM_ROUND under round_to="auto"."""
+    can_generate = getattr(model, "can_generate", None)
+    return callable(can_generate) and bool(can_generate())

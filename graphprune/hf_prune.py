@@ -47,6 +47,7 @@ from .ir.from_torch import eval_mode
 from .ir.hf_config import empty_weights
 from .passes.calibration import CalibratedImportance, compensate, hold_out, hooked, make_readers
 from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
+from .passes.select import LLM_ROUND
 from .plan import PruningPlan, named_tensors
 from .shards import ShardReader, ShardWriter
 
@@ -140,7 +141,8 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     layer_comps = _layer_components(layer_an, f"{stack}.0.")
     target = {"uniform": uniform, "importance": importance, "compensate": compensate or False}
     selection = dict(config=config, seq_len=seq_len, layer_an=layer_an, layer_comps=layer_comps, stack=stack,
-                     job=dict(kind=kind, ratio=ratio, round_to=round_to, max_ratio=max_ratio, target=target))
+                     job=dict(kind=kind, ratio=ratio, round_to=round_to, max_ratio=max_ratio, target=target,
+                              auto_round=LLM_ROUND))  # a causal LM, as graphprune.plan rounds one
     _select(np.ones((layers, len(layer_comps))), uniform, **selection)  # an unreachable budget fails before any work
     runner = _Runner(skeleton, stack, weights, device, dtype)
     say(f"capturing the inputs of {stack}.0 for {len(ids)} calibration batches of {tuple(ids[0].shape)} tokens")

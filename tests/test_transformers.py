@@ -257,3 +257,19 @@ def test_swin_relative_position_bias_lets_heads_go():
     slim = plan.apply(model)
     out, ref = run(slim, x).last_hidden_state, run(plan.mask(model), x).last_hidden_state
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_lm_widths_are_multiples_of_64_by_default():
+    """round_to="auto" rounds a causal LM's MLP widths to multiples of 64 (what GPU GEMM kernels tile); the same
+    decoder without the LM head (it does not generate) keeps the general rule, multiples of 8."""
+    config = T.LlamaConfig(hidden_size=64, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=V)
+    widths = {}
+    for cls in (T.LlamaForCausalLM, T.LlamaModel):
+        torch.manual_seed(0)
+        model = cls(config).eval()
+        decoder = getattr(model, "model", model)
+        slim = graphprune.prune(model, {"input_ids": _ids()}, target_params=0.8, ignore=[decoder.embed_tokens])
+        widths[cls] = [layer.mlp.gate_proj.out_features for layer in getattr(slim, "model", slim).layers]
+    assert all(w % 64 == 0 for w in widths[T.LlamaForCausalLM]) and min(widths[T.LlamaForCausalLM]) < 1024
+    assert all(w % 8 == 0 for w in widths[T.LlamaModel]) and any(w % 64 for w in widths[T.LlamaModel])

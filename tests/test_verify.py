@@ -455,7 +455,9 @@ def test_rounding_is_told_from_a_wrong_model_by_a_wider_run(monkeypatch, dtype):
                                       num_attention_heads=8, num_key_value_heads=4, vocab_size=100)
     model = transformers.LlamaForCausalLM(config).eval().to(dtype)
     ids = torch.randint(0, 100, (8, 64))
-    options = dict(target_params=0.8, importance="flap", compensate=True, uniform=True,
+    # widths at which the slim model's sums round differently from the masked one's (at some, such as this
+    # model's exact 381, they match bit for bit and there is nothing to tell apart)
+    options = dict(target_params=0.8, importance="flap", compensate=True, uniform=True, round_to=8,
                    calibration=[{"input_ids": b} for b in ids.split(4)])
     monkeypatch.setattr(graphprune.verify, "_HALF_TOLERANCE", 0.0)
     monkeypatch.setattr(graphprune.verify, "_TOLERANCE", 0.0)

@@ -10,8 +10,9 @@ max_ratio before any other is touched, since trained magnitudes within a layer d
 
 Within a family candidates are taken least-important first, in units that keep its width a multiple of
 `round_to` when set (round_to channels, fewer heads when a head is several channels wide; "auto" rounds
-families of at least 32 channels to multiples of 8 and leaves narrower ones exact, or keeps every width exact
-when the rounded units cannot land within 0.01 of the target), never more
+families of at least 32 channels to multiples of 8 (causal LMs: 256 channels to multiples of 64) and leaves
+narrower ones exact, or keeps every width exact when the rounded units cannot reach the target or land within
+0.01 of it), never more
 than `max_ratio` of the family and never all of it. Units from all families are ranked together; the exact
 cost of each prefix of that ranking is monotone, so a binary search finds the shortest prefix that meets
 the budget. If that prefix's last unit (a whole head, a lockstep group of layers) overshoots, the units ranked
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # round_to="auto": multiples of 8 in layers of 32 channels or more, unless that misses the target by more than
 # AUTO_TOLERANCE of the cost (a small model of a few such layers), then exact widths everywhere
 AUTO_ROUND, AUTO_MIN_WIDTH, AUTO_TOLERANCE = 8, 32, 0.01
+# round_to="auto" in causal LMs: multiples of 64 in layers of 256 channels or more, what GPU GEMM kernels tile
+# (DeciLM's MLP grid of 256 is a multiple)
+LLM_ROUND = 64
 _FILL_WINDOW = 64  # candidates for the last pick
 _FILL_LIMIT = 4096  # units examined at most for the last picks
 
@@ -108,7 +112,16 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     comps = np.concatenate(units)
     ends = np.cumsum(size[ranking])
     floor_cost = cost.total(comps)
+
+    def exact_widths() -> np.ndarray:
+        return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
+                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force,
+                      multiple=multiple)
+
     if floor_cost > target * (1 + 1e-9):
+        if round_to == "auto":  # "auto" never puts a target out of reach: exact widths go further
+            log.info("multiples of %d cannot reach the target: exact widths instead", auto_round)
+            return exact_widths()
         reachable = floor_cost / base
         raise BudgetError(f"target {budget_name} ratio {target_ratio:.3f} is out of reach: removing every "
                           f"prunable channel (within max_ratio={max_ratio}) leaves {reachable:.3f} of the "
@@ -132,9 +145,7 @@ def select(an: Analysis, importance: np.ndarray, cost: CostModel, target_ratio: 
     if round_to == "auto" and target - cost.total(chosen) > AUTO_TOLERANCE * base:
         log.info("multiples of %d land %.3f under the target: exact widths instead", auto_round,
                  (target - cost.total(chosen)) / base)
-        return select(an, importance, cost, target_ratio, max_ratio=max_ratio, round_to=None, keep=keep,
-                      budget_name=budget_name, mass=mass, lockstep=lockstep, normalize=normalize, force=force,
-                      multiple=multiple)
+        return exact_widths()
     log.info("removing %d of %d prunable components", len(chosen), int(an.prunable.sum()))
     return chosen
 
