@@ -37,7 +37,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Sav
     config describes its widths (uniform plans), transformers' save_pretrained writes it and from_pretrained loads
     it. Where layers differ (LLaMA architecture), config.json takes the DeciLM / Nemotron-NAS `block_configs` layout
     (vLLM, SGLang, TensorRT-LLM, mlx-lm and llama.cpp's converter read it; transformers only with NVIDIA's remote
-    code); widths that layout cannot hold are padded with zeros, exactly, and counted in the result. Either way
+    code); widths that layout cannot hold are padded with zeros, exactly, and counted in the result, and
     graphprune.load(directory) reloads it. The tokenizer is not written: copy it from the original."""
     from .ir.hf_config import describes
 
