@@ -28,7 +28,6 @@ import re
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from torch import nn
 from .api import CALIBRATED, analyse
 from .backends.torch import masked_in_place, sliced
 from .errors import GraphPruneError, UsageError
+from .files import atomic_directory
 from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, load_config
 from .ir.from_torch import eval_mode
 from .ir.hf_config import empty_weights
@@ -154,8 +154,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
         say(f"pass 1 (scores): layers {index + 1}/{layers}")
     the_plan = _select(table, uniform, **selection)
 
-    tmp = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(out))
-    try:
+    with atomic_directory(out) as tmp:
         added: list[tuple[str, str, int]] = []
         with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
             layer_names = f"{stack}."
@@ -175,10 +174,6 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
             path = os.path.join(src, name)
             if os.path.isfile(path) and name != "config.json" and not WEIGHT_FILES.fullmatch(name):
                 shutil.copy2(path, os.path.join(tmp, name))
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - started
     peak = peak_rss_bytes()
     the_plan.notes.append(f"pruned layer by layer in {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB "

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 
@@ -17,7 +15,7 @@ import torch
 from .backends import deci
 from .backends.deci import Saved
 from .errors import GraphPruneError, UsageError
-from .files import atomic_write
+from .files import atomic_directory, atomic_write
 from .plan import PruningPlan
 
 
@@ -42,18 +40,11 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Sav
     from .ir.hf_config import describes
 
     directory = os.fspath(directory)
-    if os.path.exists(directory):
-        raise UsageError(f"{directory} exists: give a new directory (nothing is overwritten)")
     if not hasattr(getattr(model, "config", None), "to_dict"):
         raise UsageError(f"{type(model).__name__} has no Hugging Face config: save it with graphprune.save")
     if describes(model):
-        tmp = tempfile.mkdtemp(prefix=".graphprune-", dir=os.path.dirname(os.path.abspath(directory)))
-        try:
+        with atomic_directory(directory) as tmp:
             type(model).save_pretrained(model, tmp)  # the class's: a non-uniform model's own one refuses
-            os.rename(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return Saved(directory, "transformers")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     saved = deci.write(model.config, {k: tuple(v.shape) for k, v in state.items()}, state.__getitem__, directory)

@@ -166,7 +166,7 @@ def _widened(module: nn.Module, narrow: torch.dtype):
     while; they come back bit-identical (every narrow value is a wider one), as the same objects."""
     wide = _WIDER[narrow]
     changed = [(t, t.dtype) for t in itertools.chain(module.parameters(), module.buffers())
-               if t.dtype in _WIDER and _WIDER[t.dtype] == wide]
+               if _WIDER.get(t.dtype) == wide]
     for t, _ in changed:
         t.data = t.data.to(wide)
     try:
@@ -207,8 +207,7 @@ def _wide_reference(plan: PruningPlan, model: nn.Module, inputs: Any, narrow: to
                     ) -> tuple[Any, list[torch.Tensor]]:
     """The inputs widened, and the masked model's outputs on them with its weights widened."""
     wide = _WIDER[narrow]
-    widen = (lambda t: t.to(wide) if isinstance(t, torch.Tensor) and t.dtype in _WIDER and _WIDER[t.dtype] == wide
-             else t)
+    widen = lambda t: t.to(wide) if isinstance(t, torch.Tensor) and _WIDER.get(t.dtype) == wide else t  # noqa: E731
     inputs = tree_map(widen, inputs)
     with _widened(model, narrow):
         return inputs, masked_outputs(plan, model, inputs)

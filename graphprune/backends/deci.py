@@ -16,8 +16,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import GraphPruneError, UnsupportedModelError, UsageError
+from ..errors import GraphPruneError, UnsupportedModelError
+from ..files import atomic_directory
 from ..ir.hf_config import empty_weights
 from ..shards import ShardReader, ShardWriter
 
@@ -100,8 +99,6 @@ def write(config, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch
     if getattr(config, "model_type", None) != "llama":
         raise UnsupportedModelError(f"the DeciLM layout describes LLaMA-architecture decoders, this is "
                                     f"{getattr(config, 'model_type', None)!r}: save it with graphprune.save")
-    if os.path.exists(directory):
-        raise UsageError(f"{directory} exists: give a new directory (nothing is overwritten)")
     hidden = shapes["model.embed_tokens.weight"][1]
     layers = blocks(config, shapes)
     n_heads, head_dim = config.num_attention_heads, _head_dim(config)
@@ -109,9 +106,7 @@ def write(config, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch
             for kind in ("self_attn", "mlp")}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     padded = 0
-    parent = os.path.dirname(os.path.abspath(directory))
-    tmp = tempfile.mkdtemp(prefix=".graphprune-", dir=parent)
-    try:
+    with atomic_directory(directory) as tmp:
         with ShardWriter(tmp) as writer:
             for name in shapes:
                 match = _NAME.fullmatch(name)
@@ -138,10 +133,6 @@ def write(config, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch
         fields.setdefault("rope_theta", rope.get("rope_theta"))  # readers older than transformers 5 look here
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
             json.dump(fields, fh, indent=2, sort_keys=True)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Saved(os.fspath(directory), "deci", padded)
 
 
