@@ -90,6 +90,10 @@ GP_METHODS = [
     ("graphprune flap + compensate", {"importance": "flap", "compensate": True}),
     ("graphprune flap + compensate, uniform", {"importance": "flap", "compensate": True, "uniform": True}),
     ("graphprune flap + compensate, search", {"importance": "flap", "compensate": True, "allocation": "search"}),
+    ("graphprune flap + compensate, uniform, propagate=pruned",
+     {"importance": "flap", "compensate": True, "uniform": True, "propagate": "pruned"}),
+    ("graphprune flap + compensate, search, propagate=pruned",
+     {"importance": "flap", "compensate": True, "allocation": "search", "propagate": "pruned"}),
 ]
 GP_TAYLOR = ("graphprune taylor", {"importance": "taylor"})
 

@@ -39,7 +39,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
          round_to: int | str | None = "auto", max_ratio: float = 0.9, allow_lossy: bool = False,
          uniform: bool = False, calibration: Any = None, compensate: bool | str = False,
          loss_fn: Any = None, depth: int = 0, tracer: str = "dispatch", target_latency: float | None = None,
-         runtime: str = "onnxruntime", threads: int = 1, allocation: str = "global") -> PruningPlan:
+         runtime: str = "onnxruntime", threads: int = 1, allocation: str = "global", propagate: str = "dense"
+         ) -> PruningPlan:
     """Decide what to remove so the model keeps `target_flops` (or `target_params`, `target_latency`) of its cost.
 
     Args:
@@ -76,6 +77,11 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             (needs `calibration`, 4+ batches: every MLP's and every layer's heads' width is chosen from the
             output distance, KL for logits, measured on held-out calibration batches with that layer alone cut
             to a few widths (passes/allocation.py); the residual stream stays whole).
+        propagate: with compensate: "dense" (default: every layer is fitted on the original model's inputs, one
+            pass over the calibration) or "pruned" (SparseGPT's order: layer by layer, each fitted on the inputs it
+            sees once the layers before it are pruned and compensated, so it also absorbs what they changed; one
+            pass per rewritten layer, each stopped at that layer: about as many forward passes over the
+            calibration as half the number of rewritten layers).
         loss_fn: for importance="taylor": loss_fn(model, batch) -> scalar loss to differentiate.
         depth: remove this many whole blocks of residual stacks first, the least influential on the
             `calibration` batches (passes/depth.py); widths then make up the rest of the budget.
@@ -88,6 +94,11 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                          "graphprune.onnx.plan)")
     kind, ratio = parse_budget(target_flops, target_params, target_latency)
     round_to = check_options(round_to, max_ratio)
+    if propagate not in ("dense", "pruned"):
+        raise UsageError(f"propagate must be 'dense' or 'pruned', got {propagate!r}")
+    if propagate == "pruned" and not compensate:
+        raise UsageError("propagate='pruned' refits compensation layer by layer: give compensate=True (or 'bias') "
+                         "and calibration=[batch, ...]")
     if kind != "latency" and (runtime != "onnxruntime" or threads != 1):
         raise UsageError("runtime= and threads= say where a latency budget is measured: give target_latency=R")
     if kind == "latency":
@@ -110,7 +121,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         return _plan_with_depth(model, example_inputs, kind, ratio, depth, dict(
             importance=importance, ignore=sorted(_resolve_ignore(model, ignore)), round_to=round_to,
             max_ratio=max_ratio, allow_lossy=allow_lossy, uniform=uniform, calibration=calibration,
-            compensate=compensate, loss_fn=loss_fn, tracer=tracer, allocation=allocation))
+            compensate=compensate, loss_fn=loss_fn, tracer=tracer, allocation=allocation, propagate=propagate))
     if (compensate or importance in CALIBRATED) and calibration is None:
         raise UsageError(f"importance={importance!r}, compensate={compensate!r} need calibration=[batch, ...]: "
                          "a few batches of real inputs shaped like example_inputs")
@@ -122,8 +133,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         scorer = TaylorImportance(model, calibration, loss_fn)
     else:
         scorer = None if importance in CALIBRATED else get_importance(importance)
-    if allocation == "search":
-        calibration = list(calibration)  # read twice: the statistics, then the candidates (a generator would be spent)
+    if allocation == "search" or propagate == "pruned":
+        calibration = list(calibration)  # read again (candidates, refits): a generator would be spent
     an, keep, lockstep, multiple = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
     tensors = named_tensors(model)
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs")
@@ -139,7 +150,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         from .passes.allocation import Allocate
 
         search = [Allocate(model, readers, calibration, compensate)]
-    passes = PLAN[:2] + search + PLAN[2:] + ([Compensate(readers, compensate)] if compensate else [])
+    refit = (model, calibration) if propagate == "pruned" else ()
+    passes = PLAN[:2] + search + PLAN[2:] + ([Compensate(readers, compensate, *refit)] if compensate else [])
     try:
         result = run(passes, job).plan
     except BudgetError as err:

@@ -42,6 +42,43 @@ def test_compensated_plan_matches_its_masked_model_and_reloads(importance, compe
     assert graphprune.count_flops(slim, x) <= graphprune.count_flops(model, x)
 
 
+def test_pruned_propagation_refits_each_layer_on_the_pruned_inputs():
+    """propagate='pruned': the first rewritten layer sees what it sees with dense propagation (the same update),
+    the later ones the outputs of the pruned, compensated layers before them (other updates); the plan is exact and
+    the user's model untouched."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256,
+                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)).eval()
+    calibration = [torch.randint(0, 256, (1, 32)) for _ in range(8)]
+    x = calibration[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plans = {p: graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration,
+                                compensate=True, propagate=p) for p in ("dense", "pruned")}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert plans["dense"].removed == plans["pruned"].removed
+    order = [name + ".weight" for name, _ in model.named_modules()]  # LLaMA runs its modules in this order
+    rewritten = sorted((w for w in plans["pruned"].updates if w in order), key=order.index)
+    assert len(rewritten) >= 2 and rewritten == sorted(plans["dense"].updates.keys() & set(order), key=order.index)
+    first, last = rewritten[0], rewritten[-1]
+    assert torch.allclose(plans["pruned"].updates[first], plans["dense"].updates[first], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(plans["pruned"].updates[last], plans["dense"].updates[last], rtol=1e-3, atol=1e-5)
+    assert "layer by layer on the pruned model's inputs" in plans["pruned"].summary()
+    # the decoder stack run block by block on captured hidden states gives what whole-model passes give
+    with pytest.MonkeyPatch.context() as patch:
+        from graphprune.passes import propagate
+
+        patch.setattr(propagate._Stack, "find", classmethod(lambda cls, *args: None))
+        whole = graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration,
+                                compensate=True, propagate="pruned")
+    assert all(torch.equal(whole.updates[k], v) for k, v in plans["pruned"].updates.items())
+    slim = plans["pruned"].apply(model)  # verified against the masked model
+    assert torch.allclose(run(slim, x)[0], run(plans["pruned"].mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compensate=True"):
+        graphprune.plan(model, x, target_params=0.7, calibration=calibration, propagate="pruned")
+    with pytest.raises(ValueError, match="propagate must be"):
+        graphprune.plan(model, x, target_params=0.7, calibration=calibration, compensate=True, propagate="sparse")
+
+
 def test_calibrated_criteria_need_calibration():
     _, model, inputs, _ = _llama()
     with pytest.raises(ValueError, match="calibration"):

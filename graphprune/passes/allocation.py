@@ -15,6 +15,7 @@ not measured (the residual stream, channels read by several layers) are kept who
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import time
@@ -27,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import GraphPruneError, UsageError
 from ..ir.from_torch import eval_mode, normalize_inputs
-from .calibration import HOLDOUT, Reader, _readers_per_component, compensate
+from .calibration import HOLDOUT, Cut, Reader, _readers_per_component, compensate
 from .pipeline import Pass
 from .select import auto_multiple
 
@@ -128,37 +129,20 @@ def searchable(an, readers: list[Reader], scores: np.ndarray, keep: np.ndarray |
     return out
 
 
-class _cut:
+@contextlib.contextmanager
+def _cut(model: nn.Module, readers: list[Reader], an, gone: np.ndarray, method: str | None):
     """Context: the readers of removed components get their compensated weights with those input columns zeroed."""
-
-    def __init__(self, model: nn.Module, readers: list[Reader], an, gone: np.ndarray, method: str | None):
-        self.model, self.readers, self.an, self.gone, self.method = model, readers, an, gone, method
-        self.saved: list[tuple[nn.Module, torch.Tensor, Any]] = []
-
-    def __enter__(self):
-        touched = [r for r in self.readers if self.gone[r.columns].any()]
-        tensors = {r.weight: self.model.get_submodule(r.module).weight for r in touched}
+    touched = [r for r in readers if gone[r.columns].any()]
+    tensors = {r.weight: model.get_submodule(r.module).weight for r in touched}
+    for r in touched:
+        bias = model.get_submodule(r.module).bias
+        if bias is not None:
+            tensors[r.bias_name] = bias
+    updates = compensate(touched, an, gone, tensors, method)[0] if method else {}
+    with Cut(model) as cut:
         for r in touched:
-            bias = self.model.get_submodule(r.module).bias
-            if bias is not None:
-                tensors[r.bias_name] = bias
-        updates = compensate(touched, self.an, self.gone, tensors, self.method)[0] if self.method else {}
-        for r in touched:
-            module = self.model.get_submodule(r.module)
-            self.saved.append((module, module.weight.data, module.bias))
-            w = updates.get(r.weight, module.weight.data).clone()
-            w.index_fill_(r.in_axis, torch.from_numpy(np.nonzero(self.gone[r.columns])[0]), 0)
-            module.weight.data = w
-            bias = updates.get(r.bias_name)
-            if bias is not None:
-                module.bias = nn.Parameter(bias, requires_grad=False)
-        return self
-
-    def __exit__(self, *exc):
-        for module, weight, bias in self.saved:
-            module.weight.data = weight
-            module.bias = bias
-        return False
+            cut(r, gone, updates)
+        yield
 
 
 def _convex(counts: list[int], distances: list[float]) -> np.ndarray:

@@ -599,24 +599,64 @@ def _back_to_layout(w: torch.Tensor, like: torch.Tensor, r: Reader) -> torch.Ten
     return w.to(like.dtype).contiguous()
 
 
+class Cut:
+    """Context: the model with some readers' removed input columns zeroed and their compensated weights and biases
+    swapped in (cut(reader, gone, updates), any number of times); everything swapped back on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.saved: list[tuple[nn.Module, torch.Tensor, Any]] = []
+
+    def __call__(self, r: Reader, gone: np.ndarray, updates: dict[str, torch.Tensor]) -> None:
+        module = self.model.get_submodule(r.module)
+        self.saved.append((module, module.weight.data, module.bias))
+        w = updates.get(r.weight, module.weight.data).clone()
+        w.index_fill_(r.in_axis, torch.from_numpy(np.nonzero(gone[r.columns])[0]).to(w.device), 0)
+        module.weight.data = w
+        bias = updates.get(r.bias_name)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(w.device), requires_grad=False)
+
+    def __enter__(self) -> Cut:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for module, weight, bias in reversed(self.saved):
+            module.weight.data = weight
+            module.bias = bias
+        self.saved.clear()
+        return False
+
+
 class Compensate(Pass):
     """Rewrite the layers that lost inputs from the calibration statistics, into the plan (see the module
-    docstring): the plan carries the updated tensors and the biases it added."""
+    docstring): the plan carries the updated tensors and the biases it added. With `model` and `batches`
+    (propagate="pruned"), the statistics are gathered again, layer by layer on the pruned model's inputs
+    (passes/propagate.py)."""
 
     requires = ("an", "tensors", "plan")
     ensures = ("plan",)
 
-    def __init__(self, readers: list[Reader], method: str):
-        self.readers, self.method = readers, method
+    def __init__(self, readers: list[Reader], method: str, model: nn.Module | None = None, batches: list | None = None):
+        self.readers, self.method, self.model, self.batches = readers, method, model, batches
 
     def __call__(self, job) -> None:
         plan = job.plan
         tokens = self.readers[0].n if self.readers else 0
-        # the pass is the statistics' last user: each X^T X is dropped as soon as its layer is done
-        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method, release=True,
-                                          report=plan.ridges))
-        plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from {tokens} "
-                          f"calibration tokens")
+        if self.model is not None:
+            from .propagate import refit_in_order
+
+            started = time.perf_counter()
+            plan.set_compensation(*refit_in_order(self.model, self.readers, job.an, plan._gone, job.tensors,
+                                                  self.batches, self.method, plan.ridges))
+            plan.notes.append(f"compensation ({self.method}) refitted {len(plan.updates)} tensors layer by layer on "
+                              f"the pruned model's inputs (propagate='pruned', {tokens} calibration tokens, "
+                              f"{time.perf_counter() - started:.0f} s)")
+        else:  # the pass is the statistics' last user: each X^T X is dropped as soon as its layer is done
+            plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method,
+                                              release=True, report=plan.ridges))
+            plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from {tokens} "
+                              f"calibration tokens")
         if self.method == "ls" and not plan.ridges:
             plan.notes.append(f"least squares used the fixed ridge {RIDGE:g}: with {HOLDOUT} or more calibration "
                               f"batches, every {HOLDOUT}th is held out to choose each layer's ridge")
