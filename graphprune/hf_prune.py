@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .api import CALIBRATED, analyse
+from .api import analyse
 from .backends.torch import masked_in_place, sliced
 from .errors import GraphPruneError, UsageError
 from .files import atomic_directory
