@@ -79,9 +79,9 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             to a few widths (passes/allocation.py); the residual stream stays whole).
         propagate: with compensate: "dense" (default: every layer is fitted on the original model's inputs, one
             pass over the calibration) or "pruned" (SparseGPT's order: layer by layer, each fitted on the inputs it
-            sees once the layers before it are pruned and compensated, so it also absorbs what they changed; one
-            pass per rewritten layer, each stopped at that layer: about as many forward passes over the
-            calibration as half the number of rewritten layers).
+            sees once the layers before it are pruned and compensated, so it also absorbs what they changed; an
+            LLM's decoder stack is run block by block on captured hidden states, about three passes over the
+            calibration; other models get one pass per rewritten layer, stopped there; passes/propagate.py).
         loss_fn: for importance="taylor": loss_fn(model, batch) -> scalar loss to differentiate.
         depth: remove this many whole blocks of residual stacks first, the least influential on the
             `calibration` batches (passes/depth.py); widths then make up the rest of the budget.

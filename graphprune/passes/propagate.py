@@ -114,11 +114,10 @@ class _Stack:
     states: block i's first input (positional, or `hidden_states`) is block i-1's output, its other arguments
     those it got in a dense pass (caches dropped)."""
 
-    def __init__(self, name: str, blocks: nn.ModuleList, owner: dict[str, int]):
-        self.name, self.blocks, self.owner = name, blocks, owner
+    def __init__(self, name: str, blocks: nn.ModuleList, owner: dict[str, int], order: list[Reader]):
+        self.name, self.blocks, self.owner, self.order = name, blocks, owner, order
         self.hidden: list[torch.Tensor] = []
-        self.rest: list[list[tuple[tuple, dict]]] = []  # per block, per batch: the other arguments
-        self.order: list[Reader] = []
+        self.rest: list[list[tuple[tuple, dict]]] = []  # per batch, per block: the other arguments
 
     @classmethod
     def find(cls, model: nn.Module, losing: list[Reader], batches: list) -> _Stack | None:
@@ -131,8 +130,7 @@ class _Stack:
                 continue
             index = [r.module[len(name) + 1:].split(".", 1)[0] for r in losing if r.module.startswith(name + ".")]
             if len(index) == len(losing) and all(i.isdigit() and int(i) < len(module) for i in index):
-                stack = cls(name, module, {r.module: int(i) for r, i in zip(losing, index)})
-                stack.order = losing
+                stack = cls(name, module, {r.module: int(i) for r, i in zip(losing, index)}, losing)
                 return stack if stack._capture(model, batches) else None
         return None
 
@@ -145,7 +143,7 @@ class _Stack:
 
             def before(index, args, kwargs):
                 hidden, args, kwargs = _split(args, kwargs)
-                if index == 0:
+                if index == 0 and hidden is not None:
                     self.hidden.append(hidden)
                 elif hidden is None or not outputs or _first(outputs[-1]) is not hidden:
                     raise _Reached  # not a chain: rest stays short
