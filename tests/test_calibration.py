@@ -64,19 +64,42 @@ def test_pruned_propagation_refits_each_layer_on_the_pruned_inputs():
     assert not torch.allclose(plans["pruned"].updates[last], plans["dense"].updates[last], rtol=1e-3, atol=1e-5)
     assert "layer by layer on the pruned model's inputs" in plans["pruned"].summary()
     # the decoder stack run block by block on captured hidden states gives what whole-model passes give
-    with pytest.MonkeyPatch.context() as patch:
-        from graphprune.passes import propagate
-
-        patch.setattr(propagate._Stack, "find", classmethod(lambda cls, *args: None))
-        whole = graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration,
-                                compensate=True, propagate="pruned")
-    assert all(torch.equal(whole.updates[k], v) for k, v in plans["pruned"].updates.items())
+    assert _updates_with_and_without_the_stack(model, calibration) == 0.0
     slim = plans["pruned"].apply(model)  # verified against the masked model
     assert torch.allclose(run(slim, x)[0], run(plans["pruned"].mask(model), x)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="compensate=True"):
         graphprune.plan(model, x, target_params=0.7, calibration=calibration, propagate="pruned")
     with pytest.raises(ValueError, match="propagate must be"):
         graphprune.plan(model, x, target_params=0.7, calibration=calibration, compensate=True, propagate="sparse")
+
+
+def _updates_with_and_without_the_stack(model, calibration):
+    from graphprune.passes import propagate
+
+    options = dict(target_params=0.8, importance="flap", calibration=calibration, compensate=True, propagate="pruned")
+    stacked = graphprune.plan(model, calibration[0], **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(propagate._Stack, "find", classmethod(lambda cls, *args: None))
+        whole = graphprune.plan(model, calibration[0], **options)
+    assert stacked.updates.keys() == whole.updates.keys() and stacked.updates
+    return max(float((stacked.updates[k] - whole.updates[k]).abs().max()) for k in whole.updates)
+
+
+def test_pruned_propagation_leaves_caches_buffers_and_modes_alone():
+    """GPT-2 hands its blocks a KV cache positionally: re-running a block must not append to it (the stack path then
+    equals whole-model passes); a model in training mode (resnet18's batch-norm statistics) comes back as it was."""
+    import torchvision
+
+    torch.manual_seed(0)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                          bos_token_id=0, eos_token_id=0, use_cache=True)).eval()
+    assert _updates_with_and_without_the_stack(gpt2, [torch.randint(0, 128, (2, 16)) for _ in range(8)]) == 0.0
+    resnet = torchvision.models.resnet18(num_classes=10).train()
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    calibration = [torch.randn(2, 3, 32, 32) for _ in range(4)]
+    graphprune.plan(resnet, calibration[0], target_flops=0.7, importance="flap", calibration=calibration,
+                    compensate=True, propagate="pruned")
+    assert resnet.training and all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())
 
 
 def test_calibrated_criteria_need_calibration():

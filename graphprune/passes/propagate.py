@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")  # what a re-run block must not append to
 
 
-class _Reached(Exception):
-    """Raised where the forward pass has gone far enough."""
+class _Reached(BaseException):
+    """Raised where the forward pass has gone far enough (a BaseException: model code that catches Exception
+    must not swallow it)."""
 
 
 def refit_in_order(model: nn.Module, readers: list[Reader], an: Analysis, gone: np.ndarray,
@@ -41,25 +42,28 @@ def refit_in_order(model: nn.Module, readers: list[Reader], an: Analysis, gone: 
     """compensate()'s updates and added biases, each reader fitted on its inputs in the pruned model; the model is
     restored afterwards."""
     readers_of = _readers_per_component(readers, len(an.prunable))
-    by_module = {r.module: r for r in readers}
-    calls = _calls(model, readers, batches[0])
-    losing = [by_module[name] for name in calls if gone[by_module[name].columns].any()]
     updates: dict[str, torch.Tensor] = {}
     added: list[tuple[str, str, int]] = []
     started = time.perf_counter()
     with Cut(model) as cut, eval_mode(model), torch.no_grad():
+        calls = _calls(model, readers, batches[0])
+        # in the order they first run; readers batch 0 did not reach (an expert no token chose) after the rest
+        losing = sorted((r for r in readers if gone[r.columns].any()),
+                        key=lambda r: list(calls).index(r.module) if r.module in calls else len(calls))
         stack = _Stack.find(model, losing, batches)
         runs = stack.runs if stack else lambda _block: [_whole(model, b) for b in batches]
-        for block in range(len(stack.blocks) if stack else 1):
+        last = max(stack.owner.values()) if stack else 0
+        for block in range(last + 1):
             for r in (stack.readers(block) if stack else losing):
                 removed = gone[r.columns]
                 if (readers_of[r.columns[removed]] == 1).all():  # compensable: observed on the pruned inputs
-                    fresh = _observe(model.get_submodule(r.module), r, runs(block), stop=calls[r.module] == 1)
-                    more, new = compensate([fresh], an, gone, tensors, method, release=True, report=report)
-                    updates.update(more)
-                    added += new
+                    fresh = _observe(model.get_submodule(r.module), r, runs(block), stop=calls.get(r.module) == 1)
+                    if fresh.n:  # it ran in the pruned model too
+                        more, new = compensate([fresh], an, gone, tensors, method, release=True, report=report)
+                        updates.update(more)
+                        added += new
                 cut(r, gone, updates)
-            if stack:
+            if stack and block < last:
                 stack.advance(block)
             log.info("propagate='pruned': block %d refitted (%.0f s)", block, time.perf_counter() - started)
     return updates, added
@@ -147,7 +151,11 @@ class _Stack:
                     self.hidden.append(hidden)
                 elif hidden is None or not outputs or _first(outputs[-1]) is not hidden:
                     raise _Reached  # not a chain: rest stays short
-                rest.append((args, {k: v for k, v in kwargs.items() if not _cache(k, v)}))
+                args = tuple(None if _cache("", a) else a for a in args)
+                kwargs = {k: v for k, v in kwargs.items() if not _cache(k, v)}
+                if index and _passes_on(outputs[-1], (*args, *kwargs.values())):
+                    raise _Reached  # the previous block hands on more than hidden states (a residual): no chain
+                rest.append((args, kwargs))
 
             def after(index, output):
                 outputs.append(output)
@@ -189,6 +197,12 @@ def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple, dict]
         return args[0], args[1:], dict(kwargs)
     kwargs = dict(kwargs)
     return kwargs.pop("hidden_states", None), (), kwargs
+
+
+def _passes_on(output: Any, arguments: tuple) -> bool:
+    """Whether any of `arguments` is one of a block output's other items."""
+    others = {id(o) for o in output[1:]} if isinstance(output, (tuple, list)) else set()
+    return any(id(a) in others for a in arguments if a is not None)
 
 
 def _cache(name: str, value: Any) -> bool:
