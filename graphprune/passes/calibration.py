@@ -254,8 +254,9 @@ def _readers_per_component(readers: list[Reader], n_comp: int) -> np.ndarray:
 
 def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader, dtype: torch.dtype | None = torch.float64
                     ) -> torch.Tensor:
-    """The reader's weight as [out, in] (conv kernels flattened into the output side), in `dtype` (None: its own)."""
-    w = tensors[r.weight].detach()
+    """The reader's weight as [out, in] (conv kernels flattened into the output side), in `dtype` (None: its own),
+    on the CPU where the statistics are (a no-op for a CPU model; updates go back to the model's device when used)."""
+    w = tensors[r.weight].detach().cpu()
     w = w if dtype is None else w.to(dtype)
     if r.kind == "conv1d_hf":
         return w.T
@@ -610,7 +611,7 @@ class Cut:
     def __call__(self, r: Reader, gone: np.ndarray, updates: dict[str, torch.Tensor]) -> None:
         module = self.model.get_submodule(r.module)
         self.saved.append((module, module.weight.data, module.bias))
-        w = updates.get(r.weight, module.weight.data).clone()
+        w = updates.get(r.weight, module.weight.data).to(module.weight.device, copy=True)
         w.index_fill_(r.in_axis, torch.from_numpy(np.nonzero(gone[r.columns])[0]).to(w.device), 0)
         module.weight.data = w
         bias = updates.get(r.bias_name)
