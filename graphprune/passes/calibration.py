@@ -581,15 +581,26 @@ def _covariance_blocks(r: Reader, k_idx: torch.Tensor, p_idx: torch.Tensor) -> t
 
 
 def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """a^-1 b for symmetric positive definite `a`, factored in place (a is overwritten)."""
+    """a^-1 b for symmetric positive definite `a`, factored in place (a is overwritten). A covariance built from a
+    float32 X^T X less the means' outer product can come out slightly indefinite where inputs are nearly collinear
+    and the ridge is small: a growing multiple of its mean diagonal is then added until it factors."""
     from scipy.linalg import cho_factor, cho_solve
 
-    try:
-        factor = cho_factor(a.numpy().T, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        raise GraphPruneError("an input covariance is not positive definite (NaN or inf activations in the "
-                              "calibration data?)") from None
-    return cho_solve(factor, b.numpy(), check_finite=False)
+    if not torch.isfinite(a).all():
+        raise GraphPruneError("an input covariance holds NaN or inf (NaN or inf activations in the calibration data?)")
+    diagonal = a.diagonal().clone()
+    scale = float(diagonal.abs().mean().clamp_min(1e-30))
+    for jitter in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
+        if jitter:  # the failed try overwrote the diagonal and the row-major upper triangle: rebuilt from the lower
+            _symmetrize_from_upper(a.T)
+            a.diagonal().copy_(diagonal + jitter * scale)
+        try:
+            factor = cho_factor(a.numpy().T, lower=True, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+        return cho_solve(factor, b.numpy(), check_finite=False)
+    raise GraphPruneError("an input covariance is not positive definite even with 1% of its mean variance added to "
+                          "the diagonal: check the calibration data")
 
 
 def _back_to_layout(w: torch.Tensor, like: torch.Tensor, r: Reader) -> torch.Tensor:
@@ -631,33 +642,26 @@ class Cut:
 
 class Compensate(Pass):
     """Rewrite the layers that lost inputs from the calibration statistics, into the plan (see the module
-    docstring): the plan carries the updated tensors and the biases it added. With `model` and `batches`
-    (propagate="pruned"), the statistics are gathered again, layer by layer on the pruned model's inputs
-    (passes/propagate.py)."""
+    docstring): the plan carries the updated tensors and the biases it added."""
 
     requires = ("an", "tensors", "plan")
     ensures = ("plan",)
 
-    def __init__(self, readers: list[Reader], method: str, model: nn.Module | None = None, batches: list | None = None):
-        self.readers, self.method, self.model, self.batches = readers, method, model, batches
+    def __init__(self, readers: list[Reader], method: str):
+        self.readers, self.method = readers, method
 
     def __call__(self, job) -> None:
         plan = job.plan
         tokens = self.readers[0].n if self.readers else 0
-        if self.model is not None:
-            from .propagate import refit_in_order
+        # the pass is the statistics' last user: each X^T X is dropped as soon as its layer is done
+        plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method, release=True,
+                                          report=plan.ridges))
+        plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from {tokens} "
+                          f"calibration tokens")
+        fixed_ridge_note(plan, self.method)
 
-            started = time.perf_counter()
-            plan.set_compensation(*refit_in_order(self.model, self.readers, job.an, plan._gone, job.tensors,
-                                                  self.batches, self.method, plan.ridges))
-            plan.notes.append(f"compensation ({self.method}) refitted {len(plan.updates)} tensors layer by layer on "
-                              f"the pruned model's inputs (propagate='pruned', {tokens} calibration tokens, "
-                              f"{time.perf_counter() - started:.0f} s)")
-        else:  # the pass is the statistics' last user: each X^T X is dropped as soon as its layer is done
-            plan.set_compensation(*compensate(self.readers, job.an, plan._gone, job.tensors, self.method,
-                                              release=True, report=plan.ridges))
-            plan.notes.append(f"compensation ({self.method}) updated {len(plan.updates)} tensors from {tokens} "
-                              f"calibration tokens")
-        if self.method == "ls" and not plan.ridges:
-            plan.notes.append(f"least squares used the fixed ridge {RIDGE:g}: with {HOLDOUT} or more calibration "
-                              f"batches, every {HOLDOUT}th is held out to choose each layer's ridge")
+
+def fixed_ridge_note(plan, method: str) -> None:
+    if method == "ls" and not plan.ridges:
+        plan.notes.append(f"least squares used the fixed ridge {RIDGE:g}: with {HOLDOUT} or more calibration "
+                          f"batches, every {HOLDOUT}th is held out to choose each layer's ridge")

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..analysis.channels import Analysis
 from ..ir.from_torch import eval_mode, normalize_inputs
-from .calibration import Cut, Reader, _readers_per_component, compensate, hold_out
+from .calibration import Cut, Reader, _readers_per_component, compensate, fixed_ridge_note, hold_out
+from .pipeline import Pass
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,26 @@ CACHES = ("past_key_values", "past_key_value", "layer_past", "cache")  # what a 
 class _Reached(BaseException):
     """Raised where the forward pass has gone far enough (a BaseException: model code that catches Exception
     must not swallow it)."""
+
+
+class Refit(Pass):
+    """The Compensate pass with propagate="pruned": the plan's compensation from refit_in_order."""
+
+    requires = ("an", "tensors", "plan")
+    ensures = ("plan",)
+
+    def __init__(self, model: nn.Module, readers: list[Reader], method: str, batches: list):
+        self.model, self.readers, self.method, self.batches = model, readers, method, batches
+
+    def __call__(self, job) -> None:
+        plan, started = job.plan, time.perf_counter()
+        tokens = self.readers[0].n if self.readers else 0
+        plan.set_compensation(*refit_in_order(self.model, self.readers, job.an, plan._gone, job.tensors, self.batches,
+                                              self.method, plan.ridges))
+        plan.notes.append(f"compensation ({self.method}) refitted {len(plan.updates)} tensors layer by layer on the "
+                          f"pruned model's inputs (propagate='pruned', {tokens} calibration tokens, "
+                          f"{time.perf_counter() - started:.0f} s)")
+        fixed_ridge_note(plan, self.method)
 
 
 def refit_in_order(model: nn.Module, readers: list[Reader], an: Analysis, gone: np.ndarray,
