@@ -150,12 +150,12 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         from .passes.allocation import Allocate
 
         search = [Allocate(model, readers, calibration, compensate)]
+    compensation = [Compensate(readers, compensate)] if compensate else []
     if propagate == "pruned":
         from .passes.propagate import Refit
 
-        passes = PLAN[:2] + search + PLAN[2:] + [Refit(model, readers, compensate, calibration)]
-    else:
-        passes = PLAN[:2] + search + PLAN[2:] + ([Compensate(readers, compensate)] if compensate else [])
+        compensation = [Refit(model, readers, compensate, calibration)]
+    passes = PLAN[:2] + search + PLAN[2:] + compensation
     try:
         result = run(passes, job).plan
     except BudgetError as err:

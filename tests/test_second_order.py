@@ -20,13 +20,15 @@ from .test_transformers import MODELS
 
 
 def _linear_reader(n=4000, d_in=10, d_out=6):
-    """One Linear layer on correlated, non-centred inputs; column pair (0, 1) is one component (a "head")."""
+    """One Linear layer on correlated, non-centred inputs; column pair (0, 1) is one component (a "head"). X^T X is
+    gathered in float64: the identities below are exact, and a float32 sum (the default, for memory) rounds by
+    1e-6, which the removed columns' correlation with the kept ones magnifies past 1e-4 on some CPUs."""
     gen = torch.Generator().manual_seed(0)
     mix = torch.eye(d_in) + 0.5 * torch.randn(d_in, d_in, generator=gen)
     x = torch.randn(n, d_in, generator=gen) @ mix + torch.randn(d_in, generator=gen)
     w, b = torch.randn(d_out, d_in, generator=gen), torch.randn(d_out, generator=gen)
     columns = np.concatenate([[0], np.arange(d_in - 1)])  # component 0 owns columns 0 and 1
-    reader = cal.Reader("fc", "fc.weight", 1, "linear", want_gram=True, columns=columns)
+    reader = cal.Reader("fc", "fc.weight", 1, "linear", want_gram=True, gram_dtype=torch.float64, columns=columns)
     reader.add(x)
     an = SimpleNamespace(prunable=np.ones(d_in - 1, dtype=bool))
     return x, {"fc.weight": w, "fc.bias": b}, reader, an

@@ -379,7 +379,7 @@ def _second_moment(r: Reader, release: bool = False) -> torch.Tensor:
         r.gram = None
         if gram.dtype == torch.float64:
             return gram.div_(max(r.n, 1))
-    return gram.double().div_(max(r.n, 1))
+    return gram.to(torch.float64, copy=True).div_(max(r.n, 1))  # a float64 gram is the reader's: never in place
 
 
 def _covariance(r: Reader, release: bool = False) -> torch.Tensor:

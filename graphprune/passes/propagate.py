@@ -204,7 +204,7 @@ class _Stack:
 
     def runs(self, block: int) -> list[Callable[[], Any]]:
         """Block `block` on each batch's current hidden states."""
-        return [lambda h=h, rest=rest[block]: _call(self.blocks[block], h, *rest)
+        return [lambda h=h, rest=rest[block]: self.blocks[block](h, *rest[0], **rest[1])
                 for h, rest in zip(self.hidden, self.rest)]
 
     def advance(self, block: int) -> None:
@@ -229,10 +229,6 @@ def _passes_on(output: Any, arguments: tuple) -> bool:
 def _cache(name: str, value: Any) -> bool:
     """A key/value cache argument (by name, or a transformers Cache object): a block run again would append to it."""
     return name in CACHES or type(value).__name__.endswith("Cache")
-
-
-def _call(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> Any:
-    return block(hidden, *args, **kwargs)
 
 
 def _first(output: Any) -> Any:
