@@ -73,10 +73,13 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
             without a bias gets one. Least squares holds out every 4th calibration batch to choose each
             layer's ridge (plan.ridges); give it 4 or more batches.
-        allocation: "global" (default: one ranking of every component's score across layers) or "search"
-            (needs `calibration`, 4+ batches: every MLP's and every layer's heads' width is chosen from the
-            output distance, KL for logits, measured on held-out calibration batches with that layer alone cut
-            to a few widths (passes/allocation.py); the residual stream stays whole).
+        allocation: how many channels each layer loses. "global" (default: one ranking of every component's
+            score across layers); "uniform" (the same as uniform=True); "flap" (needs `calibration`: FLAP's
+            adaptive structure, each MLP's and each layer's heads' scores standardized within the layer, one
+            threshold over all, at no extra cost); "search" (needs `calibration`, 4+ batches: each such width is
+            chosen from the output distance, KL for logits, measured on held-out calibration batches with that
+            layer alone cut to a few widths: the best quality for LLMs, minutes to hours). With "flap" and
+            "search" the residual stream stays whole (passes/allocation.py).
         propagate: with compensate: "dense" (default: every layer is fitted on the original model's inputs, one
             pass over the calibration) or "pruned" (SparseGPT's order: layer by layer, each fitted on the inputs it
             sees once the layers before it are pruned and compensated, so it also absorbs what they changed; an
@@ -103,18 +106,22 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         raise UsageError("runtime= and threads= say where a latency budget is measured: give target_latency=R")
     if kind == "latency":
         refused = {name: value for name, value in (("ignore", ignore), ("uniform", uniform), ("calibration", calibration),
-                                                   ("compensate", compensate), ("depth", depth)) if value}
+                                                   ("compensate", compensate), ("depth", depth),
+                                                   ("allocation", allocation != "global")) if value}
         if refused or importance not in ("l1", "l2", "random"):
+            options = ", ".join(sorted(refused)) or "ignore, uniform, calibration, compensate, depth, allocation"
             raise UsageError(f"target_latency plans on the model's ONNX export, with importance 'l1', 'l2' or "
-                             f"'random' and none of {sorted(refused) or 'ignore, uniform, calibration, compensate, depth'}"
-                             f" (got importance={importance!r}); use target_flops or target_params for those")
+                             f"'random' and none of {options} (got importance={importance!r}); use target_flops or "
+                             "target_params for those")
         return _plan_by_latency(model, example_inputs, ratio, runtime, threads, importance, round_to, max_ratio,
                                 allow_lossy, tracer, started)
-    if allocation not in ("global", "search"):
-        raise UsageError(f"allocation must be 'global' or 'search', got {allocation!r}")
-    if allocation == "search" and (uniform or calibration is None):
-        raise UsageError("allocation='search' measures per-layer widths on calibration=[batch, ...] (4 or more "
-                         "batches) and gives layers different widths: not with uniform=True")
+    if allocation not in ("global", "uniform", "flap", "search"):
+        raise UsageError(f"allocation must be 'global', 'uniform', 'flap' or 'search', got {allocation!r}")
+    if allocation == "uniform":
+        allocation, uniform = "global", True
+    if allocation in ("flap", "search") and (uniform or calibration is None):
+        raise UsageError(f"allocation={allocation!r} chooses per-layer widths from calibration=[batch, ...] (4 or "
+                         "more batches for 'search') and gives layers different widths: not with uniform=True")
     if compensate is True:
         compensate = "ls"
     if depth:
@@ -138,7 +145,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     an, keep, lockstep, multiple = analyse(model, example_inputs, ignore, uniform, allow_lossy, tracer)
     tensors = named_tensors(model)
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs")
-                                                 or allocation == "search")
+                                                 or allocation in ("flap", "search"))
     readers = collect(model, an, calibration, tensors, grams=importance == "obs") if needs_readers else []
     if scorer is None:  # wanda / flap / obs read the statistics just gathered
         scorer = CalibratedImportance(importance, readers, compensate)
@@ -146,10 +153,10 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
               multiple=multiple, auto_round=LLM_ROUND if _generates(model) else AUTO_ROUND,
               target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})
     search = []
-    if allocation == "search":  # between Score and Select: it turns the scores into per-family widths
+    if allocation in ("flap", "search"):  # between Score and Select: it turns the scores into per-family widths
         from .passes.allocation import Allocate
 
-        search = [Allocate(model, readers, calibration, compensate)]
+        search = [Allocate(model, readers, calibration, compensate, how=allocation)]
     compensation = [Compensate(readers, compensate)] if compensate else []
     if propagate == "pruned":
         from .passes.propagate import Refit

@@ -123,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
                                "the mean into the bias")
     prune_hf.add_argument("--uniform", action="store_true",
                           help="every layer keeps the same widths (the config describes them)")
+    prune_hf.add_argument("--allocation", default="global", choices=["global", "uniform", "flap", "search"],
+                          help="how many channels each layer loses: one ranking across layers (global, the default), "
+                               "the same in every layer (uniform, as --uniform), or FLAP's adaptive structure "
+                               "(flap: scores standardized per layer); search needs the whole model: use "
+                               "graphprune.prune")
     prune_hf.add_argument("--seq-len", type=_positive, default=256, metavar="N",
                           help="tokens per calibration window cut from a text file (default: %(default)s)")
     prune_hf.add_argument("--samples", type=_positive, default=16, metavar="N",
@@ -267,8 +272,8 @@ def _run(args) -> None:
         ids = calibration_ids(args.calibration, args.input, args.seq_len, args.samples)
         result = prune_pretrained(args.input, args.output, args.target_params, args.target_flops,
                                   importance=args.importance, compensate=args.compensate or False,
-                                  uniform=args.uniform, calibration=ids, batch_size=args.batch_size,
-                                  propagate=args.propagate, device=args.device,
+                                  uniform=args.uniform, allocation=args.allocation, calibration=ids,
+                                  batch_size=args.batch_size, propagate=args.propagate, device=args.device,
                                   dtype=getattr(torch, args.dtype) if args.dtype else None, round_to=args.round_to,
                                   max_ratio=args.max_ratio, progress=_progress)
         if args.report:

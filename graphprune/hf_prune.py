@@ -45,6 +45,7 @@ from .files import atomic_directory
 from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, load_config
 from .ir.from_torch import eval_mode
 from .ir.hf_config import empty_weights
+from .passes.allocation import Allocate
 from .passes.calibration import CalibratedImportance, compensate, hold_out, hooked, make_readers
 from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
 from .passes.select import LLM_ROUND
@@ -77,7 +78,8 @@ class Result:
 
 def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_params: float | None = None,
                      target_flops: float | None = None, *, importance: str = "flap", compensate: bool | str = False,
-                     uniform: bool = False, calibration: Any = None, batch_size: int = 4, propagate: str = "dense",
+                     uniform: bool = False, allocation: str = "global", calibration: Any = None, batch_size: int = 4,
+                     propagate: str = "dense",
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                      round_to: int | str | None = "auto", max_ratio: float = 0.9,
                      max_shard_bytes: int = 2 * 1024**3, progress: Callable[[str], None] | None = None) -> Result:
@@ -90,6 +92,9 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
         uniform: every layer keeps the same widths, so the written config.json describes the model and
             transformers' from_pretrained loads it; otherwise the budget is spent where scores are lowest across
             layers and the output is loaded with graphprune.hf.load_pretrained (the plan is written beside it).
+        allocation: "global" (default), "uniform" (uniform=True) or "flap" (FLAP's adaptive structure: each
+            layer's MLP and heads scores standardized, one threshold; see graphprune.plan). "search" measures
+            candidates on the whole model: load it and use graphprune.prune.
         calibration: token ids, [samples, tokens] (a tensor or array); all windows the same length.
         batch_size: calibration windows per forward.
         propagate: "dense" (default: the original model's activations feed each layer; the result equals the
@@ -111,6 +116,15 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
                          f"'obs', got {importance!r}")
     if compensate not in (False, None, "ls", "bias"):
         raise UsageError(f"compensate must be True, 'ls', 'bias' or False, got {compensate!r}")
+    if allocation == "search":
+        raise UsageError("allocation='search' runs the whole model for every candidate width; prune-hf holds one "
+                         "layer at a time: load the model and use graphprune.prune(..., allocation='search'), or use "
+                         "allocation='flap' here")
+    if allocation not in ("global", "uniform", "flap"):
+        raise UsageError(f"allocation must be 'global', 'uniform' or 'flap', got {allocation!r}")
+    if allocation == "flap" and uniform:
+        raise UsageError("allocation='flap' gives layers different widths: not with uniform=True")
+    uniform = uniform or allocation == "uniform"
     if propagate not in PROPAGATE:
         raise UsageError(f"propagate must be 'dense' or 'pruned', got {propagate!r}")
     src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
@@ -141,6 +155,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     layer_comps = _layer_components(layer_an, f"{stack}.0.")
     target = {"uniform": uniform, "importance": importance, "compensate": compensate or False}
     selection = dict(config=config, seq_len=seq_len, layer_an=layer_an, layer_comps=layer_comps, stack=stack,
+                     flap=allocation == "flap",
                      job=dict(kind=kind, ratio=ratio, round_to=round_to, max_ratio=max_ratio, target=target,
                               auto_round=LLM_ROUND))  # a causal LM, as graphprune.plan rounds one
     _select(np.ones((layers, len(layer_comps))), uniform, **selection)  # an unreachable budget fails before any work
@@ -499,12 +514,13 @@ def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_
 
 
 def _select(table: np.ndarray, uniform: bool, config, seq_len: int, layer_an, layer_comps: np.ndarray, stack: str,
-            job: dict) -> PruningPlan:
+            flap: bool, job: dict) -> PruningPlan:
     """The selection on the whole model traced on meta, from the per-layer score table: what graphprune.plan
     decides on the loaded model. The analysis is dropped before the layers come back."""
     full = _build(config)
     an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
-    chosen = run(PLAN, Job(an, named_tensors(full), scorer=_TableScorer(table, layer_an, layer_comps, stack),
+    passes = PLAN[:2] + [Allocate(None, None, [], None, how="flap")] + PLAN[2:] if flap else PLAN
+    chosen = run(passes, Job(an, named_tensors(full), scorer=_TableScorer(table, layer_an, layer_comps, stack),
                            keep=keep, lockstep=lockstep, multiple=multiple, **job)).plan
     chosen._analysis = chosen._gone = None
     del an, keep, lockstep, full

@@ -254,6 +254,42 @@ def test_held_out_ridge_keeps_scarce_calibration_from_overfitting(monkeypatch, t
     assert error(chosen.apply(model)) < error(fixed.apply(model))
 
 
+def test_flap_allocation_standardizes_each_layer_then_sets_one_threshold():
+    """allocation="flap" (FLAP's adaptive structure) z-scores each family's scores: a constant added to one MLP's
+    scores changes nothing, where the global ranking then takes other channels from it. The plan lands on the
+    budget, keeps the residual stream whole and applies exactly; allocation="uniform" is uniform=True."""
+    from graphprune.passes.importance import get_importance
+
+    factory, model, inputs, calibration = _llama()
+    x = inputs()
+    l2 = get_importance("l2")
+
+    def shifted(an, tensors):
+        scores = np.array(l2(an, tensors), dtype=np.float64)
+        mlp = next(f for f in an.families if len(f) == 128)  # layer 0's MLP channels
+        scores[mlp] += 10 * scores.max()
+        return scores
+
+    options = dict(target_params=0.7, calibration=calibration, round_to=1)
+    flap = graphprune.plan(model, x, importance="l2", allocation="flap", **options)
+    assert graphprune.plan(model, x, importance=shifted, allocation="flap", **options).removed == flap.removed
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert down in flap.removed
+    ranked = [graphprune.plan(model, x, importance=i, **options).removed.get(down) for i in ("l2", shifted)]
+    assert ranked[0] != ranked[1]  # the global ranking (scores over their family's mean) does see the shift
+    assert abs(flap.params_ratio - 0.7) <= 0.01 and "allocation flap:" in flap.summary()
+    slim = flap.apply(model)  # verified against the masked model
+    assert slim.model.norm.weight.shape == model.model.norm.weight.shape  # the residual stream stays whole
+    assert torch.allclose(run(slim, x)[0], run(flap.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    options = dict(target_params=0.8, importance="flap", calibration=calibration, compensate=True)
+    assert (graphprune.plan(model, x, allocation="uniform", **options).removed
+            == graphprune.plan(model, x, uniform=True, **options).removed)
+    with pytest.raises(ValueError, match="calibration"):
+        graphprune.plan(model, x, target_params=0.8, allocation="flap")
+    with pytest.raises(ValueError, match="uniform"):
+        graphprune.plan(model, x, target_params=0.8, calibration=calibration, allocation="flap", uniform=True)
+
+
 def test_search_spends_the_budget_where_measured_distance_is_cheapest():
     """_spend against brute force over every allocation of three convex curves."""
     import itertools

@@ -49,16 +49,18 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("uniform", [True, False])
-def test_same_plan_and_outputs_as_in_memory(tmp_path, uniform):
+@pytest.mark.parametrize("allocation", ["uniform", "global", "flap"])
+def test_same_plan_and_outputs_as_in_memory(tmp_path, allocation):
     model, src = _checkpoint(tmp_path, T.LlamaConfig(**LLAMA))
     before = _digest(src)
     ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(1))
     out = str(tmp_path / "out")
-    result = prune_pretrained(src, out, target_params=0.8, importance="flap", compensate=True, uniform=uniform,
+    uniform = allocation == "uniform"
+    result = prune_pretrained(src, out, target_params=0.8, importance="flap", compensate=True, allocation=allocation,
                               calibration=ids, batch_size=2)
     reference = graphprune.plan(model, {"input_ids": ids[:1]}, target_params=0.8, importance="flap", compensate=True,
-                                uniform=uniform, calibration=[{"input_ids": b} for b in ids.split(2)])
+                                allocation=allocation, calibration=[{"input_ids": b} for b in ids.split(2)])
+    assert ("allocation flap:" in result.plan.summary()) is (allocation == "flap")
     assert result.plan.removed == reference.removed
     assert result.plan.params == pytest.approx(reference.params)
     assert result.uniform_config is uniform
@@ -75,7 +77,7 @@ def test_same_plan_and_outputs_as_in_memory(tmp_path, uniform):
         assert hf.generate(x[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
     else:
         widths = {tuple(loaded.get_submodule(f"model.layers.{i}.mlp.down_proj").weight.shape) for i in range(3)}
-        assert len(widths) > 1  # the global allocation gave the layers different widths
+        assert len(widths) > 1  # the global and flap allocations gave the layers different widths
     assert json.load(open(os.path.join(out, PLAN_FILE)))["format"] == "graphprune-plan/1"
 
 
@@ -213,6 +215,7 @@ def test_bad_input_one_line_nothing_left_behind(tmp_path, capsys):
         ([src, "-o", str(tmp_path / "o5"), "--calibration", str(tmp_path / "calib.txt")], "does not exist", 2),
         ([src, "-o", str(tmp_path / "o6"), "--device", "cuda"], "CUDA", 2),
         ([src, "-o", str(tmp_path / "o7"), "--target-params", "0.0001", "--max-ratio", "0.5"], "out of reach", 1),
+        ([src, "-o", str(tmp_path / "o8"), "--allocation", "search"], "graphprune.prune(", 2),
     ]
     if torch.cuda.is_available():
         cases = [c for c in cases if "cuda" not in c[0]]

@@ -1,5 +1,9 @@
-"""allocation="search": how many channels each layer loses, from measured sensitivity instead of per-channel
-scores compared across layers.
+"""allocation="search" and allocation="flap": how many channels each layer loses, decided per family (an MLP's
+channels, a layer's heads) instead of by per-channel scores compared raw across layers.
+
+allocation="flap" is FLAP's adaptive structure (An et al. 2024, its "AL-AM"): each family's scores are
+standardized (z-scores within the family), and one global threshold over them removes components, each priced at
+what it saves, until the budget is met. It costs nothing beyond the scores.
 
 Per-channel errors are measured in each layer's own output; what a layer's error costs at the model's output
 differs from layer to layer (an LLM's first MLP is many times more sensitive than its middle ones), so a single
@@ -41,14 +45,18 @@ KEEP, TAKE = 1e12, 1e-6  # forced scores: what the selection keeps, and the scal
 
 
 class Allocate(Pass):
-    """Replace the scores so the selection removes, in each measured family, the number of components the search
-    chose (its least important ones), and nothing elsewhere."""
+    """Replace the scores so the selection removes, in each family, the number of components the allocation
+    chose (its least important ones), and nothing elsewhere. how="search" measures each family's curve of output
+    distance against components removed; how="flap" reads it from the standardized scores."""
 
     requires = ("an", "tensors", "scores", "flops", "params")
     ensures = ("scores",)
 
-    def __init__(self, model: nn.Module, readers: list[Reader], calibration: list, method: str | bool):
-        self.model, self.readers, self.method = model, readers, method or None
+    def __init__(self, model: nn.Module, readers: list[Reader], calibration: list, method: str | bool,
+                 how: str = "search"):
+        self.model, self.readers, self.method, self.how = model, readers, method or None, how
+        if how == "flap":
+            return
         self.batches = [b for i, b in enumerate(calibration) if i % HOLDOUT == HOLDOUT - 1][:MAX_BATCHES]
         if not self.batches:
             raise UsageError(f"allocation='search' measures candidates on held-out calibration batches (every "
@@ -57,17 +65,22 @@ class Allocate(Pass):
     def __call__(self, job) -> None:
         started = time.perf_counter()
         an, cost = job.an, job.budget
-        families = searchable(an, self.readers, job.scores, job.keep)
+        families = searchable(an, self.readers, job.scores, job.keep, grams=self.how == "search")
         if not families:
-            raise GraphPruneError("allocation='search' found no family with one compensable reader to measure "
-                                  "(MLP channels, attention heads); use the default allocation")
-        dense = [self._run(b) for b in self.batches]
+            raise GraphPruneError(f"allocation={self.how!r} found no family with one reader to allocate over (MLP "
+                                  "channels, attention heads); use the default allocation")
+        dense = [self._run(b) for b in self.batches] if self.how == "search" else None
         base = cost.total()
         curves, saving, unit = {}, {}, {}
         for f, order in families.items():
             n = len(order)
             unit[f] = (auto_multiple(n, job.auto_round) if job.round_to == "auto" else job.round_to) or 1
             limit = min(n - 1, int(np.floor(job.max_ratio * n + 1e-9)))
+            saving[f] = base - cost.total(order[:1])  # every component of an internal family saves the same
+            if self.how == "flap":
+                z = _standardized(job.scores[order[:limit]].astype(np.float64), job.scores[order])
+                curves[f] = np.concatenate([[0.0], np.cumsum(z * saving[f])])  # a unit's step: its mean z per cost
+                continue
             counts = sorted({r for r in (range(1, n) if n <= NARROW else (round(n * c / unit[f]) * unit[f]
                                                                           for c in FRACTIONS)) if 0 < r <= limit})
             if not counts:
@@ -76,17 +89,17 @@ class Allocate(Pass):
             curves[f] = _convex([0] + counts, [0.0] + distances)
             log.info("allocation search: %d of %d families measured (%.0f s)", len(curves), len(families),
                      time.perf_counter() - started)
-            saving[f] = base - cost.total(order[:1])  # every component of an internal family saves the same
         removed = _spend(curves, saving, unit, base - job.ratio * base)
         scores = np.full(len(an.prunable), KEEP)
         for f, r in removed.items():
             scores[families[f][:r]] = TAKE * np.arange(1, r + 1) / max(r, 1)
         job.scores = scores
         widths = [len(families[f]) - removed.get(f, 0) for f in sorted(curves)]
-        job.notes.append(f"allocation search: {len(curves)} families measured at {sum(len(c) for c in curves.values())}"
-                         f" widths on {len(self.batches)} held-out calibration batches in "
-                         f"{time.perf_counter() - started:.0f} s; widths kept {min(widths)}..{max(widths)} "
-                         f"(families in model order: {', '.join(map(str, widths))})")
+        how = (f"{len(curves)} families measured at {sum(len(c) for c in curves.values())} widths on "
+               f"{len(self.batches)} held-out calibration batches" if self.how == "search"
+               else f"{len(curves)} families' scores standardized, one threshold")
+        job.notes.append(f"allocation {self.how}: {how} in {time.perf_counter() - started:.0f} s; widths kept "
+                         f"{min(widths)}..{max(widths)} (families in model order: {', '.join(map(str, widths))})")
 
     def _run(self, batch: Any) -> torch.Tensor:
         """The model's output on one batch: log-probabilities where it returns logits, else its tensors flattened."""
@@ -111,18 +124,24 @@ class Allocate(Pass):
         return float(sum((g - d).square().sum() for d, g in zip(dense, got)) / sum(d.square().sum() for d in dense))
 
 
-def searchable(an, readers: list[Reader], scores: np.ndarray, keep: np.ndarray | None) -> dict[int, np.ndarray]:
-    """Families whose components each have one reader that gathered X^T X (zeroing its input columns is removing
-    them, and compensation applies), none kept whole and all scored: family -> components, least important first."""
-    readers_of = _readers_per_component(readers, len(an.prunable))
-    has_gram = np.zeros(len(an.prunable), dtype=bool)
-    for r in readers:
-        if r.gram is not None or r.kk is not None:
-            has_gram[r.columns] = True
+def searchable(an, readers: list[Reader] | None, scores: np.ndarray, keep: np.ndarray | None, grams: bool = True
+               ) -> dict[int, np.ndarray]:
+    """Families whose components each have one reader (internal channels: an MLP's, a layer's heads; not the
+    residual stream), that gathered X^T X where `grams` (zeroing its input columns is removing them, and
+    compensation applies), none kept whole and all scored: family -> components, least important first.
+    readers=None: every family all scored (prune-hf, whose scores cover a layer's own channels only)."""
+    single = np.ones(len(an.prunable), dtype=bool)
+    if readers is not None:
+        single = _readers_per_component(readers, len(an.prunable)) == 1
+        has_gram = np.zeros(len(an.prunable), dtype=bool)
+        for r in readers:
+            if r.gram is not None or r.kk is not None or not grams:
+                has_gram[r.columns] = True
+        single &= has_gram
     out = {}
     for f, fam in enumerate(an.families):
         fam = np.asarray(fam)
-        if (len(fam) < 2 or not an.prunable[fam].all() or (readers_of[fam] != 1).any() or not has_gram[fam].all()
+        if (len(fam) < 2 or not an.prunable[fam].all() or not single[fam].all()
                 or (keep is not None and keep[fam].any()) or not np.isfinite(scores[fam]).all()):
             continue
         out[f] = fam[np.argsort(scores[fam], kind="stable")]
@@ -143,6 +162,12 @@ def _cut(model: nn.Module, readers: list[Reader], an, gone: np.ndarray, method: 
         for r in touched:
             cut(r, gone, updates)
         yield
+
+
+def _standardized(taken: np.ndarray, family: np.ndarray) -> np.ndarray:
+    """`taken` (scores in ascending order) as z-scores within their whole family's scores (0 where all are equal)."""
+    spread = family.std()
+    return (taken - family.mean()) / spread if spread > 0 else np.zeros_like(taken)
 
 
 def _convex(counts: list[int], distances: list[float]) -> np.ndarray:
