@@ -123,6 +123,10 @@ def _parser() -> argparse.ArgumentParser:
                                "the mean into the bias")
     prune_hf.add_argument("--uniform", action="store_true",
                           help="every layer keeps the same widths (the config describes them)")
+    prune_hf.add_argument("--layout", default="graphprune", choices=["graphprune", "deci"],
+                          help="where layers differ: the original config.json plus graphprune's plan (graphprune, "
+                               "the default; graphprune.load reads it) or the DeciLM block_configs layout vLLM and "
+                               "llama.cpp read (deci; LLaMA architecture)")
     prune_hf.add_argument("--allocation", default="global", choices=["global", "uniform", "flap", "search"],
                           help="how many channels each layer loses: one ranking across layers (global, the default), "
                                "the same in every layer (uniform, as --uniform), or FLAP's adaptive structure "
@@ -273,7 +277,8 @@ def _run(args) -> None:
         result = prune_pretrained(args.input, args.output, args.target_params, args.target_flops,
                                   importance=args.importance, compensate=args.compensate or False,
                                   uniform=args.uniform, allocation=args.allocation, calibration=ids,
-                                  batch_size=args.batch_size, propagate=args.propagate, device=args.device,
+                                  batch_size=args.batch_size, propagate=args.propagate, layout=args.layout,
+                                  device=args.device,
                                   dtype=getattr(torch, args.dtype) if args.dtype else None, round_to=args.round_to,
                                   max_ratio=args.max_ratio, progress=_progress)
         if args.report:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .api import analyse
+from .backends import deci
 from .backends.torch import masked_in_place, sliced
 from .errors import GraphPruneError, UsageError
 from .files import atomic_directory
@@ -67,11 +68,18 @@ class Result:
     output: str
     seconds: float
     peak_rss_bytes: int
-    uniform_config: bool  # config.json describes the widths: from_pretrained loads the output without graphprune
+    layout: str  # "transformers" (config.json describes the widths), "graphprune" (the plan does) or "deci"
+
+    @property
+    def uniform_config(self) -> bool:
+        """config.json describes the widths: from_pretrained loads the output without graphprune."""
+        return self.layout == "transformers"
 
     def summary(self) -> str:
-        how = ("transformers' from_pretrained loads it" if self.uniform_config else
-               "widths differ between layers: load it with graphprune.hf.load_pretrained")
+        how = {"transformers": "transformers' from_pretrained loads it",
+               "graphprune": "widths differ between layers: load it with graphprune.load",
+               "deci": "widths differ between layers, DeciLM layout: vLLM and llama.cpp read it, graphprune.load "
+                       "reloads it"}[self.layout]
         return (f"{self.plan.summary()}\nwrote {self.output} ({how})\n"
                 f"peak memory {self.peak_rss_bytes / 2**30:.2f} GiB, {self.seconds:.1f} s")
 
@@ -79,7 +87,7 @@ class Result:
 def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_params: float | None = None,
                      target_flops: float | None = None, *, importance: str = "flap", compensate: bool | str = False,
                      uniform: bool = False, allocation: str = "global", calibration: Any = None, batch_size: int = 4,
-                     propagate: str = "dense",
+                     propagate: str = "dense", layout: str = "graphprune",
                      device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                      round_to: int | str | None = "auto", max_ratio: float = 0.9,
                      max_shard_bytes: int = 2 * 1024**3, progress: Callable[[str], None] | None = None) -> Result:
@@ -95,6 +103,10 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
         allocation: "global" (default), "uniform" (uniform=True) or "flap" (FLAP's adaptive structure: each
             layer's MLP and heads scores standardized, one threshold; see graphprune.plan). "search" measures
             candidates on the whole model: load it and use graphprune.prune.
+        layout: where layers differ, how the output describes them: "graphprune" (the original config.json and
+            the plan; graphprune.load rebuilds it) or "deci" (LLaMA architecture: the DeciLM / Nemotron-NAS
+            block_configs vLLM and llama.cpp read, as graphprune.save_pretrained writes; zero padding where that
+            layout needs it, counted in the plan's notes). A config that describes the widths is written as is.
         calibration: token ids, [samples, tokens] (a tensor or array); all windows the same length.
         batch_size: calibration windows per forward.
         propagate: "dense" (default: the original model's activations feed each layer; the result equals the
@@ -125,11 +137,15 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     if allocation == "flap" and uniform:
         raise UsageError("allocation='flap' gives layers different widths: not with uniform=True")
     uniform = uniform or allocation == "uniform"
+    if layout not in ("graphprune", "deci"):
+        raise UsageError(f"layout must be 'graphprune' or 'deci', got {layout!r}")
     if propagate not in PROPAGATE:
         raise UsageError(f"propagate must be 'dense' or 'pruned', got {propagate!r}")
     src, out = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(out))
     _check_paths(src, out)
     config, _ = load_config(src)
+    if layout == "deci":
+        deci.check_architecture(config)
     weights = ShardReader(src)
     ids = _token_windows(calibration, batch_size, config)
     device = torch.device(device)
@@ -171,7 +187,9 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
 
     with atomic_directory(out) as tmp:
         added: list[tuple[str, str, int]] = []
-        with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as writer:
+        written = os.path.join(tmp, ".layers") if layout == "deci" else tmp  # converted below unless uniform
+        os.makedirs(written, exist_ok=True)
+        with ShardWriter(written, max_shard_bytes=max_shard_bytes) as writer:
             layer_names = f"{stack}."
             for name in weights.names:
                 if not name.startswith(layer_names):
@@ -182,8 +200,10 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
                                       writer, added)
                 say(f"pass 2 (prune and write): layers {index + 1}/{layers}")
             the_plan.set_compensation({}, added)
-            uniform_config = _write_config(config, the_plan, writer, tmp, uniform,
+            uniform_config = _write_config(config, the_plan, writer, written, uniform,
                                            lambda bias: weights.dtype(bias.rpartition(".")[0] + ".weight"))
+        if written != tmp:
+            _to_layout(written, tmp, None if uniform_config else config, the_plan)
         the_plan.save(os.path.join(tmp, PLAN_FILE))
         for name in sorted(os.listdir(src)):  # tokenizer, generation config, ...
             path = os.path.join(src, name)
@@ -194,7 +214,7 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     the_plan.notes.append(f"pruned layer by layer in {seconds:.1f} s, peak memory {peak / 2**30:.2f} GiB "
                           f"(propagate={propagate!r}, {ids.numel()} calibration tokens)")
     the_plan.save(os.path.join(out, PLAN_FILE))
-    return Result(the_plan, out, seconds, peak, uniform_config)
+    return Result(the_plan, out, seconds, peak, "transformers" if uniform_config else layout)
 
 
 def load_pretrained(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
@@ -656,6 +676,21 @@ class _LayerView(nn.Module):
             holder.add_module(part, child)
             holder = child
         holder.add_module(parts[-1], layer)
+
+
+def _to_layout(written: str, tmp: str, config, the_plan: PruningPlan) -> None:
+    """The output written in `written` moved into `tmp`, converted to the DeciLM layout unless `config` is None
+    (its own config describes the widths), one tensor at a time."""
+    if config is not None:
+        with ShardReader(written) as pruned:
+            shapes = {name: pruned.shape(name) for name in pruned.names}
+            padded = deci.write_into(tmp, config, shapes, pruned.get)
+        the_plan.notes.append(f"written in the DeciLM layout (block_configs), {padded:,} zero parameters of padding")
+        shutil.rmtree(written)
+        return
+    for name in os.listdir(written):
+        os.replace(os.path.join(written, name), os.path.join(tmp, name))
+    os.rmdir(written)
 
 
 def _write_config(config, the_plan: PruningPlan, writer: ShardWriter, tmp: str, uniform: bool,

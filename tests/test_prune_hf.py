@@ -81,6 +81,39 @@ def test_same_plan_and_outputs_as_in_memory(tmp_path, allocation):
     assert json.load(open(os.path.join(out, PLAN_FILE)))["format"] == "graphprune-plan/1"
 
 
+def test_deci_layout_is_what_save_pretrained_writes(tmp_path):
+    """layout="deci": where layers differ, prune-hf writes the DeciLM block_configs layout itself, tensor for tensor
+    what graphprune.save_pretrained writes from the in-memory slim model, and graphprune.load reads it back; a
+    model the layout cannot describe is refused before any work."""
+    from graphprune.shards import ShardReader
+
+    model, src = _checkpoint(tmp_path, T.LlamaConfig(**LLAMA))
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(1))
+    out = tmp_path / "out"
+    options = dict(target_params=0.7, importance="flap", compensate=True, allocation="flap")
+    result = prune_pretrained(src, out, layout="deci", calibration=ids, batch_size=2, **options)
+    slim = graphprune.plan(model, {"input_ids": ids[:1]}, calibration=[{"input_ids": b} for b in ids.split(2)],
+                           **options).apply(model)
+    saved = graphprune.save_pretrained(slim, tmp_path / "saved")
+    assert result.layout == saved.layout == "deci" and "DeciLM layout" in result.summary()
+    config, reference = (json.load(open(d / "config.json")) for d in (out, tmp_path / "saved"))
+    assert config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["block_configs"] == reference["block_configs"]
+    assert len({layer.mlp.down_proj.in_features for layer in slim.model.layers}) > 1  # the layers do differ
+    with ShardReader(out) as written, ShardReader(tmp_path / "saved") as expected:
+        assert sorted(written.names) == sorted(expected.names)
+        for name in written.names:
+            assert torch.allclose(written.get(name), expected.get(name), atol=1e-5), name
+    assert ".layers" not in os.listdir(out) and PLAN_FILE in os.listdir(out)
+    x = torch.randint(0, 200, (2, 24))
+    assert torch.allclose(_logits(graphprune.load(str(out)), x), _logits(slim, x), atol=1e-5, rtol=1e-5)
+
+    _, qwen = _checkpoint(tmp_path / "qwen", T.Qwen2Config(**LLAMA))
+    with pytest.raises(graphprune.UnsupportedModelError, match="LLaMA-architecture"):
+        prune_pretrained(qwen, tmp_path / "o", layout="deci", calibration=ids, **options)
+    assert not (tmp_path / "o").exists()
+
+
 def test_bf16_sharded_qwen2_with_tied_embeddings(tmp_path):
     """Another family (q/k/v biases, tied embeddings), bf16 weights in several shards: the layers run in bf16, the
     statistics are float32, the written weights stay bf16. The in-memory path runs the whole model (with a KV

@@ -96,9 +96,20 @@ def blocks(config, shapes: dict[str, tuple[int, ...]]) -> list[Block]:
 def write(config, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], directory: str) -> Saved:
     """Write config.json (block_configs) and safetensors to `directory` (created atomically; it must not exist).
     `get(name)` gives one tensor at a time, so a checkpoint on disk converts without being loaded whole."""
+    with atomic_directory(directory) as tmp:
+        padded = write_into(tmp, config, shapes, get)
+    return Saved(os.fspath(directory), "deci", padded)
+
+
+def check_architecture(config) -> None:
     if getattr(config, "model_type", None) != "llama":
         raise UnsupportedModelError(f"the DeciLM layout describes LLaMA-architecture decoders, this is "
                                     f"{getattr(config, 'model_type', None)!r}: save it with graphprune.save")
+
+
+def write_into(tmp: str, config, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor]) -> int:
+    """write() into the existing directory `tmp`; returns the zero parameters the layout needed."""
+    check_architecture(config)
     hidden = shapes["model.embed_tokens.weight"][1]
     layers = blocks(config, shapes)
     n_heads, head_dim = config.num_attention_heads, _head_dim(config)
@@ -106,34 +117,33 @@ def write(config, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch
             for kind in ("self_attn", "mlp")}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     padded = 0
-    with atomic_directory(directory) as tmp:
-        with ShardWriter(tmp) as writer:
-            for name in shapes:
-                match = _NAME.fullmatch(name)
-                if name == "lm_head.weight" and tied or match and match[4] == "bias":
-                    continue  # tied to the embedding; biases are written beside their weights
-                if not match:
-                    writer.add(name, get(name))
-                    continue
-                block = layers[int(match[1])]
-                stem = name[:-len("weight")]
-                weight = get(name)
-                tensors = {"weight": weight}
-                if bias[match[2]]:  # one config flag for all: absent biases are written as zeros
-                    tensors["bias"] = get(stem + "bias") if stem + "bias" in shapes else weight.new_zeros(len(weight))
-                for leaf, tensor in tensors.items():
-                    new = _pad(tensor, match[3], leaf, block, n_heads, head_dim)
-                    padded += new.numel() - (tensor.numel() if stem + leaf in shapes else 0)
-                    writer.add(stem + leaf, new)
-        fields = {k: v for k, v in config.to_dict().items() if k not in _PER_LAYER and not k.startswith("_")}
-        fields.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, hidden_size=hidden, head_dim=head_dim,
-                      attention_bias=bias["self_attn"], mlp_bias=bias["mlp"],
-                      block_configs=[b.config(n_heads, hidden) for b in layers])
-        rope = fields.get("rope_parameters") or {}
-        fields.setdefault("rope_theta", rope.get("rope_theta"))  # readers older than transformers 5 look here
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-            json.dump(fields, fh, indent=2, sort_keys=True)
-    return Saved(os.fspath(directory), "deci", padded)
+    with ShardWriter(tmp) as writer:
+        for name in shapes:
+            match = _NAME.fullmatch(name)
+            if name == "lm_head.weight" and tied or match and match[4] == "bias":
+                continue  # tied to the embedding; biases are written beside their weights
+            if not match:
+                writer.add(name, get(name))
+                continue
+            block = layers[int(match[1])]
+            stem = name[:-len("weight")]
+            weight = get(name)
+            tensors = {"weight": weight}
+            if bias[match[2]]:  # one config flag for all: absent biases are written as zeros
+                tensors["bias"] = get(stem + "bias") if stem + "bias" in shapes else weight.new_zeros(len(weight))
+            for leaf, tensor in tensors.items():
+                new = _pad(tensor, match[3], leaf, block, n_heads, head_dim)
+                padded += new.numel() - (tensor.numel() if stem + leaf in shapes else 0)
+                writer.add(stem + leaf, new)
+    fields = {k: v for k, v in config.to_dict().items() if k not in _PER_LAYER and not k.startswith("_")}
+    fields.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, hidden_size=hidden, head_dim=head_dim,
+                  attention_bias=bias["self_attn"], mlp_bias=bias["mlp"],
+                  block_configs=[b.config(n_heads, hidden) for b in layers])
+    rope = fields.get("rope_parameters") or {}
+    fields.setdefault("rope_theta", rope.get("rope_theta"))  # readers older than transformers 5 look here
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(fields, fh, indent=2, sort_keys=True)
+    return padded
 
 
 def _head_dim(config) -> int:
