@@ -70,7 +70,9 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
         calibration: a list of batches shaped like example_inputs; one no-grad pass over them gathers the
             input statistics of every layer that reads channels (passes/calibration.py).
         compensate: True or "ls" (least-squares reconstruction of each layer that lost inputs, folded into
-            its kept weights and bias) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
+            its kept weights and bias), "obs" (least squares, with the components each MLP and each layer's
+            heads lose re-chosen one at a time by structured OBS, ZipLM's greedy order: the same widths, other
+            channels; passes/reselect.py) or "bias" (FLAP's mean compensation); needs `calibration`. A layer
             without a bias gets one. Least squares holds out every 4th calibration batch to choose each
             layer's ridge (plan.ridges); give it 4 or more batches.
         allocation: how many channels each layer loses. "global" (default: one ranking of every component's
@@ -124,6 +126,8 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
                          "more batches for 'search') and gives layers different widths: not with uniform=True")
     if compensate is True:
         compensate = "ls"
+    if compensate not in (False, None, "ls", "bias", "obs"):
+        raise UsageError(f"compensate must be True, 'ls', 'obs', 'bias' or False, got {compensate!r}")
     if depth:
         return _plan_with_depth(model, example_inputs, kind, ratio, depth, dict(
             importance=importance, ignore=sorted(_resolve_ignore(model, ignore)), round_to=round_to,
@@ -147,22 +151,27 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     needs_readers = calibration is not None and (compensate or importance in ("wanda", "flap", "obs")
                                                  or allocation in ("flap", "search"))
     readers = collect(model, an, calibration, tensors, grams=importance == "obs") if needs_readers else []
+    method = "ls" if compensate == "obs" else compensate  # "obs": least squares after the greedy re-choice
     if scorer is None:  # wanda / flap / obs read the statistics just gathered
-        scorer = CalibratedImportance(importance, readers, compensate)
+        scorer = CalibratedImportance(importance, readers, method)
     job = Job(an, tensors, kind, ratio, scorer, round_to=round_to, max_ratio=max_ratio, keep=keep, lockstep=lockstep,
               multiple=multiple, auto_round=LLM_ROUND if _generates(model) else AUTO_ROUND,
               target={"uniform": uniform, "importance": str(importance), "compensate": compensate or False})
-    search = []
+    search, reselect = [], []
     if allocation in ("flap", "search"):  # between Score and Select: it turns the scores into per-family widths
         from .passes.allocation import Allocate
 
-        search = [Allocate(model, readers, calibration, compensate, how=allocation)]
-    compensation = [Compensate(readers, compensate)] if compensate else []
+        search = [Allocate(model, readers, calibration, method, how=allocation)]
+    if compensate == "obs":  # between Select and Build: the same counts, other members
+        from .passes.reselect import Reselect
+
+        reselect = [Reselect(readers)]
+    compensation = [Compensate(readers, method)] if method else []
     if propagate == "pruned":
         from .passes.propagate import Refit
 
-        compensation = [Refit(model, readers, compensate, calibration)]
-    passes = PLAN[:2] + search + PLAN[2:] + compensation
+        compensation = [Refit(model, readers, method, calibration)]
+    passes = PLAN[:2] + search + PLAN[2:3] + reselect + PLAN[3:] + compensation
     try:
         result = run(passes, job).plan
     except BudgetError as err:

@@ -164,3 +164,59 @@ def test_obs_on_an_onnx_file(tmp_path):
 def test_obs_needs_calibration():
     with pytest.raises(graphprune.UsageError, match="calibration"):
         graphprune.plan(DigitsNet().eval(), torch.rand(8, 1, 8, 8), 0.5, importance="obs")
+
+
+def test_greedy_obs_takes_each_next_component_given_the_ones_gone(monkeypatch):
+    """compensate="obs" re-chooses a layer's removed components one at a time (ZipLM's order): one component is
+    the best single one, and for more it leaves no more error than the one-shot ranking (here far less: the inputs
+    are correlated, and once one of a correlated pair is gone the other is no longer cheap), checked against the
+    real least-squares error of each set."""
+    import itertools
+
+    from graphprune.passes.reselect import greedy_obs
+
+    monkeypatch.setattr(cal, "RIDGE", 1e-9)
+    x, tensors, reader, an = _linear_reader()
+    n = len(an.prunable)
+
+    def error(comps):
+        gone = np.zeros(n, dtype=bool)
+        gone[list(comps)] = True
+        updates, _ = cal.compensate([reader], an, gone, tensors, "ls")
+        kept = torch.from_numpy(~gone[reader.columns])
+        w, b = tensors["fc.weight"].double(), tensors["fc.bias"].double()
+        slim = x.double()[:, kept] @ updates["fc.weight"].double()[:, kept].T + updates["fc.bias"].double()
+        return float((slim - (x.double() @ w.T + b)).pow(2).sum(1).mean())
+
+    one_shot = np.argsort(cal.CalibratedImportance("obs", [reader])(an, tensors))
+    gains = []
+    for k in (1, 2, 3, 4):
+        theta, _ = cal._ridge_precision(reader)
+        greedy = greedy_obs(theta, cal._weight_columns(tensors, reader).clone(),
+                            [reader.columns == c for c in range(n)], k)
+        assert len(set(greedy)) == k
+        if k == 1:
+            assert error(greedy) == pytest.approx(min(error([c]) for c in range(n)))
+        assert error(greedy) <= error(one_shot[:k]) * (1 + 1e-9)
+        assert error(greedy) >= min(error(s) for s in itertools.combinations(range(n), k)) * (1 - 1e-9)
+        gains.append(error(one_shot[:k]) / error(greedy))
+    assert max(gains) > 1.5
+
+
+def test_compensate_obs_keeps_the_widths_and_applies_exactly():
+    """On a LLaMA: the same widths as compensate="ls" (the selection's counts), other channels in some layers,
+    and a slim model equal to its masked one."""
+    from .test_calibration import _llama
+
+    factory, model, inputs, calibration = _llama()
+    x = inputs()
+    options = dict(target_params=0.6, importance="flap", calibration=calibration, uniform=True)
+    ls = graphprune.plan(model, x, compensate="ls", **options)
+    obs = graphprune.plan(model, x, compensate="obs", **options)
+    widths = lambda plan: {n: {a: len(i) for a, i in axes.items()} for n, axes in plan.removed.items()}  # noqa: E731
+    assert widths(obs) == widths(ls) and obs.removed != ls.removed
+    assert obs.params == ls.params and any("greedily by structured OBS" in n for n in obs.notes)
+    slim = obs.apply(model)  # verified
+    assert torch.allclose(run(slim, x)[0], run(obs.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compensate must be"):
+        graphprune.plan(model, x, compensate="sparsegpt", **options)
