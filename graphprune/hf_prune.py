@@ -47,7 +47,8 @@ from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, loa
 from .ir.from_torch import eval_mode
 from .ir.hf_config import empty_weights
 from .passes.allocation import Allocate
-from .passes.calibration import CalibratedImportance, compensate, hold_out, hooked, make_readers
+from .passes.calibration import (CalibratedImportance, Cut, _readers_per_component, compensate, hold_out, hooked,
+                                 make_readers)
 from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
 from .passes.select import LLM_ROUND
 from .plan import PruningPlan, named_tensors
@@ -632,10 +633,14 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
             if r.want_gram and method == "ls" and removed.any():
                 r.split = (torch.from_numpy(np.nonzero(~removed)[0]), torch.from_numpy(np.nonzero(removed)[0]))
             r.want_gram = False
-    dense = runner.run(layer, hidden, readers, keep=propagate == "dense", hold=method == "ls")
     ridges: list[dict] = []
-    updates, new_biases = (compensate([r.cpu() for r in readers if r.n], layer_an, gone, _on_cpu(tensors), method,
-                                      release=True, report=ridges) if method else ({}, []))
+    if propagate == "pruned" and method:
+        dense = None
+        updates, new_biases = _refit_in_order(runner, layer, hidden, readers, layer_an, gone, tensors, method, ridges)
+    else:
+        dense = runner.run(layer, hidden, readers, keep=propagate == "dense", hold=method == "ls")
+        updates, new_biases = (compensate([r.cpu() for r in readers if r.n], layer_an, gone, _on_cpu(tensors),
+                                          method, release=True, report=ridges) if method else ({}, []))
     the_plan.ridges.extend({**r, "module": prefix + r["module"][len(zero):]} for r in ridges)
     del readers
     local = PruningPlan(removed=mine, zeroed={zero + n[len(prefix):]: a for n, a in the_plan.zeroed.items()
@@ -662,6 +667,36 @@ def _prune_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], the_pl
     runner.unload(index)
     _release_memory()
     return nxt
+
+
+def _refit_in_order(runner: _Runner, layer: nn.Module, hidden: list[torch.Tensor], readers: list, layer_an,
+                    gone: np.ndarray, tensors: dict[str, torch.Tensor], method: str, ridges: list
+                    ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
+    """propagate="pruned" within the layer, as graphprune.plan's does (passes/propagate.py): the readers that lost
+    inputs in the order the layer runs them, each observed with the ones before it cut and compensated (MLP's
+    down_proj sees attention's o_proj already rewritten)."""
+    readers_of = _readers_per_component(readers, len(layer_an.prunable))
+    losing = [r for r in readers if gone[r.columns].any() and (readers_of[r.columns[gone[r.columns]]] == 1).all()]
+    view = _LayerView(layer, f"{runner.stack}.0.")
+    order: list[str] = []
+    hooks = [view.get_submodule(r.module).register_forward_pre_hook(lambda _m, _a, name=r.module: order.append(name))
+             for r in losing]
+    try:
+        runner.run(layer, hidden[:1], keep=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    losing.sort(key=lambda r: order.index(r.module) if r.module in order else len(order))
+    updates: dict[str, torch.Tensor] = {}
+    new_biases: list[tuple[str, str, int]] = []
+    with Cut(view) as cut:
+        for r in losing:
+            runner.run(layer, hidden, [r], keep=False, hold=method == "ls")
+            more, added = compensate([r.cpu()], layer_an, gone, _on_cpu(tensors), method, release=True, report=ridges)
+            updates.update(more)
+            new_biases += added
+            cut(r, gone, updates)
+    return updates, new_biases
 
 
 class _LayerView(nn.Module):

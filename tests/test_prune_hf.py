@@ -195,6 +195,24 @@ def test_pruned_propagation_fits_each_layer_to_the_pruned_inputs(tmp_path):
     assert torch.isfinite(_logits(models["pruned"], ids[:2])).all()
 
 
+def test_pruned_propagation_is_what_prune_gives(tmp_path):
+    """propagate="pruned" gives the in-memory plan's model: within a layer too, the MLP's down_proj is fitted on
+    what it sees once attention's o_proj lost heads and was rewritten (one pass per layer fitted both on the
+    unpruned attention: 3% of the largest logit apart)."""
+    model, src = _checkpoint(tmp_path, T.LlamaConfig(**LLAMA))
+    ids = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(1))
+    options = dict(target_params=0.5, importance="flap", compensate=True, allocation="flap", propagate="pruned")
+    result = prune_pretrained(src, tmp_path / "out", calibration=ids, batch_size=2, **options)
+    reference = graphprune.plan(model, {"input_ids": ids[:1]}, calibration=[{"input_ids": b} for b in ids.split(2)],
+                                **options)
+    assert result.plan.removed == reference.removed
+    assert all(f"model.layers.{i}.{m}.weight" in reference.removed for i in range(3)
+               for m in ("self_attn.o_proj", "mlp.down_proj"))  # both readers of every layer rewritten
+    x = torch.randint(0, 200, (2, 24))
+    slim = _logits(reference.apply(model), x)
+    assert torch.allclose(_logits(graphprune.load(str(tmp_path / "out")), x), slim, atol=1e-5, rtol=1e-5)
+
+
 def _tokenizer_dir(folder, text: str) -> None:
     """A real word-level fast tokenizer for `text`, saved into `folder` (no download)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
