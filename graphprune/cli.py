@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     prune_hf.add_argument("--allocation", default="global", choices=["global", "uniform", "flap", "search"],
                           help="how many channels each layer loses: one ranking across layers (global, the default), "
                                "the same in every layer (uniform, as --uniform), or FLAP's adaptive structure "
-                               "(flap: scores standardized per layer); search needs the whole model: use "
+                               "(flap: FLAP's metric standardized per layer); search needs the whole model: use "
                                "graphprune.prune")
     prune_hf.add_argument("--seq-len", type=_positive, default=256, metavar="N",
                           help="tokens per calibration window cut from a text file (default: %(default)s)")

@@ -46,7 +46,7 @@ from .files import atomic_directory
 from .hf_inspect import _build, _layer_count, _meta_ids, _stack, _truncated, load_config
 from .ir.from_torch import eval_mode
 from .ir.hf_config import empty_weights
-from .passes.allocation import Allocate
+from .passes.allocation import Allocate, standardized_fluctuation
 from .passes.calibration import (CalibratedImportance, Cut, _readers_per_component, compensate, hold_out, hooked,
                                  make_readers)
 from .passes.pipeline import PLAN, Job, check_options, gone_from_removed, parse_budget, run
@@ -101,8 +101,8 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
         uniform: every layer keeps the same widths, so the written config.json describes the model and
             transformers' from_pretrained loads it; otherwise the budget is spent where scores are lowest across
             layers and the output is loaded with graphprune.hf.load_pretrained (the plan is written beside it).
-        allocation: "global" (default), "uniform" (uniform=True) or "flap" (FLAP's adaptive structure: each
-            layer's MLP and heads scores standardized, one threshold; see graphprune.plan). "search" measures
+        allocation: "global" (default), "uniform" (uniform=True) or "flap" (FLAP's adaptive structure: its metric
+            standardized within each layer, one threshold; see graphprune.plan). "search" measures
             candidates on the whole model: load it and use graphprune.prune.
         layout: where layers differ, how the output describes them: "graphprune" (the original config.json and
             the plan; graphprune.load rebuilds it) or "deci" (LLaMA architecture: the DeciLM / Nemotron-NAS
@@ -179,12 +179,13 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     runner = _Runner(skeleton, stack, weights, device, dtype)
     say(f"capturing the inputs of {stack}.0 for {len(ids)} calibration batches of {tuple(ids[0].shape)} tokens")
     inputs = runner.capture(ids)
-    table = np.zeros((layers, len(layer_comps)))
+    table, structure = np.zeros((layers, len(layer_comps))), np.zeros((layers, len(layer_comps)))
     hidden = inputs
     for index in range(layers):  # pass 1: every layer's scores, on the original model's activations
-        hidden, table[index] = _score_layer(runner, index, hidden, layer_an, layer_comps, importance, compensate)
+        hidden, table[index], structure[index] = _score_layer(runner, index, hidden, layer_an, layer_comps,
+                                                              importance, compensate)
         say(f"pass 1 (scores): layers {index + 1}/{layers}")
-    the_plan = _select(table, uniform, **selection)
+    the_plan = _select(table, uniform, **selection, structure=structure)
 
     with atomic_directory(out) as tmp:
         added: list[tuple[str, str, int]] = []
@@ -527,20 +528,25 @@ def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_
         r.want_gram, r.gram_dtype = r.want_gram and importance != "wanda", torch.float64  # float64 (no copy later)
     out = runner.run(layer, hidden, readers, hold=compensate == "ls" and importance == "flap")
     seen = [r.cpu() for r in readers if r.n]
+    structure = standardized_fluctuation(layer_an, seen, _on_cpu(tensors))  # allocation="flap"'s metric
     scores = CalibratedImportance(importance, seen, compensate, release=True)(layer_an, _on_cpu(tensors))
     del readers, seen, layer, tensors
     runner.unload(index)
     _release_memory()
-    return out, scores[layer_comps]
+    return out, scores[layer_comps], structure[layer_comps]
 
 
 def _select(table: np.ndarray, uniform: bool, config, seq_len: int, layer_an, layer_comps: np.ndarray, stack: str,
-            flap: bool, job: dict) -> PruningPlan:
-    """The selection on the whole model traced on meta, from the per-layer score table: what graphprune.plan
-    decides on the loaded model. The analysis is dropped before the layers come back."""
+            flap: bool, job: dict, structure: np.ndarray | None = None) -> PruningPlan:
+    """The selection on the whole model traced on meta, from the per-layer score table (and FLAP's structure
+    metric, for allocation="flap"): what graphprune.plan decides on the loaded model. The analysis is dropped
+    before the layers come back."""
     full = _build(config)
     an, keep, lockstep, multiple = analyse(full, _meta_ids(seq_len), None, uniform, False, "dispatch")
-    passes = PLAN[:2] + [Allocate(None, None, [], None, how="flap")] + PLAN[2:] if flap else PLAN
+    passes = PLAN
+    if flap:
+        metric = _TableScorer(table if structure is None else structure, layer_an, layer_comps, stack)
+        passes = PLAN[:2] + [Allocate(None, None, [], None, how="flap", standardized=metric)] + PLAN[2:]
     chosen = run(passes, Job(an, named_tensors(full), scorer=_TableScorer(table, layer_an, layer_comps, stack),
                            keep=keep, lockstep=lockstep, multiple=multiple, **job)).plan
     chosen._analysis = chosen._gone = None

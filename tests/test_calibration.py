@@ -14,6 +14,7 @@ import transformers as T
 
 import graphprune
 from graphprune.passes import calibration as cal
+from graphprune.plan import named_tensors
 
 from .conftest import run
 from .test_transformers import MODELS
@@ -254,33 +255,52 @@ def test_held_out_ridge_keeps_scarce_calibration_from_overfitting(monkeypatch, t
     assert error(chosen.apply(model)) < error(fixed.apply(model))
 
 
-def test_flap_allocation_standardizes_each_layer_then_sets_one_threshold():
-    """allocation="flap" (FLAP's adaptive structure) z-scores each family's scores: a constant added to one MLP's
-    scores changes nothing, where the global ranking then takes other channels from it. The plan lands on the
-    budget, keeps the residual stream whole and applies exactly; allocation="uniform" is uniform=True."""
-    from graphprune.passes.importance import get_importance
+def test_flap_allocation_is_flaps_adaptive_structure():
+    """allocation="flap": each MLP's channels and each layer's heads get FLAP's metric (input variance x squared
+    weight column of down_proj / o_proj, standardized over the layer's columns, a head the mean over its columns;
+    checked against forward hooks), and one threshold over all of them sets how many each family loses. The plan
+    lands on the budget, keeps the residual stream whole and applies exactly; allocation="uniform" is
+    uniform=True."""
+    from graphprune.passes import allocation as al
 
     factory, model, inputs, calibration = _llama()
     x = inputs()
-    l2 = get_importance("l2")
+    seen: dict[str, list[torch.Tensor]] = {}
+    readers = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in readers]
+    for b in calibration:
+        run(model, b)
+    for h in hooks:
+        h.remove()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    group = head_dim * model.config.num_attention_heads // model.config.num_key_value_heads
+    expected = {}
+    for n in readers:
+        weight = model.get_submodule(n).weight.detach().double()
+        metric = torch.cat(seen[n]).double().var(0, unbiased=False) * weight.square().sum(0)
+        z = ((metric - metric.mean()) / metric.std(unbiased=False)).numpy()
+        expected[n] = z.reshape(-1, group).mean(1) if n.endswith("o_proj") else z
 
-    def shifted(an, tensors):
-        scores = np.array(l2(an, tensors), dtype=np.float64)
-        mlp = next(f for f in an.families if len(f) == 128)  # layer 0's MLP channels
-        scores[mlp] += 10 * scores.max()
-        return scores
+    options = dict(target_params=0.7, importance="flap", calibration=calibration, compensate=True, round_to=1)
+    plan = graphprune.plan(model, x, allocation="flap", **options)
+    assert abs(plan.params_ratio - 0.7) <= 0.01 and "allocation flap:" in plan.summary()
+    removed_z, kept_z = [], []
+    for n, z in expected.items():
+        lost = len(plan.removed.get(n + ".weight", {}).get(1, [])) // (group if n.endswith("o_proj") else 1)
+        ordered = np.sort(z)
+        removed_z += list(ordered[:lost])
+        kept_z += list(ordered[lost:lost + 1])
+    assert removed_z and max(removed_z) <= min(kept_z) + 1e-6  # one threshold across layers and module types
+    from graphprune.api import analyse
+    an = analyse(model, x, None, False, False, "dispatch")[0]
+    got = al.standardized_fluctuation(an, cal.collect(model, an, calibration, named_tensors(model)),
+                                      named_tensors(model))
+    assert np.allclose(np.sort(got[np.isfinite(got)]), np.sort(np.concatenate(list(expected.values()))), atol=1e-4)
 
-    options = dict(target_params=0.7, calibration=calibration, round_to=1)
-    flap = graphprune.plan(model, x, importance="l2", allocation="flap", **options)
-    assert graphprune.plan(model, x, importance=shifted, allocation="flap", **options).removed == flap.removed
-    down = "model.layers.0.mlp.down_proj.weight"
-    assert down in flap.removed
-    ranked = [graphprune.plan(model, x, importance=i, **options).removed.get(down) for i in ("l2", shifted)]
-    assert ranked[0] != ranked[1]  # the global ranking (scores over their family's mean) does see the shift
-    assert abs(flap.params_ratio - 0.7) <= 0.01 and "allocation flap:" in flap.summary()
-    slim = flap.apply(model)  # verified against the masked model
+    slim = plan.apply(model)  # verified against the masked model
     assert slim.model.norm.weight.shape == model.model.norm.weight.shape  # the residual stream stays whole
-    assert torch.allclose(run(slim, x)[0], run(flap.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(run(slim, x)[0], run(plan.mask(model), x)[0], rtol=1e-4, atol=1e-5)
     options = dict(target_params=0.8, importance="flap", calibration=calibration, compensate=True)
     assert (graphprune.plan(model, x, allocation="uniform", **options).removed
             == graphprune.plan(model, x, uniform=True, **options).removed)

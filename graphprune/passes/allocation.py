@@ -1,9 +1,11 @@
 """allocation="search" and allocation="flap": how many channels each layer loses, decided per family (an MLP's
 channels, a layer's heads) instead of by per-channel scores compared raw across layers.
 
-allocation="flap" is FLAP's adaptive structure (An et al. 2024, its "AL-AM"): each family's scores are
-standardized (z-scores within the family), and one global threshold over them removes components, each priced at
-what it saves, until the budget is met. It costs nothing beyond the scores.
+allocation="flap" is FLAP's adaptive structure (An et al. 2024, its "AL-AM"): the fluctuation metric of every
+input column of a layer's reader (input variance x squared weight column: o_proj for heads, down_proj for MLP
+channels) is standardized over that reader's columns, a head takes the mean over its columns, and one global
+threshold over all of them removes components, each priced at what it saves, until the budget is met. It sets
+only how many components each family loses; which ones is the importance criterion's choice.
 
 Per-channel errors are measured in each layer's own output; what a layer's error costs at the model's output
 differs from layer to layer (an LLM's first MLP is many times more sensitive than its middle ones), so a single
@@ -32,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import GraphPruneError, UsageError
 from ..ir.from_torch import eval_mode, normalize_inputs
-from .calibration import HOLDOUT, Cut, Reader, _readers_per_component, compensate
+from .calibration import HOLDOUT, Cut, Reader, _column_sums, _readers_per_component, compensate, whole_family_readers
 from .pipeline import Pass
 from .select import auto_multiple
 
@@ -53,8 +55,10 @@ class Allocate(Pass):
     ensures = ("scores",)
 
     def __init__(self, model: nn.Module, readers: list[Reader], calibration: list, method: str | bool,
-                 how: str = "search"):
+                 how: str = "search", standardized: Any = None):
         self.model, self.readers, self.method, self.how = model, readers, method or None, how
+        # how="flap": (analysis, tensors) -> FLAP's metric per component (prune-hf reads it from its table)
+        self.standardized = standardized or (lambda an, tensors: standardized_fluctuation(an, readers, tensors))
         if how == "flap":
             return
         self.batches = [b for i, b in enumerate(calibration) if i % HOLDOUT == HOLDOUT - 1][:MAX_BATCHES]
@@ -70,6 +74,7 @@ class Allocate(Pass):
             raise GraphPruneError(f"allocation={self.how!r} found no family with one reader to allocate over (MLP "
                                   "channels, attention heads); use the default allocation")
         dense = [self._run(b) for b in self.batches] if self.how == "search" else None
+        z = self.standardized(an, job.tensors) if self.how == "flap" else None
         base = cost.total()
         curves, saving, unit = {}, {}, {}
         for f, order in families.items():
@@ -78,8 +83,8 @@ class Allocate(Pass):
             limit = min(n - 1, int(np.floor(job.max_ratio * n + 1e-9)))
             saving[f] = base - cost.total(order[:1])  # every component of an internal family saves the same
             if self.how == "flap":
-                z = _standardized(job.scores[order[:limit]].astype(np.float64), job.scores[order])
-                curves[f] = np.concatenate([[0.0], np.cumsum(z * saving[f])])  # a unit's step: its mean z per cost
+                if np.isfinite(z[order]).all():  # a unit's step: its mean metric per cost saved
+                    curves[f] = np.concatenate([[0.0], np.cumsum(np.sort(z[order])[:limit] * saving[f])])
                 continue
             counts = sorted({r for r in (range(1, n) if n <= NARROW else (round(n * c / unit[f]) * unit[f]
                                                                           for c in FRACTIONS)) if 0 < r <= limit})
@@ -97,7 +102,7 @@ class Allocate(Pass):
         widths = [len(families[f]) - removed.get(f, 0) for f in sorted(curves)]
         how = (f"{len(curves)} families measured at {sum(len(c) for c in curves.values())} widths on "
                f"{len(self.batches)} held-out calibration batches" if self.how == "search"
-               else f"{len(curves)} families' scores standardized, one threshold")
+               else f"{len(curves)} families' fluctuation standardized per layer, one threshold")
         job.notes.append(f"allocation {self.how}: {how} in {time.perf_counter() - started:.0f} s; widths kept "
                          f"{min(widths)}..{max(widths)} (families in model order: {', '.join(map(str, widths))})")
 
@@ -164,10 +169,18 @@ def _cut(model: nn.Module, readers: list[Reader], an, gone: np.ndarray, method: 
         yield
 
 
-def _standardized(taken: np.ndarray, family: np.ndarray) -> np.ndarray:
-    """`taken` (scores in ascending order) as z-scores within their whole family's scores (0 where all are equal)."""
-    spread = family.std()
-    return (taken - family.mean()) / spread if spread > 0 else np.zeros_like(taken)
+def standardized_fluctuation(an, readers: list[Reader], tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """FLAP's structure metric per component (NaN where no reader alone reads its whole family): each input column's
+    fluctuation (input variance x squared weight column) as a z-score over its reader's columns, averaged over the
+    component's columns."""
+    out = np.full(len(an.prunable), np.nan)
+    for r, comps in whole_family_readers(an, readers):
+        metric = (r.var * _column_sums(tensors[r.weight], r.in_axis, square=True)).numpy()
+        spread = metric.std()
+        z = (metric - metric.mean()) / spread if spread > 0 else np.zeros_like(metric)
+        out[comps] = np.bincount(r.columns, weights=z, minlength=len(out))[comps] / np.bincount(
+            r.columns, minlength=len(out))[comps]
+    return out
 
 
 def _convex(counts: list[int], distances: list[float]) -> np.ndarray:

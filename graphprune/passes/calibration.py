@@ -252,6 +252,23 @@ def _readers_per_component(readers: list[Reader], n_comp: int) -> np.ndarray:
     return count
 
 
+def whole_family_readers(an: Analysis, readers: list[Reader]) -> list[tuple[Reader, np.ndarray]]:
+    """(reader, its components) for every reader that alone reads one whole prunable family (an MLP's down_proj,
+    a layer's o_proj): the families whose widths can be decided, and whose members chosen, per layer."""
+    family_of = np.full(len(an.prunable), -1)
+    for f, fam in enumerate(an.families):
+        family_of[np.asarray(fam, dtype=np.int64)] = f
+    readers_of = _readers_per_component(readers, len(an.prunable))
+    out = []
+    for r in readers:
+        comps = np.unique(r.columns)
+        family = family_of[comps[0]]
+        if (family >= 0 and (family_of[comps] == family).all() and len(an.families[family]) == len(comps)
+                and an.prunable[comps].all() and (readers_of[comps] == 1).all()):
+            out.append((r, comps))
+    return out
+
+
 def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader, dtype: torch.dtype | None = torch.float64
                     ) -> torch.Tensor:
     """The reader's weight as [out, in] (conv kernels flattened into the output side), in `dtype` (None: its own),

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .calibration import Reader, _readers_per_component, _ridge_precision, _weight_columns
+from .calibration import Reader, _ridge_precision, _weight_columns, whole_family_readers
 from .pipeline import Pass
 
 log = logging.getLogger(__name__)
@@ -36,21 +36,12 @@ class Reselect(Pass):
 
     def __call__(self, job) -> None:
         started = time.perf_counter()
-        an = job.an
-        gone = np.zeros(len(an.prunable), dtype=bool)
+        gone = np.zeros(len(job.an.prunable), dtype=bool)
         gone[job.removed] = True
-        family_of = np.full(len(an.prunable), -1)
-        for f, fam in enumerate(an.families):
-            family_of[np.asarray(fam, dtype=np.int64)] = f
-        readers_of = _readers_per_component(self.readers, len(an.prunable))
         changed = families = 0
-        for r in self.readers:
-            comps = np.unique(r.columns)
+        for r, comps in whole_family_readers(job.an, self.readers):
             k = int(gone[comps].sum())
-            family = family_of[comps[0]]
-            if (r.gram is None or k == 0 or k == len(comps) or family < 0 or (family_of[comps] != family).any()
-                    or len(an.families[family]) != len(comps) or not an.prunable[comps].all()
-                    or (readers_of[comps] != 1).any() or (job.keep is not None and job.keep[comps].any())):
+            if r.gram is None or k == 0 or k == len(comps) or (job.keep is not None and job.keep[comps].any()):
                 continue
             theta, _ = _ridge_precision(r)
             w = _weight_columns(job.tensors, r).clone()  # a float64 weight would be the model's own
