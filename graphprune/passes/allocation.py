@@ -49,7 +49,7 @@ KEEP, TAKE = 1e12, 1e-6  # forced scores: what the selection keeps, and the scal
 class Allocate(Pass):
     """Replace the scores so the selection removes, in each family, the number of components the allocation
     chose (its least important ones), and nothing elsewhere. how="search" measures each family's curve of output
-    distance against components removed; how="flap" reads it from the standardized scores."""
+    distance against components removed; how="flap" reads it from FLAP's standardized metric."""
 
     requires = ("an", "tensors", "scores", "flops", "params")
     ensures = ("scores",)
@@ -69,7 +69,8 @@ class Allocate(Pass):
     def __call__(self, job) -> None:
         started = time.perf_counter()
         an, cost = job.an, job.budget
-        families = searchable(an, self.readers, job.scores, job.keep, grams=self.how == "search")
+        # flap: the families its metric covers (a reader alone reads each whole), whatever their statistics
+        families = searchable(an, self.readers if self.how == "search" else None, job.scores, job.keep)
         if not families:
             raise GraphPruneError(f"allocation={self.how!r} found no family with one reader to allocate over (MLP "
                                   "channels, attention heads); use the default allocation")
@@ -129,18 +130,17 @@ class Allocate(Pass):
         return float(sum((g - d).square().sum() for d, g in zip(dense, got)) / sum(d.square().sum() for d in dense))
 
 
-def searchable(an, readers: list[Reader] | None, scores: np.ndarray, keep: np.ndarray | None, grams: bool = True
+def searchable(an, readers: list[Reader] | None, scores: np.ndarray, keep: np.ndarray | None
                ) -> dict[int, np.ndarray]:
-    """Families whose components each have one reader (internal channels: an MLP's, a layer's heads; not the
-    residual stream), that gathered X^T X where `grams` (zeroing its input columns is removing them, and
-    compensation applies), none kept whole and all scored: family -> components, least important first.
-    readers=None: every family all scored (prune-hf, whose scores cover a layer's own channels only)."""
+    """Families whose components each have one reader that gathered X^T X (zeroing its input columns is removing
+    them, and compensation applies; readers=None: no such condition), none kept whole and all scored: family ->
+    components, least important first."""
     single = np.ones(len(an.prunable), dtype=bool)
     if readers is not None:
         single = _readers_per_component(readers, len(an.prunable)) == 1
         has_gram = np.zeros(len(an.prunable), dtype=bool)
         for r in readers:
-            if r.gram is not None or r.kk is not None or not grams:
+            if r.gram is not None or r.kk is not None:
                 has_gram[r.columns] = True
         single &= has_gram
     out = {}
