@@ -179,11 +179,14 @@ def prune_pretrained(src: str | os.PathLike, out: str | os.PathLike, target_para
     runner = _Runner(skeleton, stack, weights, device, dtype)
     say(f"capturing the inputs of {stack}.0 for {len(ids)} calibration batches of {tuple(ids[0].shape)} tokens")
     inputs = runner.capture(ids)
-    table, structure = np.zeros((layers, len(layer_comps))), np.zeros((layers, len(layer_comps)))
+    table = np.zeros((layers, len(layer_comps)))
+    structure = np.zeros_like(table) if allocation == "flap" else None  # FLAP's metric, per layer
     hidden = inputs
     for index in range(layers):  # pass 1: every layer's scores, on the original model's activations
-        hidden, table[index], structure[index] = _score_layer(runner, index, hidden, layer_an, layer_comps,
-                                                              importance, compensate)
+        hidden, table[index], metric = _score_layer(runner, index, hidden, layer_an, layer_comps, importance,
+                                                    compensate, flap=structure is not None)
+        if structure is not None:
+            structure[index] = metric
         say(f"pass 1 (scores): layers {index + 1}/{layers}")
     the_plan = _select(table, uniform, **selection, structure=structure)
 
@@ -519,8 +522,10 @@ class _Runner:
 
 
 def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_an, layer_comps: np.ndarray,
-                 importance: str, compensate) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Pass 1 for one layer: its outputs and its components' scores (the X^T X each needs is freed once read)."""
+                 importance: str, compensate, flap: bool = False
+                 ) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray | None]:
+    """Pass 1 for one layer: its outputs, its components' scores (the X^T X each needs is freed once read) and,
+    with `flap`, FLAP's structure metric."""
     zero = f"{runner.stack}.0."
     layer, tensors = runner.load(index)
     readers = make_readers(_prefixed(layer, zero), layer_an, tensors, grams=importance == "obs")
@@ -528,12 +533,13 @@ def _score_layer(runner: _Runner, index: int, hidden: list[torch.Tensor], layer_
         r.want_gram, r.gram_dtype = r.want_gram and importance != "wanda", torch.float64  # float64 (no copy later)
     out = runner.run(layer, hidden, readers, hold=compensate == "ls" and importance == "flap")
     seen = [r.cpu() for r in readers if r.n]
-    structure = standardized_fluctuation(layer_an, seen, _on_cpu(tensors))  # allocation="flap"'s metric
-    scores = CalibratedImportance(importance, seen, compensate, release=True)(layer_an, _on_cpu(tensors))
-    del readers, seen, layer, tensors
+    on_cpu = _on_cpu(tensors)
+    structure = standardized_fluctuation(layer_an, seen, on_cpu)[layer_comps] if flap else None
+    scores = CalibratedImportance(importance, seen, compensate, release=True)(layer_an, on_cpu)
+    del readers, seen, layer, tensors, on_cpu
     runner.unload(index)
     _release_memory()
-    return out, scores[layer_comps], structure[layer_comps]
+    return out, scores[layer_comps], structure
 
 
 def _select(table: np.ndarray, uniform: bool, config, seq_len: int, layer_an, layer_comps: np.ndarray, stack: str,

@@ -57,9 +57,8 @@ class Allocate(Pass):
     def __init__(self, model: nn.Module, readers: list[Reader], calibration: list, method: str | bool,
                  how: str = "search", standardized: Any = None):
         self.model, self.readers, self.method, self.how = model, readers, method or None, how
-        # how="flap": (analysis, tensors) -> FLAP's metric per component (prune-hf reads it from its table)
-        self.standardized = standardized or (lambda an, tensors: standardized_fluctuation(an, readers, tensors))
-        if how == "flap":
+        if how == "flap":  # (analysis, tensors) -> FLAP's metric per component (prune-hf reads it from its table)
+            self.standardized = standardized or (lambda an, tensors: standardized_fluctuation(an, readers, tensors))
             return
         self.batches = [b for i, b in enumerate(calibration) if i % HOLDOUT == HOLDOUT - 1][:MAX_BATCHES]
         if not self.batches:
