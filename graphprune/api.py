@@ -162,7 +162,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
     if allocation in ("flap", "search"):  # between Score and Select: it turns the scores into per-family widths
         from .passes.allocation import Allocate
 
-        search = [Allocate(model, readers, calibration, method, how=allocation)]
+        search = [Allocate(model, readers, calibration, method, how=allocation, greedy=compensate == "obs")]
     if compensate == "obs":  # between Select and Build: the same counts, other members
         from .passes.reselect import Reselect
 

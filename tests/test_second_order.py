@@ -220,3 +220,18 @@ def test_compensate_obs_keeps_the_widths_and_applies_exactly():
     assert torch.allclose(run(slim, x)[0], run(obs.mask(model), x)[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="compensate must be"):
         graphprune.plan(model, x, compensate="sparsegpt", **options)
+
+
+def test_search_with_obs_measures_the_members_obs_removes():
+    """allocation="search" with compensate="obs": each candidate width is measured with the components the greedy
+    order removes at that width, so the re-choice after the selection changes nothing."""
+    from .test_calibration import _llama
+
+    factory, model, inputs, calibration = _llama()
+    x = inputs()
+    options = dict(target_params=0.7, importance="flap", calibration=calibration, allocation="search")
+    obs = graphprune.plan(model, x, compensate="obs", **options)
+    assert any("(0 differ from the selection's" in n for n in obs.notes), obs.notes
+    assert obs.removed != graphprune.plan(model, x, compensate="ls", **options).removed
+    slim = obs.apply(model)  # verified
+    assert torch.allclose(run(slim, x)[0], run(obs.mask(model), x)[0], rtol=1e-4, atol=1e-5)

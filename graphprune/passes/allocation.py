@@ -16,7 +16,8 @@ calibration batches and the distance of its outputs to the dense model's is reco
 next-token distributions for a model that returns logits, else the relative squared error). Each family's curve
 of distance against components removed is made convex, and the budget is spent greedily where a unit of cost
 adds the least distance (optimal for convex curves under the assumption that the distances add up). Families
-not measured (the residual stream, channels read by several layers) are kept whole.
+not measured (the residual stream, channels read by several layers) are kept whole. With compensate="obs" a
+candidate width loses the components structured OBS's greedy order removes first (what Reselect will choose).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..errors import GraphPruneError, UsageError
 from ..ir.from_torch import eval_mode, normalize_inputs
 from .calibration import HOLDOUT, Cut, Reader, _column_sums, _readers_per_component, compensate, whole_family_readers
 from .pipeline import Pass
+from .reselect import greedy_order
 from .select import auto_multiple
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,8 @@ class Allocate(Pass):
     ensures = ("scores",)
 
     def __init__(self, model: nn.Module, readers: list[Reader], calibration: list, method: str | bool,
-                 how: str = "search", standardized: Any = None):
-        self.model, self.readers, self.method, self.how = model, readers, method or None, how
+                 how: str = "search", standardized: Any = None, greedy: bool = False):
+        self.model, self.readers, self.method, self.how, self.greedy = model, readers, method or None, how, greedy
         if how == "flap":  # (analysis, tensors) -> FLAP's metric per component (prune-hf reads it from its table)
             self.standardized = standardized or (lambda an, tensors: standardized_fluctuation(an, readers, tensors))
             return
@@ -77,6 +79,7 @@ class Allocate(Pass):
         z = self.standardized(an, job.tensors) if self.how == "flap" else None
         base = cost.total()
         curves, saving, unit = {}, {}, {}
+        greedy = _reader_of_family(an, self.readers) if self.greedy else {}
         for f, order in families.items():
             n = len(order)
             unit[f] = (auto_multiple(n, job.auto_round) if job.round_to == "auto" else job.round_to) or 1
@@ -90,6 +93,9 @@ class Allocate(Pass):
                                                                           for c in FRACTIONS)) if 0 < r <= limit})
             if not counts:
                 continue
+            if f in greedy:  # compensate="obs": candidates lose what Reselect will remove at their widths
+                first = greedy_order(job.tensors, *greedy[f], max(counts))
+                order = families[f] = np.concatenate([first, order[~np.isin(order, first)]])
             distances = [self._distance(an, order[:r], dense) for r in counts]
             curves[f] = _convex([0] + counts, [0.0] + distances)
             log.info("allocation search: %d of %d families measured (%.0f s)", len(curves), len(families),
@@ -127,6 +133,13 @@ class Allocate(Pass):
         if dense[0].ndim > 1:  # log-probabilities: KL(dense || cut), mean over positions
             return float(np.mean([(d.exp() * (d - g)).sum(-1).mean() for d, g in zip(dense, got)]))
         return float(sum((g - d).square().sum() for d, g in zip(dense, got)) / sum(d.square().sum() for d in dense))
+
+
+def _reader_of_family(an, readers: list[Reader]) -> dict[int, tuple[Reader, np.ndarray]]:
+    """family -> (the reader that alone reads it and gathered X^T X, its components)."""
+    family_of = {int(c): f for f, fam in enumerate(an.families) for c in fam}
+    return {family_of[int(comps[0])]: (r, comps) for r, comps in whole_family_readers(an, readers)
+            if r.gram is not None}
 
 
 def searchable(an, readers: list[Reader] | None, scores: np.ndarray, keep: np.ndarray | None

@@ -280,6 +280,11 @@ def _weight_columns(tensors: dict[str, torch.Tensor], r: Reader, dtype: torch.dt
     return w.movedim(1, -1).reshape(-1, w.shape[1]) if r.kind == "conv" else w
 
 
+def _writable(w: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """`w` from _weight_columns, safe to write: a copy where it is the model's own tensor (a float64 weight)."""
+    return w.clone() if w.untyped_storage().data_ptr() == original.untyped_storage().data_ptr() else w
+
+
 class CalibratedImportance:
     """Wanda, FLAP-style or OBS output error, per component; inf where no reader was seen.
 
@@ -512,8 +517,7 @@ def _compensate_one(r: Reader, readers_of: np.ndarray, gone: np.ndarray, tensors
         delta = w_p @ a  # [out, |K|]
         shift = shift - delta @ r.mean[k_idx]
         original = tensors[r.weight]
-        if w.untyped_storage().data_ptr() == original.untyped_storage().data_ptr():
-            w = w.clone()  # a float64 weight: _weight_columns returned the model's own tensor
+        w = _writable(w, original)
         w[:, k_idx] += delta
         del delta, a
         updates[r.weight] = _back_to_layout(w, original, r)

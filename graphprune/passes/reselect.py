@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .calibration import Reader, _ridge_precision, _weight_columns, whole_family_readers
+from .calibration import Reader, _ridge_precision, _weight_columns, _writable, whole_family_readers
 from .pipeline import Pass
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,23 @@ class Reselect(Pass):
             k = int(gone[comps].sum())
             if r.gram is None or k == 0 or k == len(comps) or (job.keep is not None and job.keep[comps].any()):
                 continue
-            theta, _ = _ridge_precision(r)
-            w = _weight_columns(job.tensors, r).clone()  # a float64 weight would be the model's own
-            chosen = comps[greedy_obs(theta, w, [r.columns == c for c in comps], k)]
+            chosen = greedy_order(job.tensors, r, comps, k)
             changed += int((~gone[chosen]).sum())
             families += 1
             gone[comps] = False
             gone[chosen] = True
         job.removed = np.nonzero(gone)[0]
         job.notes.append(f"compensate='obs': {families} families' removed components re-chosen greedily by "
-                         f"structured OBS ({changed} differ from the one-shot ranking; "
+                         f"structured OBS ({changed} differ from the selection's; "
                          f"{time.perf_counter() - started:.0f} s)")
+
+
+def greedy_order(tensors: dict[str, torch.Tensor], r: Reader, comps: np.ndarray, k: int) -> np.ndarray:
+    """The first `k` of `comps` (the components reader `r` alone reads) in the order structured OBS removes them
+    (a prefix of any longer order: the greedy choice does not look ahead)."""
+    theta, _ = _ridge_precision(r)
+    w = _writable(_weight_columns(tensors, r), tensors[r.weight])
+    return comps[greedy_obs(theta, w, [r.columns == c for c in comps], k)]
 
 
 def greedy_obs(theta: torch.Tensor, w: torch.Tensor, masks: list[np.ndarray], k: int) -> list[int]:
