@@ -328,6 +328,35 @@ def test_search_spends_the_budget_where_measured_distance_is_cheapest():
         assert sum(curves[f][r] for f, r in got.items()) <= best + 0.05  # greedy on convex curves: one step off
 
 
+def test_search_replays_the_blocks_before_a_cut_without_changing_a_distance(monkeypatch):
+    """The search runs a candidate from the first decoder layer it cuts, the layers before replaying their dense
+    outputs: every measured distance equals the one from running the model whole."""
+    from graphprune.passes import allocation as al
+
+    factory, model, inputs, calibration = _llama()
+    x = inputs()
+    seen, real = {}, al.Allocate._distance
+
+    def plan_recording(key):
+        measured = seen.setdefault(key, [])
+
+        def distance(self, an, gone_ids, replay):
+            measured.append((replay.blocks is not None, real(self, an, gone_ids, replay)))
+            return measured[-1][1]
+        monkeypatch.setattr(al.Allocate, "_distance", distance)
+        return graphprune.plan(model, x, target_params=0.7, importance="flap", calibration=calibration,
+                               compensate=True, allocation="search")
+
+    replayed = plan_recording("replayed")
+    monkeypatch.setattr(al, "find_stack", lambda *_: None)
+    whole = plan_recording("whole")
+    assert all(r for r, _ in seen["replayed"]) and not any(r for r, _ in seen["whole"])
+    assert len(seen["replayed"]) > 4 and np.allclose([d for _, d in seen["replayed"]], [d for _, d in seen["whole"]],
+                                                      rtol=1e-5, atol=1e-9)
+    assert replayed.removed == whole.removed
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)  # the model's own methods back
+
+
 def test_search_allocation_plans_exactly_and_says_what_it_measured():
     factory, model, inputs, calibration = _llama()
     x = inputs()

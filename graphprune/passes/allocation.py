@@ -12,7 +12,8 @@ differs from layer to layer (an LLM's first MLP is many times more sensitive tha
 threshold over them thins the wrong layers. Here every family whose channels have one compensable reader (an
 MLP's hidden channels, a layer's attention heads or KV groups) is cut alone to a few candidate widths, the least
 important components first and the reader compensated as the plan will be; the model runs on the held-out
-calibration batches and the distance of its outputs to the dense model's is recorded (the KL divergence of the
+calibration batches (from the first block the cut reaches, the blocks before it replaying their dense outputs)
+and the distance of its outputs to the dense model's is recorded (the KL divergence of the
 next-token distributions for a model that returns logits, else the relative squared error). Each family's curve
 of distance against components removed is made convex, and the budget is spent greedily where a unit of cost
 adds the least distance (optimal for convex curves under the assumption that the distances add up). Families
@@ -37,6 +38,7 @@ from ..errors import GraphPruneError, UsageError
 from ..ir.from_torch import eval_mode, normalize_inputs
 from .calibration import HOLDOUT, Cut, Reader, _column_sums, _readers_per_component, compensate, whole_family_readers
 from .pipeline import Pass
+from .propagate import find_stack
 from .reselect import greedy_order
 from .select import auto_multiple
 
@@ -75,7 +77,12 @@ class Allocate(Pass):
         if not families:
             raise GraphPruneError(f"allocation={self.how!r} found no family with one reader to allocate over (MLP "
                                   "channels, attention heads); use the default allocation")
-        dense = [self._run(b) for b in self.batches] if self.how == "search" else None
+        replay = None
+        if self.how == "search":
+            searched = np.zeros(len(an.prunable), dtype=bool)
+            searched[np.concatenate(list(families.values()))] = True
+            replay = _Replay.record(self.model, sorted({r.module for r in self.readers if searched[r.columns].any()}),
+                                    self.batches)
         z = self.standardized(an, job.tensors) if self.how == "flap" else None
         base = cost.total()
         curves, saving, unit = {}, {}, {}
@@ -96,7 +103,7 @@ class Allocate(Pass):
             if f in greedy:  # compensate="obs": candidates lose what Reselect will remove at their widths
                 first = greedy_order(job.tensors, *greedy[f], max(counts))
                 order = families[f] = np.concatenate([first, order[~np.isin(order, first)]])
-            distances = [self._distance(an, order[:r], dense) for r in counts]
+            distances = [self._distance(an, order[:r], replay) for r in counts]
             curves[f] = _convex([0] + counts, [0.0] + distances)
             log.info("allocation search: %d of %d families measured (%.0f s)", len(curves), len(families),
                      time.perf_counter() - started)
@@ -112,24 +119,14 @@ class Allocate(Pass):
         job.notes.append(f"allocation {self.how}: {how} in {time.perf_counter() - started:.0f} s; widths kept "
                          f"{min(widths)}..{max(widths)} (families in model order: {', '.join(map(str, widths))})")
 
-    def _run(self, batch: Any) -> torch.Tensor:
-        """The model's output on one batch: log-probabilities where it returns logits, else its tensors flattened."""
-        args, kwargs = normalize_inputs(batch)
-        with eval_mode(self.model), torch.no_grad():
-            out = self.model(*args, **kwargs)
-        logits = getattr(out, "logits", None)
-        if isinstance(logits, torch.Tensor):
-            return torch.log_softmax(logits.float(), -1)
-        return torch.cat([t.float().reshape(-1) for t in tree_flatten(out)[0]
-                          if isinstance(t, torch.Tensor) and t.is_floating_point()])
-
-    def _distance(self, an, gone_ids: np.ndarray, dense: list[torch.Tensor]) -> float:
+    def _distance(self, an, gone_ids: np.ndarray, replay: _Replay) -> float:
         """The output distance to the dense model with `gone_ids` removed (their readers' input columns zeroed and
         the readers compensated), the model restored afterwards."""
         gone = np.zeros(len(an.prunable), dtype=bool)
         gone[gone_ids] = True
         with _cut(self.model, self.readers, an, gone, self.method):
-            got = [self._run(b) for b in self.batches]
+            got = replay.run([r.module for r in self.readers if gone[r.columns].any()])
+        dense = replay.dense
         if dense[0].ndim > 1:  # log-probabilities: KL(dense || cut), mean over positions
             return float(np.mean([(d.exp() * (d - g)).sum(-1).mean() for d, g in zip(dense, got)]))
         return float(sum((g - d).square().sum() for d, g in zip(dense, got)) / sum(d.square().sum() for d in dense))
@@ -140,6 +137,66 @@ def _reader_of_family(an, readers: list[Reader]) -> dict[int, tuple[Reader, np.n
     family_of = {int(c): f for f, fam in enumerate(an.families) for c in fam}
     return {family_of[int(comps[0])]: (r, comps) for r, comps in whole_family_readers(an, readers)
             if r.gram is not None}
+
+
+def _run(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The model's output on one batch: log-probabilities where it returns logits, else its tensors flattened."""
+    args, kwargs = normalize_inputs(batch)
+    with eval_mode(model), torch.no_grad():
+        out = model(*args, **kwargs)
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return torch.log_softmax(logits.float(), -1)
+    return torch.cat([t.float().reshape(-1) for t in tree_flatten(out)[0]
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()])
+
+
+class _Replay:
+    """The held-out batches' dense outputs and, where every searched family's reader sits in one stack of blocks
+    (an LLM's decoder layers), each block's dense output: a candidate's run then replays the blocks before the
+    first one it cuts instead of computing them (they see nothing of the cut), about halving the search."""
+
+    def __init__(self, model: nn.Module, batches: list, blocks: nn.ModuleList | None, owner: dict[str, int]):
+        self.model, self.batches, self.blocks, self.owner = model, batches, blocks, owner
+        self.dense: list[torch.Tensor] = []
+        self.outputs: list[list[Any]] = []  # per batch, per block
+
+    @classmethod
+    def record(cls, model: nn.Module, names: list[str], batches: list) -> _Replay:
+        """One dense pass per batch (`names`: the modules candidates cut)."""
+        found = find_stack(model, names)
+        replay = cls(model, batches, *(found[1:] if found else (None, {})))
+        blocks = list(replay.blocks or [])
+        for batch in batches:
+            outputs: list[Any] = []
+            hooks = [b.register_forward_hook(lambda _m, _a, out: outputs.append(out)) for b in blocks]
+            try:
+                replay.dense.append(_run(model, batch))
+            finally:
+                for h in hooks:
+                    h.remove()
+            if len(outputs) != len(blocks):  # a block ran twice or not at all: compute every candidate whole
+                replay.blocks, replay.owner = None, {}
+            replay.outputs.append(outputs)
+        return replay
+
+    def run(self, cut: list[str]) -> list[torch.Tensor]:
+        """The model's outputs on the batches, the blocks before the first holding a module in `cut` replayed."""
+        first = min((self.owner.get(n, 0) for n in cut), default=0) if self.blocks is not None else 0
+        got = []
+        for outputs, batch in zip(self.outputs, self.batches):
+            own = [self.blocks[j].__dict__.get("forward") for j in range(first)]  # a wrapper set on the instance
+            for j in range(first):
+                self.blocks[j].forward = lambda *_a, _out=outputs[j], **_k: _out
+            try:
+                got.append(_run(self.model, batch))
+            finally:
+                for j, forward in enumerate(own):
+                    if forward is None:
+                        del self.blocks[j].forward
+                    else:
+                        self.blocks[j].forward = forward
+        return got
 
 
 def searchable(an, readers: list[Reader] | None, scores: np.ndarray, keep: np.ndarray | None

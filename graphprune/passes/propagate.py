@@ -134,6 +134,20 @@ def _observe(module: nn.Module, r: Reader, runs: list[Callable[[], Any]], stop: 
     return fresh.cpu()
 
 
+def find_stack(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList, dict[str, int]] | None:
+    """The nn.ModuleList (of two or more blocks) inside whose blocks every module in `names` sits: its name, itself,
+    and the block index of each name; None where there is none."""
+    if not names:
+        return None
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        index = [n[len(name) + 1:].split(".", 1)[0] for n in names if n.startswith(name + ".")]
+        if len(index) == len(names) and all(i.isdigit() and int(i) < len(module) for i in index):
+            return name, module, {n: int(i) for n, i in zip(names, index)}
+    return None
+
+
 class _Stack:
     """The blocks of the nn.ModuleList holding every reader, run one at a time on the pruned model's hidden
     states: block i's first input (positional, or `hidden_states`) is block i-1's output, its other arguments
@@ -148,16 +162,11 @@ class _Stack:
     def find(cls, model: nn.Module, losing: list[Reader], batches: list) -> _Stack | None:
         """The stack, its first block's inputs and every block's other arguments captured, or None where the
         readers are not all inside one stack whose blocks chain (the model is then run whole per reader)."""
-        if not losing:
+        found = find_stack(model, [r.module for r in losing])
+        if found is None:
             return None
-        for name, module in model.named_modules():
-            if not name or not isinstance(module, nn.ModuleList) or len(module) < 2:
-                continue
-            index = [r.module[len(name) + 1:].split(".", 1)[0] for r in losing if r.module.startswith(name + ".")]
-            if len(index) == len(losing) and all(i.isdigit() and int(i) < len(module) for i in index):
-                stack = cls(name, module, {r.module: int(i) for r, i in zip(losing, index)}, losing)
-                return stack if stack._capture(model, batches) else None
-        return None
+        stack = cls(*found, losing)
+        return stack if stack._capture(model, batches) else None
 
     def _capture(self, model: nn.Module, batches: list) -> bool:
         """One dense pass per batch, stopped after the last block: block 0's hidden states and every block's other
