@@ -99,6 +99,8 @@ GP_METHODS = [
      {"importance": "flap", "compensate": True, "uniform": True, "propagate": "pruned"}),
     ("graphprune flap + compensate, search, propagate=pruned",
      {"importance": "flap", "compensate": True, "allocation": "search", "propagate": "pruned"}),
+    ("graphprune flap + compensate=obs, search, propagate=pruned, exact widths",
+     {"importance": "flap", "compensate": "obs", "allocation": "search", "propagate": "pruned", "round_to": None}),
 ]
 GP_TAYLOR = ("graphprune taylor", {"importance": "taylor"})
 
