@@ -235,3 +235,22 @@ def test_search_with_obs_measures_the_members_obs_removes():
     assert obs.removed != graphprune.plan(model, x, compensate="ls", **options).removed
     slim = obs.apply(model)  # verified
     assert torch.allclose(run(slim, x)[0], run(obs.mask(model), x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_obs_drops_removed_columns_without_changing_the_order(monkeypatch):
+    """The one-column path drops removed columns from theta and w every COMPACT steps: the same order as with the
+    full matrices throughout (columns of very different scales, so no near-ties decide it)."""
+    from graphprune.passes import reselect
+
+    g = torch.Generator().manual_seed(0)
+    n = 96
+    mix = torch.eye(n, dtype=torch.float64) + 0.3 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    x = torch.randn(2000, n, generator=g, dtype=torch.float64) @ mix
+    theta = torch.linalg.inv(x.T @ x / len(x) + 1e-3 * torch.eye(n, dtype=torch.float64))
+    w = torch.randn(40, n, generator=g, dtype=torch.float64) * torch.logspace(0, 3, n, dtype=torch.float64)[
+        torch.randperm(n, generator=g)]
+    orders = []
+    for compact in (5, 10**9):
+        monkeypatch.setattr(reselect, "COMPACT", compact)
+        orders.append(reselect.greedy_obs(theta.clone(), w.clone(), [np.arange(n) == c for c in range(n)], 90))
+    assert orders[0] == orders[1] and len(set(orders[0])) == 90
