@@ -81,8 +81,7 @@ def plan(model: torch.nn.Module, example_inputs: Any, target_flops: float | None
             within each layer, one threshold over all, at no extra cost); "search" (needs `calibration`, 4+
             batches: each such width is chosen from the output distance, KL for logits, measured on held-out
             calibration batches with that layer alone cut to a few widths: the best quality for LLMs, minutes to
-            hours). With "flap" and
-            "search" the residual stream stays whole (passes/allocation.py).
+            hours). With "flap" and "search" the residual stream stays whole (passes/allocation.py).
         propagate: with compensate: "dense" (default: every layer is fitted on the original model's inputs, one
             pass over the calibration) or "pruned" (SparseGPT's order: layer by layer, each fitted on the inputs it
             sees once the layers before it are pruned and compensated, so it also absorbs what they changed; an

@@ -90,7 +90,7 @@ def greedy_obs(theta: torch.Tensor, w: torch.Tensor, masks: list[np.ndarray], k:
 def _greedy_columns(theta: torch.Tensor, w: torch.Tensor, cols: torch.Tensor, k: int) -> list[int]:
     """greedy_obs where each component is one input column (an MLP's channels): each removal a rank-one update in
     place, and the removed columns (zero in theta and w by then) dropped from both every COMPACT steps, so later
-    steps work on smaller matrices (13x faster than the general loop on a 1536-wide MLP)."""
+    steps work on smaller matrices (10x faster than the general loop on a 1536-wide MLP, 900 steps)."""
     pos = cols.clone()  # each component's column in the current (compacted) theta and w
     alive = torch.ones(len(cols), dtype=torch.bool)
     out: list[int] = []
