@@ -438,18 +438,20 @@ def bench_smollm2(args) -> str:
 
 
 SWEEP_METHODS = [("flap + least squares, uniform", {"importance": "flap", "compensate": "ls", "uniform": True}),
+                 ("flap + obs, uniform", {"importance": "flap", "compensate": "obs", "uniform": True}),
                  ("flap + bias only, uniform", {"importance": "flap", "compensate": "bias", "uniform": True})]
 
 
 def calibration_sweep(model, tokenizer, example, total: int, nonemb: int, evaluate, args) -> list:
     """--sweep: the same budget with calibration of each size and window length (the eval windows stay as they
-    are), least squares against bias-only compensation: how much the result depends on the data a user brings."""
+    are), least squares and obs against bias-only compensation (those --methods names): how much the result
+    depends on the data a user brings."""
     rows = []
     keep = 1 - args.sweep_ratio * nonemb / total
     for length in args.sweep_windows:
         for tokens in args.sweep:
             calibration = llm_data.lm_splits(tokenizer, length, tokens // length, 1)[0]
-            for label, options in SWEEP_METHODS:
+            for label, options in chosen(SWEEP_METHODS, args):
                 def row_work(options=options, calibration=calibration):
                     slim, seconds = gp_prune(model, example, keep, {**options, "calibration": calibration})
                     return {"time": seconds, **staged("eval", lm_row, slim, total, nonemb, evaluate)}, slim
@@ -675,7 +677,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--sweep", type=lambda v: [int(t) for t in v.split(",") if t], default=[],
                         help="SmolLM2: calibration sizes in tokens (e.g. 4096,8192,16384,32768) for the calibration "
-                             "sensitivity rows: least squares vs bias-only at --sweep-ratio")
+                             "sensitivity rows: least squares and obs vs bias-only at --sweep-ratio")
     parser.add_argument("--sweep-windows", type=lambda v: [int(t) for t in v.split(",")], default=[128, 256],
                         help="calibration window lengths for --sweep")
     parser.add_argument("--sweep-ratio", type=float, default=0.2, help="fraction removed in the --sweep rows")
