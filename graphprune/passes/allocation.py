@@ -44,7 +44,7 @@ from .select import auto_multiple
 
 log = logging.getLogger(__name__)
 
-# candidates: fractions removed from a wide family (the 1/16 steps below 3/8 where 20% plans land: 17.32 against
+# candidates: fractions removed from a wide family (1/16 steps up to 3/8, where 20% plans land: 17.32 against
 # 17.40 for SmolLM2 at 20% with the 1/8 steps alone; see benchmarks/results_llm_obs_search.md)
 FRACTIONS = (0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.5, 0.625, 0.75)
 NARROW = 8  # families of at most this many components (heads) try every count
