@@ -258,17 +258,26 @@ def test_held_out_ridge_keeps_scarce_calibration_from_overfitting(monkeypatch, t
 def test_flap_allocation_is_flaps_adaptive_structure():
     """allocation="flap": each MLP's channels and each layer's heads get FLAP's metric (input variance x squared
     weight column of down_proj / o_proj, standardized over the layer's columns, a head the mean over its columns;
-    checked against forward hooks), and one threshold over all of them sets how many each family loses. The plan
-    lands on the budget, keeps the residual stream whole and applies exactly; allocation="uniform" is
-    uniform=True."""
+    checked against forward hooks, each token weighted by 1 / mean square of the residual stream entering the
+    layer's normalization, as all statistics are), and one threshold over all of them sets how many each family
+    loses. The plan lands on the budget, keeps the residual stream whole and applies exactly;
+    allocation="uniform" is uniform=True."""
     from graphprune.passes import allocation as al
 
     factory, model, inputs, calibration = _llama()
     x = inputs()
-    seen: dict[str, list[torch.Tensor]] = {}
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     readers = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    norm = {}  # the tokens' weights from the last normalization that ran
+
+    def weigh(_m, a):
+        w = 1 / a[0].reshape(-1, a[0].shape[-1]).double().square().mean(-1)
+        norm["w"] = w / w.mean()
+
     hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in readers]
+        lambda _m, a, n=n: seen.setdefault(n, []).append((a[0].reshape(-1, a[0].shape[-1]).double(), norm["w"])))
+        for n in readers]
+    hooks += [m.register_forward_pre_hook(weigh) for n, m in model.named_modules() if n.endswith("layernorm")]
     for b in calibration:
         run(model, b)
     for h in hooks:
@@ -278,7 +287,9 @@ def test_flap_allocation_is_flaps_adaptive_structure():
     expected = {}
     for n in readers:
         weight = model.get_submodule(n).weight.detach().double()
-        metric = torch.cat(seen[n]).double().var(0, unbiased=False) * weight.square().sum(0)
+        xs, ws = (torch.cat(t) for t in zip(*seen[n]))
+        mean = (ws[:, None] * xs).sum(0) / ws.sum()
+        metric = ((ws[:, None] * xs.square()).sum(0) / ws.sum() - mean.square()) * weight.square().sum(0)
         z = ((metric - metric.mean()) / metric.std(unbiased=False)).numpy()
         expected[n] = z.reshape(-1, group).mean(1) if n.endswith("o_proj") else z
 
@@ -371,3 +382,41 @@ def test_search_allocation_plans_exactly_and_says_what_it_measured():
     with pytest.raises(ValueError, match="at least 4 batches"):
         graphprune.plan(model, x, target_params=0.8, importance="flap", calibration=calibration[:3],
                         allocation="search")
+
+
+def test_tokens_count_by_what_the_next_normalization_divides_them_by():
+    """Real SmolLM2-135M: its first token carries massive activations (the attention sink), most of X^T X in
+    layer 28's down_proj, so counted alike it would decide that layer's least squares. Each token counts by
+    1 / mean square of the residual stream entering the latest normalization (post_attention_layernorm for an
+    MLP): the statistics are exactly those weighted sums, and the sink token weighs a tiny fraction of the rest."""
+    from .test_save_pretrained import _smollm2
+
+    model = _smollm2()
+    batches = [torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(i))
+               for i in range(2)]
+    name = "model.layers.28.mlp.down_proj"
+    layer = model.model.layers[28]
+    seen = {"norm": [], "x": []}
+    hooks = [layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, a: seen["norm"].append(a[0])),
+             layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen["x"].append(a[0]))]
+    readers = {}
+    try:
+        for weigh in (True, False):
+            seen["norm"].clear(), seen["x"].clear()
+            reader = cal.Reader(name, name + ".weight", 1, "linear", want_gram=True, columns=np.arange(1536))
+            readers[weigh] = cal.feed(model, [reader], batches, weigh=weigh)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    x = torch.cat([t.reshape(-1, 1536) for t in seen["x"]]).double()
+    w = torch.cat([(1 / (v := h.reshape(-1, h.shape[-1]).double().square().mean(-1))) / (1 / v).mean()
+                   for h in seen["norm"]])
+    for weigh, ones in ((True, w), (False, torch.ones_like(w))):
+        r = readers[weigh]
+        assert r.n == 64
+        torch.testing.assert_close(r.s1, (ones[:, None] * x).sum(0), rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+        want = (ones[:, None] * x).T @ x  # accumulated in float32: its rounding
+        torch.testing.assert_close(r.gram.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    first = x[[0, 32]].square().sum() / x.square().sum()  # the two batches' first tokens
+    assert first > 0.5  # the sink holds most of X^T X counted alike
+    assert float(w[[0, 32]].max() / w.median()) < 1e-2  # and weighs little by the normalization's scale

@@ -94,17 +94,23 @@ class Reader:
     holding: bool = False
     holdout: Reader | None = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Count the rows of `x` (each token, or each pixel of a convolution's input), each by its `weight` (one per
+        row, see TokenScale; None: all alike)."""
         if self.holding and (self.want_gram or self.split is not None):
             if self.holdout is None:
                 self.holdout = Reader(self.module, self.weight, self.in_axis, self.kind, want_gram=self.want_gram,
                                       gram_dtype=self.gram_dtype, columns=self.columns, split=self.split)
-            self.holdout.add(x)
+            self.holdout.add(x, weight)
             return
         x = x.detach()
         if self.kind == "conv":
             x = x.movedim(1, -1)
         x = x.reshape(-1, x.shape[-1])
+        if weight is not None and (self.kind == "conv" or weight.numel() != x.shape[0]):
+            weight = None
+        if weight is not None:  # mean 1 over the batch: sums stay on the scale of token counts
+            weight = (weight / weight.mean()).to(x.device, torch.float32)
         if self.s1 is None:  # on the inputs' device (a GPU sums there); cpu() brings them back for the math
             self.s1 = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             self.s2 = torch.zeros_like(self.s1)
@@ -116,9 +122,13 @@ class Reader:
                 self.kk = torch.zeros(len(k), len(k), dtype=torch.float64, device=x.device)
                 self.kp = torch.zeros(len(k), len(p), dtype=torch.float64, device=x.device)
         self.n += x.shape[0]
-        for part in x.split(ROWS):  # a slab of rows at a time: the float copies of a wide input stay small
-            part = part.float()
-            self.s1 += part.sum(0, dtype=torch.float64)
+        for i in range(0, x.shape[0], ROWS):  # a slab of rows at a time: the float copies of a wide input stay small
+            part = x[i:i + ROWS].float()
+            if weight is not None:  # sqrt(w) x: every sum below, first and second order, counts the row w times
+                part = part * weight[i:i + ROWS, None].sqrt()
+                self.s1 += (part * weight[i:i + ROWS, None].sqrt()).sum(0, dtype=torch.float64)
+            else:
+                self.s1 += part.sum(0, dtype=torch.float64)
             self.s2 += part.square().sum(0, dtype=torch.float64)
             if self.gram is not None:  # accumulated in place; the users take it to float64 one at a time
                 wide = part.to(self.gram.dtype)
@@ -182,15 +192,15 @@ def collect(model: nn.Module, an: Analysis, batches: Any, tensors: dict[str, tor
     return feed(model, make_readers(model.named_modules(), an, tensors, grams), batches)
 
 
-def feed(model: nn.Module, readers: list[Reader], batches: Any) -> list[Reader]:
-    """One no-grad pass of the calibration batches through the model, each reader gathering its module's inputs;
-    the readers that saw data, with their statistics on the CPU."""
+def feed(model: nn.Module, readers: list[Reader], batches: Any, weigh: bool = True) -> list[Reader]:
+    """One no-grad pass of the calibration batches through the model, each reader gathering its module's inputs
+    (weigh: each token by TokenScale); the readers that saw data, with their statistics on the CPU."""
     if batches is None or isinstance(batches, (torch.Tensor, dict)) or not hasattr(batches, "__iter__"):
         raise GraphPruneError("calibration must be a list (or other iterable) of batches, each shaped like "
                               "example_inputs: a tensor, a tuple of inputs or a dict of keyword inputs")
     started = time.perf_counter()
     count = 0
-    with hooked(model.named_modules(), readers), eval_mode(model), torch.no_grad():
+    with hooked(model.named_modules(), readers, weigh), eval_mode(model), torch.no_grad():
         for batch in batches:
             args, kwargs = normalize_inputs(batch)
             hold_out(readers, count)
@@ -232,13 +242,57 @@ def hold_out(readers: list[Reader], index: int) -> None:
         r.holding = index % HOLDOUT == HOLDOUT - 1
 
 
+class TokenScale:
+    """Token weights for the statistics. What a layer changes in a residual stream reaches every later layer through
+    a normalization (LayerNorm, RMSNorm) that divides each token by its rms, so an error at token t costs about
+    |e_t|^2 / mean(h_t^2), h the stream entering the normalization: the statistics (and with them least squares,
+    obs and the criteria) count each token by that 1 / mean(h_t^2), read from the last normalization run before
+    the reading layer. Counted alike, the few tokens with massive activations (an LLM's first token, its attention
+    sink) decide the fit for all the others: in SmolLM2 they hold 90% and 99.9% of X^T X in two MLPs' down_proj
+    (20% removed with the search: perplexity 17.32 without, 17.27 with these weights). A layer whose input rows
+    are not the normalization's tokens (another shape: pooled, windowed, a convolution) counts its rows alike."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None
+        self.weight: torch.Tensor | None = None
+
+    def see(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(h, torch.Tensor) and h.is_floating_point() and h.dim() >= 2:
+            self.shape = tuple(h.shape[:-1])
+            self.weight = 1.0 / h.detach().float().square().mean(-1).reshape(-1).clamp_min(1e-12)
+
+    def of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The weights of x's rows: those of the last normalization's tokens if x has its token layout."""
+        return self.weight if self.shape is not None and tuple(x.shape[:-1]) == self.shape else None
+
+    @contextlib.contextmanager
+    def watching(self, modules: Any):
+        hooks = [m.register_forward_pre_hook(self.see, with_kwargs=True) for m in modules if normalizes_tokens(m)]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            self.shape = self.weight = None
+
+
+def normalizes_tokens(module: nn.Module) -> bool:
+    """A normalization over each token's features (torch's and transformers' / timm's LayerNorm and RMSNorm
+    classes; not BatchNorm, GroupNorm or a channels-first LayerNorm2d)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 @contextlib.contextmanager
-def hooked(modules: Any, readers: list[Reader]):
-    """Feed each reader the inputs its module sees while the block runs."""
+def hooked(modules: Any, readers: list[Reader], weigh: bool = True):
+    """Feed each reader the inputs its module sees while the block runs (weigh: each token by TokenScale)."""
     by_name = dict(modules)
-    hooks = [by_name[r.module].register_forward_pre_hook(lambda _m, args, r=r: r.add(args[0])) for r in readers]
+    scale = TokenScale()
+    hooks = [by_name[r.module].register_forward_pre_hook(lambda _m, args, r=r: r.add(args[0], scale.of(args[0])))
+             for r in readers]
     try:
-        yield readers
+        with scale.watching(by_name.values() if weigh else ()):
+            yield readers
     finally:
         for h in hooks:
             h.remove()

@@ -208,7 +208,7 @@ def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: 
     if before_masking is not None and todo:
         before_masking([(layer.name, module) for layer, module, _ in todo], report)
     if method != "magnitude" and todo:
-        seen = {id(r) for r in feed(model, [r for _, _, r in todo], calibration)}
+        seen = {id(r) for r in feed(model, [r for _, _, r in todo], calibration, weigh=False)}
         for layer, _, reader in todo:
             if id(reader) not in seen:
                 layer.reason = "never ran on the calibration batches: no statistics to choose its mask"

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..analysis.channels import Analysis
 from ..ir.from_torch import eval_mode, normalize_inputs
-from .calibration import Cut, Reader, _readers_per_component, compensate, fixed_ridge_note, hold_out
+from .calibration import Cut, Reader, TokenScale, _readers_per_component, compensate, fixed_ridge_note, hold_out
 from .pipeline import Pass
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def refit_in_order(model: nn.Module, readers: list[Reader], an: Analysis, gone: 
     updates: dict[str, torch.Tensor] = {}
     added: list[tuple[str, str, int]] = []
     started = time.perf_counter()
-    with Cut(model) as cut, eval_mode(model), torch.no_grad():
+    with Cut(model) as cut, eval_mode(model), torch.no_grad(), TokenScale().watching(model.modules()) as scale:
         calls = _calls(model, readers, batches[0])
         # in the order they first run; readers batch 0 did not reach (an expert no token chose) after the rest
         losing = sorted((r for r in readers if gone[r.columns].any()),
@@ -78,7 +78,8 @@ def refit_in_order(model: nn.Module, readers: list[Reader], an: Analysis, gone: 
             for r in (stack.readers(block) if stack else losing):
                 removed = gone[r.columns]
                 if (readers_of[r.columns[removed]] == 1).all():  # compensable: observed on the pruned inputs
-                    fresh = _observe(model.get_submodule(r.module), r, runs(block), stop=calls.get(r.module) == 1)
+                    fresh = _observe(model.get_submodule(r.module), r, runs(block), scale,
+                                     stop=calls.get(r.module) == 1)
                     if fresh.n:  # it ran in the pruned model too
                         more, new = compensate([fresh], an, gone, tensors, method, release=True, report=report)
                         updates.update(more)
@@ -112,12 +113,13 @@ def _whole(model: nn.Module, batch: Any) -> Callable[[], Any]:
     return lambda: model(*args, **kwargs)
 
 
-def _observe(module: nn.Module, r: Reader, runs: list[Callable[[], Any]], stop: bool) -> Reader:
-    """A new Reader like `r`, fed what `module` sees in each run (a run stopped there when `stop`)."""
+def _observe(module: nn.Module, r: Reader, runs: list[Callable[[], Any]], scale: TokenScale, stop: bool) -> Reader:
+    """A new Reader like `r`, fed what `module` sees in each run, its tokens weighted by `scale` (a run stopped
+    there when `stop`)."""
     fresh = Reader(r.module, r.weight, r.in_axis, r.kind, want_gram=r.want_gram, columns=r.columns)
 
     def grab(_m, args):
-        fresh.add(args[0])
+        fresh.add(args[0], scale.of(args[0]))
         if stop:
             raise _Reached
 
