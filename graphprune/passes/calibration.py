@@ -127,8 +127,9 @@ class Reader:
         for i in range(0, x.shape[0], ROWS):  # a slab of rows at a time: the float copies of a wide input stay small
             part = x[i:i + ROWS].float()
             if weight is not None:  # sqrt(w) x: every sum below, first and second order, counts the row w times
-                part = part * weight[i:i + ROWS, None].sqrt()
-                self.s1 += (part * weight[i:i + ROWS, None].sqrt()).sum(0, dtype=torch.float64)
+                root = weight[i:i + ROWS, None].sqrt()
+                part = part * root
+                self.s1 += (part * root).sum(0, dtype=torch.float64)
             else:
                 self.s1 += part.sum(0, dtype=torch.float64)
             self.s2 += part.square().sum(0, dtype=torch.float64)
@@ -245,16 +246,14 @@ def hold_out(readers: list[Reader], index: int) -> None:
 
 
 class TokenScale:
-    """Token weights for the statistics. What a layer changes in a residual stream reaches every later layer through
-    a normalization (LayerNorm, RMSNorm) that divides each token by its rms, so an error at a token whose stream is
-    loud costs little. Counted alike, the few tokens with massive activations (an LLM's first token, its attention
-    sink) decide the fit for all the others: in SmolLM2 they hold 99% of X^T X in layer 28's down_proj. So a token
-    louder than the batch's median one (h, the stream entering the last normalization run before the reading
-    layer) counts median(mean(h^2)) / mean(h_t^2); the others count 1. On SmolLM2 with compensate="obs", uniform,
-    perplexity 17.59 against 17.77 at 20% removed, 30.75 against 30.94 at 50% (least squares alone: 17.90 / 31.96
-    against 17.87 / 31.87); weighting every token by 1 / mean(h_t^2) was worse at 50% (33.2 and 31.3). A layer whose
-    input rows are not the normalization's tokens (another shape: pooled, windowed, a convolution) counts its rows
-    alike."""
+    """Token weights for the statistics. What a layer adds to a residual stream reaches the later layers through a
+    normalization (LayerNorm, RMSNorm) that divides each token by its rms: an error at a token whose stream is loud
+    costs little. Counted alike, the few tokens with massive activations (an LLM's first token, its attention sink:
+    99% of X^T X in SmolLM2's layer-28 down_proj) decide the fit for all the others. So a token louder than the
+    batch's median one (h: the stream entering the last normalization run before the reading layer) counts
+    median(mean(h^2)) / mean(h_t^2), the others alike (weighting every token so was worse; README, "calibration").
+    Rows that are not that normalization's tokens (another shape: pooled, windowed, a convolution) count alike; a
+    cross-attention reading as many encoder tokens as the decoder has takes the decoder's weights."""
 
     def __init__(self) -> None:
         self.shape: tuple[int, ...] | None = None

@@ -208,6 +208,7 @@ def sparsify_layers(model: nn.Module, n: int, m: int, method: str, calibration: 
     if before_masking is not None and todo:
         before_masking([(layer.name, module) for layer, module, _ in todo], report)
     if method != "magnitude" and todo:
+        # tokens alike: the token weights were measured for channel pruning, not for 2:4 masks
         seen = {id(r) for r in feed(model, [r for _, _, r in todo], calibration, weigh=False)}
         for layer, _, reader in todo:
             if id(reader) not in seen:
