@@ -227,7 +227,7 @@ class _Patches(Reader):
 
     conv: nn.Module | None = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:  # pixels count alike
         c = self.conv
         patches = nn.functional.unfold(x.detach(), c.kernel_size, c.dilation, c.padding, c.stride)
         batch, _, pixels = patches.shape
