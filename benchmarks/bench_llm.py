@@ -27,7 +27,8 @@ Rows:
   compensate=..., verify=False)`` for l2 (data-free, no calibration arguments), wanda and flap (each
   without and with compensation), flap with compensation and ``uniform=True`` (every layer the same widths),
   flap with ``compensate="obs"`` and ``uniform=True`` (the same widths, each layer's removed channels re-chosen
-  greedily by structured OBS), flap with compensation and ``allocation="flap"`` (FLAP's adaptive structure: scores standardized per layer,
+  greedily by structured OBS; also with ``round_to=None``, exact widths, the search's parameter count),
+  flap with compensation and ``allocation="flap"`` (FLAP's adaptive structure: scores standardized per layer,
   one threshold) or ``allocation="search"`` (per-layer widths from measured sensitivity),
   and taylor (LM loss on the calibration batches; SmolLM2 only). A row
   whose arguments graphprune does not accept, or whose model fails, prints ``error: <message>``.
@@ -92,6 +93,8 @@ GP_METHODS = [
     ("graphprune flap + compensate", {"importance": "flap", "compensate": True}),
     ("graphprune flap + compensate, uniform", {"importance": "flap", "compensate": True, "uniform": True}),
     ("graphprune flap + compensate=obs, uniform", {"importance": "flap", "compensate": "obs", "uniform": True}),
+    ("graphprune flap + compensate=obs, uniform, exact widths",
+     {"importance": "flap", "compensate": "obs", "uniform": True, "round_to": None}),
     ("graphprune flap + compensate, flap allocation",
      {"importance": "flap", "compensate": True, "allocation": "flap"}),
     ("graphprune flap + compensate, search", {"importance": "flap", "compensate": True, "allocation": "search"}),
